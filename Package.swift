@@ -1,0 +1,35 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "gmigrate",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "gmigrate", targets: ["gmigrate"]),
+        .library(name: "Kernel", targets: ["Kernel"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
+    ],
+    targets: [
+        // Layer 0: the KVM uAPI newer than this host's headers, and non-variadic wrappers.
+        .target(name: "CKVM"),
+        // The kernel boundary: one protocol, LinuxKVM (real ioctls) and KernelModel (reference model).
+        .target(name: "Kernel", dependencies: ["CKVM"]),
+        // The `gmigrate kernel run` script language: parser and runner, on either backend.
+        .target(name: "KernelScript", dependencies: ["Kernel"]),
+        .executableTarget(
+            name: "gmigrate",
+            dependencies: [
+                "Kernel", "KernelScript",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "KernelTests",
+            dependencies: ["Kernel", "KernelScript", "CKVM"],
+            resources: [.copy("scripts")]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

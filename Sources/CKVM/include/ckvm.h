@@ -1,0 +1,170 @@
+/*
+ * CKVM: the KVM uAPI that this host's system headers (linux-libc-dev 6.1) lack, and plain
+ * (non-variadic) wrappers so that Swift can issue ioctls, fallocate and fork-probes.
+ *
+ * New structs carry a `ckvm_` prefix so that a newer <linux/kvm.h> cannot collide with them;
+ * the request numbers encode sizeof(struct), and the _Static_asserts pin the ABI sizes.
+ * Numbers: see shared/design/kernel.md §6 (include/uapi/linux/kvm.h).
+ */
+#ifndef CKVM_H
+#define CKVM_H
+
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/types.h>
+
+/* ---- structs newer than the 6.1 headers ------------------------------------------------ */
+
+struct ckvm_create_guest_memfd {
+    __u64 size;
+    __u64 flags;
+    __u64 reserved[6];
+};
+
+struct ckvm_userspace_memory_region2 {
+    __u32 slot;
+    __u32 flags;
+    __u64 guest_phys_addr;
+    __u64 memory_size;
+    __u64 userspace_addr;
+    __u64 guest_memfd_offset;
+    __u32 guest_memfd;
+    __u32 pad1;
+    __u64 pad2[14];
+};
+
+/* RFC only (Ackerley Tng 2023, Ryan Afranji 2025): KVM_LINK_GUEST_MEMFD. */
+struct ckvm_link_guest_memfd {
+    __u64 fd;
+    __u64 flags;
+    __u64 reserved[6];
+};
+
+struct ckvm_pre_fault_memory {
+    __u64 gpa;
+    __u64 size;
+    __u64 flags;
+    __u64 padding[5];
+};
+
+/* KVM_MEMORY_ENCRYPT_OP argument as SEV defines it (arch/x86/include/uapi/asm/kvm.h). */
+struct ckvm_sev_cmd {
+    __u32 id;
+    __u32 pad0;
+    __u64 data;
+    __u32 error;
+    __u32 sev_fd;
+};
+
+_Static_assert(sizeof(struct ckvm_create_guest_memfd) == 64, "kvm_create_guest_memfd ABI");
+_Static_assert(sizeof(struct ckvm_userspace_memory_region2) == 160, "kvm_userspace_memory_region2 ABI");
+_Static_assert(sizeof(struct ckvm_link_guest_memfd) == 64, "kvm_link_guest_memfd ABI");
+_Static_assert(sizeof(struct ckvm_pre_fault_memory) == 64, "kvm_pre_fault_memory ABI");
+_Static_assert(sizeof(struct kvm_enable_cap) == 104, "kvm_enable_cap ABI");
+
+/* ---- request numbers ------------------------------------------------------------------- */
+
+static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_RUN = KVM_RUN;
+static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long CKVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long CKVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;                 /* 0x4068AEA3 */
+static const unsigned long CKVM_MEMORY_ENCRYPT_OP = _IOWR(KVMIO, 0xba, unsigned long);
+static const unsigned long CKVM_SET_USER_MEMORY_REGION2 =
+    _IOW(KVMIO, 0x49, struct ckvm_userspace_memory_region2);                 /* 0x40A0AE49 */
+static const unsigned long CKVM_CREATE_GUEST_MEMFD =
+    _IOWR(KVMIO, 0xd4, struct ckvm_create_guest_memfd);                      /* 0xC040AED4 */
+static const unsigned long CKVM_PRE_FAULT_MEMORY =
+    _IOWR(KVMIO, 0xd5, struct ckvm_pre_fault_memory);                        /* 0xC040AED5 */
+/* RFC v2 number; v1 used 0xd5, which became KVM_PRE_FAULT_MEMORY. */
+static const unsigned long CKVM_LINK_GUEST_MEMFD =
+    _IOWR(KVMIO, 0xd6, struct ckvm_link_guest_memfd);                        /* 0xC040AED6 */
+
+/* ---- flags ------------------------------------------------------------------------------ */
+
+static const uint32_t CKVM_MEM_LOG_DIRTY_PAGES = 1u << 0;
+static const uint32_t CKVM_MEM_READONLY = 1u << 1;
+static const uint32_t CKVM_MEM_GUEST_MEMFD = 1u << 2;
+static const uint64_t CKVM_GUEST_MEMFD_FLAG_MMAP = 1ull << 0;
+static const uint64_t CKVM_GUEST_MEMFD_FLAG_INIT_SHARED = 1ull << 1;
+
+/* ---- capabilities ----------------------------------------------------------------------- */
+
+static const long CKVM_CAP_NR_VCPUS = 9;
+static const long CKVM_CAP_NR_MEMSLOTS = 10;
+static const long CKVM_CAP_MAX_VCPUS = 66;
+static const long CKVM_CAP_MULTI_ADDRESS_SPACE = 118;
+static const long CKVM_CAP_MAX_VCPU_ID = 128;
+static const long CKVM_CAP_IMMEDIATE_EXIT = 136;
+static const long CKVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197;
+static const long CKVM_CAP_VM_MOVE_ENC_CONTEXT_FROM = 206;
+static const long CKVM_CAP_USER_MEMORY2 = 231;
+static const long CKVM_CAP_MEMORY_FAULT_INFO = 232;
+static const long CKVM_CAP_MEMORY_ATTRIBUTES = 233;
+static const long CKVM_CAP_GUEST_MEMFD = 234;
+static const long CKVM_CAP_VM_TYPES = 235;
+static const long CKVM_CAP_PRE_FAULT_MEMORY = 236;
+static const long CKVM_CAP_GUEST_MEMFD_FLAGS = 244;
+
+/* ---- x86 VM types (arch/x86/include/uapi/asm/kvm.h) ------------------------------------- */
+
+static const unsigned long CKVM_X86_DEFAULT_VM = 0;
+static const unsigned long CKVM_X86_SW_PROTECTED_VM = 1;
+static const unsigned long CKVM_X86_SEV_VM = 2;
+static const unsigned long CKVM_X86_SEV_ES_VM = 3;
+static const unsigned long CKVM_X86_SNP_VM = 4;
+static const unsigned long CKVM_X86_TDX_VM = 5;
+
+/* SEV command used to ask whether a VM has an encryption context to launch. */
+static const uint32_t CKVM_SEV_INIT2 = 22;
+
+/* ---- exit reasons newer than the 6.1 headers -------------------------------------------- */
+
+static const uint32_t CKVM_EXIT_MEMORY_FAULT = 39;
+
+/* ---- wrappers (ioctl is variadic: Swift does not import it) ------------------------------ */
+
+static inline int ckvm_ioctl_ulong(int fd, unsigned long request, unsigned long arg) {
+    return ioctl(fd, request, arg);
+}
+
+static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {
+    return ioctl(fd, request, arg);
+}
+
+/* Defined in ckvm.c (built with _GNU_SOURCE). */
+
+/** fallocate(2), which Swift's Glibc module does not export. Returns -1 and sets errno. */
+int ckvm_fallocate(int fd, int mode, int64_t offset, int64_t length);
+
+/** FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
+int ckvm_punch_hole_mode(void);
+
+/**
+ * Forks a child that issues one ioctl on an inherited descriptor and exits with its errno
+ * (0 on success). Only async-signal-safe calls run in the child, so this is safe from a
+ * multi-threaded Swift process. Returns the child's errno, or -errno if fork/wait failed.
+ * This is how the tests show that KVM answers EIO to a VM ioctl from another process.
+ */
+int ckvm_ioctl_in_child(int fd, unsigned long request, void *arg, int by_value, unsigned long value);
+
+/** Same, for fallocate(PUNCH_HOLE|KEEP_SIZE) on an inherited descriptor. */
+int ckvm_punch_hole_in_child(int fd, int64_t offset, int64_t length);
+
+/** Copies out of / into a mapping of guest memory through process_vm_writev/readv on this
+ *  process, so that a page the kernel refuses to fault in (a guest_memfd without INIT_SHARED
+ *  raises SIGBUS on a plain access) answers EFAULT instead of killing the process.
+ *  Return the number of bytes copied, or -1 with errno set. */
+long ckvm_checked_read(void *buffer, const void *mapped, unsigned long length);
+long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length);
+
+#endif

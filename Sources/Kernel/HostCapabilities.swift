@@ -1,0 +1,46 @@
+/// What a host's KVM offers, as `gmigrate host probe` reports it. Every field is read from the
+/// kernel (LinuxKVM) or states what the model models (KernelModel).
+public struct HostCapabilities: Codable, Sendable, Equatable {
+    /// One optional feature: whether it is there, and how that was found out.
+    public struct Feature: Codable, Sendable, Equatable {
+        public var supported: Bool
+        public var detail: String
+        public init(supported: Bool, detail: String) {
+            self.supported = supported
+            self.detail = detail
+        }
+    }
+
+    public struct GuestMemfd: Codable, Sendable, Equatable {
+        public var supported: Bool
+        public var flags: [String]
+        public var flagsRaw: UInt64
+    }
+
+    public struct Limits: Codable, Sendable, Equatable {
+        /// `KVM_CAP_NR_VCPUS`: the recommended maximum.
+        public var recommendedVCPUs: Int
+        /// `KVM_CAP_MAX_VCPUS`.
+        public var maxVCPUs: Int
+        /// `KVM_CAP_MAX_VCPU_ID`.
+        public var maxVCPUID: Int
+        /// `KVM_CAP_NR_MEMSLOTS`: user memslots per address space.
+        public var memslots: Int
+        /// `KVM_CAP_MULTI_ADDRESS_SPACE`.
+        public var addressSpaces: Int
+    }
+
+    public var backend: String
+    public var apiVersion: Int
+    public var vmTypes: [String]
+    public var guestMemfd: GuestMemfd
+    public var userMemoryRegion2: Bool
+    public var preFaultMemory: Bool
+    public var immediateExit: Bool
+    public var link: Feature
+    public var moveEncryptionContext: Feature
+    public var copyEncryptionContext: Feature
+    public var limits: Limits
+
+    public func supports(_ type: VMType) -> Bool { vmTypes.contains(type.name) }
+}

@@ -1,0 +1,82 @@
+/// What a migration needs from the kernel, at the level of handles.
+///
+/// Two implementations: `LinuxKVM` issues real ioctls on `/dev/kvm`; `KernelModel` is an
+/// in-process reference model of the same rules (and of what this host lacks). The same
+/// conformance suite runs on both. Callers normally use the owned object types
+/// (`VirtualMachine`, `GuestMemfd`, `VCPU`, `GuestMapping`), which close their handle when
+/// they go away; the handle-level requirements here are what those types forward to.
+public protocol KernelBackend: AnyObject, Sendable {
+    /// `linux` or `model`.
+    var name: String { get }
+
+    /// What this kernel offers, read from it (or, for the model, what it models).
+    func probe() throws(KernelError) -> HostCapabilities
+
+    /// `KVM_CHECK_EXTENSION` on `/dev/kvm` (`vm == nil`) or on a VM.
+    func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int
+
+    /// `KVM_CREATE_VM`.
+    func createVM(type: VMType) throws(KernelError) -> KernelHandle
+
+    /// `KVM_CREATE_GUEST_MEMFD` on a VM.
+    func createGuestMemfd(vm: KernelHandle, size: UInt64, flags: GuestMemfdFlags) throws(KernelError) -> KernelHandle
+
+    /// `KVM_SET_USER_MEMORY_REGION2` (a size of zero deletes the slot).
+    func setMemslot(vm: KernelHandle, _ region: MemslotRegion) throws(KernelError)
+
+    /// `mmap(MAP_SHARED)` of a gmem file; returns the host address of the mapping.
+    func mapGuestMemfd(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) -> UInt64
+
+    /// `munmap` of a mapping made by `mapGuestMemfd`.
+    func unmap(address: UInt64, length: UInt64)
+
+    /// Copies bytes out of a host mapping; a page the kernel refuses to fault in answers EFAULT.
+    func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8]
+
+    /// Copies bytes into a host mapping; a page the kernel refuses to fault in answers EFAULT.
+    func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError)
+
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a gmem file.
+    func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError)
+
+    /// `KVM_CREATE_VCPU`.
+    func createVCPU(vm: KernelHandle, id: UInt32) throws(KernelError) -> KernelHandle
+
+    /// `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_FPU`.
+    func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState
+
+    /// `KVM_SET_REGS`, `KVM_SET_SREGS`, `KVM_SET_FPU`.
+    func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError)
+
+    /// `KVM_RUN`.
+    func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit
+
+    /// `KVM_PRE_FAULT_MEMORY`: maps guest pages into the VM as a guest access would.
+    func prefault(_ vcpu: KernelHandle, guestPhysicalAddress: UInt64, size: UInt64) throws(KernelError)
+
+    /// Sets up a confidential VM's encryption context (SEV/SNP/TDX launch), through `KVM_MEMORY_ENCRYPT_OP`.
+    func launch(vm: KernelHandle) throws(KernelError)
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM)` on `destination` with `source`'s fd.
+    func moveEncryptionContext(to destination: KernelHandle, from source: KernelHandle) throws(KernelError)
+
+    /// `KVM_LINK_GUEST_MEMFD` (RFC): a new gmem file on `file`'s inode, bound to `vm`.
+    func linkGuestMemfd(_ file: KernelHandle, into vm: KernelHandle, flags: UInt64) throws(KernelError) -> KernelHandle
+
+    /// `fstat`: the inode a gmem file is a view of.
+    func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity
+
+    /// Closes a handle of any kind. Never fails: the owned types call it from `deinit`.
+    func close(_ handle: KernelHandle)
+
+    /// Tries `request` from a process other than the VM's creator (a real forked child on Linux)
+    /// and returns what it got: `nil` for success.
+    func attemptInAnotherProcess(_ request: ForeignRequest) -> KernelError?
+}
+
+extension KernelBackend {
+    /// `KVM_CREATE_VM`: a VM of `type`, owned by the caller.
+    public func createVirtualMachine(type: VMType = .default) throws(KernelError) -> VirtualMachine {
+        VirtualMachine(backend: self, handle: try createVM(type: type), type: type)
+    }
+}

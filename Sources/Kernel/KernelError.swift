@@ -1,0 +1,50 @@
+/// Every operation the kernel boundary offers; names are stable (fault points and reports use them).
+public enum KernelOperation: String, CaseIterable, Sendable, Codable, CustomStringConvertible {
+    case openSystem = "open-system"
+    case checkExtension = "check-extension"
+    case createVM = "create-vm"
+    case createGuestMemfd = "create-guest-memfd"
+    case setMemslot = "set-memslot"
+    case mapGuestMemfd = "map-guest-memfd"
+    case accessMemory = "access-memory"
+    case punchHole = "punch-hole"
+    case createVCPU = "create-vcpu"
+    case getVCPUState = "get-vcpu-state"
+    case setVCPUState = "set-vcpu-state"
+    case runVCPU = "run-vcpu"
+    case prefault = "prefault"
+    case launch = "launch"
+    case moveEncryptionContext = "move-enc-context"
+    case linkGuestMemfd = "link-guest-memfd"
+    case inodeIdentity = "inode-identity"
+
+    public var description: String { rawValue }
+}
+
+/// What a kernel operation can answer besides success.
+///
+/// `.failed` keeps the errno exactly as the kernel (or the model of it) returned it;
+/// `.unsupported` means the running kernel lacks the operation, found by probing.
+public enum KernelError: Error, Equatable, Sendable, CustomStringConvertible {
+    case failed(operation: KernelOperation, errno: Errno)
+    case unsupported(operation: KernelOperation, reason: String)
+
+    public var operation: KernelOperation {
+        switch self {
+        case .failed(let operation, _), .unsupported(let operation, _): operation
+        }
+    }
+
+    /// The errno, if the kernel answered with one.
+    public var errno: Errno? {
+        if case .failed(_, let errno) = self { return errno }
+        return nil
+    }
+
+    public var description: String {
+        switch self {
+        case .failed(let operation, let errno): "\(operation): \(errno.name) (\(errno.message))"
+        case .unsupported(let operation, let reason): "\(operation): unsupported: \(reason)"
+        }
+    }
+}

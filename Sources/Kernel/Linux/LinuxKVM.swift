@@ -1,0 +1,417 @@
+import CKVM
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The real kernel: ioctls on `/dev/kvm` and the VM, vcpu and guest_memfd descriptors.
+///
+/// What the running kernel lacks (the link ioctl, the move of the encryption context, VM
+/// types the hardware does not offer) answers `KernelError.unsupported`, decided by probing
+/// the kernel once, never assumed.
+public final class LinuxKVM: KernelBackend {
+    public let name = "linux"
+    public let devicePath: String
+    private let systemFD: Int32
+    private let vcpuMmapSize: Int
+
+    private struct State {
+        /// kvm_run mappings of open vcpu descriptors.
+        var runMappings: [Int32: UInt] = [:]
+        /// VM type of each open VM descriptor.
+        var vmTypes: [Int32: VMType] = [:]
+        var probe: HostCapabilities?
+    }
+    private let state = Mutex(State())
+
+    /// Opens `/dev/kvm` and checks the API version (12).
+    /// - Throws: `.failed(.openSystem, errno)` (ENOENT without KVM, EACCES without permission).
+    public init(devicePath: String = "/dev/kvm") throws(KernelError) {
+        let fd = Syscalls.open(devicePath, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .failed(operation: .openSystem, errno: .current) }
+        let version = Syscalls.ioctl(fd, CKVM_GET_API_VERSION, value: 0)
+        guard version == 12 else {
+            Syscalls.close(fd)
+            throw .unsupported(operation: .openSystem, reason: "KVM API version \(version), expected 12")
+        }
+        let size = Syscalls.ioctl(fd, CKVM_GET_VCPU_MMAP_SIZE, value: 0)
+        guard size > 0 else {
+            let error = Errno.current
+            Syscalls.close(fd)
+            throw .failed(operation: .openSystem, errno: error)
+        }
+        self.devicePath = devicePath
+        self.systemFD = fd
+        self.vcpuMmapSize = Int(size)
+    }
+
+    deinit { Syscalls.close(systemFD) }
+
+    /// Whether `/dev/kvm` can be used here, and if not, why (one line).
+    public static func availability(devicePath: String = "/dev/kvm") -> Result<Void, KernelError> {
+        do {
+            _ = try LinuxKVM(devicePath: devicePath)
+            return .success(())
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    // MARK: - Probing
+
+    public func probe() throws(KernelError) -> HostCapabilities {
+        if let cached = state.withLock({ $0.probe }) { return cached }
+        let probe = try readCapabilities()
+        state.withLock { $0.probe = probe }
+        return probe
+    }
+
+    private func readCapabilities() throws(KernelError) -> HostCapabilities {
+        func check(_ capability: Capability) -> Int {
+            max(0, Int(Syscalls.ioctl(systemFD, CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))))
+        }
+        let apiVersion = Int(Syscalls.ioctl(systemFD, CKVM_GET_API_VERSION, value: 0))
+        let typeBits = check(.vmTypes)
+        // Before KVM_CAP_VM_TYPES (6.10) only the default type exists.
+        let types = VMType.allCases.filter { typeBits == 0 ? $0 == .default : typeBits & (1 << $0.rawValue) != 0 }
+        let gmemSupported = check(.guestMemfd) > 0
+        let gmemFlags = GuestMemfdFlags(rawValue: UInt64(check(.guestMemfdFlags)))
+        let encryptionTypes = types.filter(\.hasEncryptionContext)
+
+        // The link ioctl: issue it on a scratch VM with a descriptor that cannot be valid.
+        // ENOTTY: the kernel has no such ioctl. Anything else: the ioctl exists and refused the fd.
+        let link: HostCapabilities.Feature
+        do {
+            let vm = try createVM(type: .default)
+            defer { close(vm) }
+            var argument = ckvm_link_guest_memfd()
+            argument.fd = UInt64(UInt32.max)
+            let result = Syscalls.ioctl(vm.raw, CKVM_LINK_GUEST_MEMFD, &argument)
+            let error = Errno.current
+            if result < 0 && error == .inappropriateIOCTLForDevice {
+                link = .init(supported: false, detail: "KVM_LINK_GUEST_MEMFD (0xC040AED6) answered ENOTTY")
+            } else {
+                link = .init(
+                    supported: true,
+                    detail: "KVM_LINK_GUEST_MEMFD (0xC040AED6) exists (invalid fd answered \(result < 0 ? error.name : "0"))")
+            }
+        }
+
+        // KVM_CHECK_EXTENSION reports the move and copy caps as 1 on every x86 host, even where
+        // the vendor module lacks the operation (kernel.md §2.6). So ask the kernel twice: the
+        // cap, and whether any VM type with an encryption context exists; then record what
+        // enabling it between two scratch default VMs answers.
+        func encryptionFeature(_ capability: Capability, name: String) throws(KernelError) -> HostCapabilities.Feature {
+            let reported = check(capability)
+            let a = try createVM(type: .default)
+            defer { close(a) }
+            let b = try createVM(type: .default)
+            defer { close(b) }
+            var argument = kvm_enable_cap()
+            argument.cap = UInt32(capability.rawValue)
+            argument.args.0 = UInt64(b.raw)
+            let result = Syscalls.ioctl(a.raw, CKVM_ENABLE_CAP, &argument)
+            let answer = result < 0 ? Errno.current.name : "0"
+            let supported = reported > 0 && !encryptionTypes.isEmpty
+            let typesText = encryptionTypes.isEmpty ? "no SEV/SNP/TDX VM type" : encryptionTypes.map(\.name).joined(separator: ",")
+            return .init(
+                supported: supported,
+                detail: "\(name) reported \(reported); KVM_CAP_VM_TYPES has \(typesText); enabling it between two default VMs answered \(answer)")
+        }
+        let move = try encryptionFeature(.vmMoveEncContextFrom, name: "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM")
+        let copy = try encryptionFeature(.vmCopyEncContextFrom, name: "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM")
+
+        return HostCapabilities(
+            backend: name,
+            apiVersion: apiVersion,
+            vmTypes: types.map(\.name),
+            guestMemfd: .init(supported: gmemSupported, flags: gmemFlags.names, flagsRaw: gmemFlags.rawValue),
+            userMemoryRegion2: check(.userMemory2) > 0,
+            preFaultMemory: check(.preFaultMemory) > 0,
+            immediateExit: check(.immediateExit) > 0,
+            link: link,
+            moveEncryptionContext: move,
+            copyEncryptionContext: copy,
+            limits: .init(
+                recommendedVCPUs: check(.nrVCPUs), maxVCPUs: check(.maxVCPUs), maxVCPUID: check(.maxVCPUID),
+                memslots: check(.nrMemslots), addressSpaces: max(1, check(.multiAddressSpace))))
+    }
+
+    // MARK: - VMs and memory
+
+    public func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int {
+        let result = Syscalls.ioctl(vm?.raw ?? systemFD, CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))
+        guard result >= 0 else { throw .failed(operation: .checkExtension, errno: .current) }
+        return Int(result)
+    }
+
+    public func createVM(type: VMType) throws(KernelError) -> KernelHandle {
+        let fd = Syscalls.ioctl(systemFD, CKVM_CREATE_VM, value: type.rawValue)
+        guard fd >= 0 else {
+            let error = Errno.current
+            // A type the hardware (or this kernel) does not offer: KVM_CAP_VM_TYPES lacks its bit.
+            if error == .invalidArgument, type != .default,
+                Syscalls.ioctl(systemFD, CKVM_CHECK_EXTENSION, value: UInt(Capability.vmTypes.rawValue)) & (1 << Int32(type.rawValue)) == 0
+            {
+                throw .unsupported(operation: .createVM, reason: "VM type \(type.name) is not in KVM_CAP_VM_TYPES")
+            }
+            throw .failed(operation: .createVM, errno: error)
+        }
+        // Our descriptors must not leak into the processes we spawn.
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        state.withLock { $0.vmTypes[fd] = type }
+        return KernelHandle(raw: fd)
+    }
+
+    public func createGuestMemfd(vm: KernelHandle, size: UInt64, flags: GuestMemfdFlags) throws(KernelError) -> KernelHandle {
+        var argument = ckvm_create_guest_memfd()
+        argument.size = size
+        argument.flags = flags.rawValue
+        let fd = Syscalls.ioctl(vm.raw, CKVM_CREATE_GUEST_MEMFD, &argument)
+        guard fd >= 0 else { throw .failed(operation: .createGuestMemfd, errno: .current) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return KernelHandle(raw: fd)
+    }
+
+    public func setMemslot(vm: KernelHandle, _ region: MemslotRegion) throws(KernelError) {
+        var argument = ckvm_userspace_memory_region2()
+        argument.slot = region.slot
+        argument.flags = region.flags.rawValue
+        argument.guest_phys_addr = region.guestPhysicalAddress
+        argument.memory_size = region.size
+        argument.userspace_addr = region.userspaceAddress
+        argument.guest_memfd_offset = region.guestMemfdOffset
+        argument.guest_memfd = region.guestMemfd.map { UInt32(bitPattern: $0.raw) } ?? 0
+        guard Syscalls.ioctl(vm.raw, CKVM_SET_USER_MEMORY_REGION2, &argument) == 0 else {
+            throw .failed(operation: .setMemslot, errno: .current)
+        }
+    }
+
+    public func mapGuestMemfd(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) -> UInt64 {
+        guard length > 0, length <= UInt64(Int.max) else { throw .failed(operation: .mapGuestMemfd, errno: .invalidArgument) }
+        guard let pointer = Syscalls.mmap(file.raw, length: Int(length), offset: offset) else {
+            throw .failed(operation: .mapGuestMemfd, errno: .current)
+        }
+        return UInt64(UInt(bitPattern: pointer))
+    }
+
+    public func unmap(address: UInt64, length: UInt64) {
+        Syscalls.munmap(address, length: Int(length))
+    }
+
+    public func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let copied = bytes.withUnsafeMutableBytes { Syscalls.checkedRead(address: address, into: $0) }
+        guard copied == count else { throw .failed(operation: .accessMemory, errno: copied < 0 ? .current : .badAddress) }
+        return bytes
+    }
+
+    public func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError) {
+        let copied = bytes.withUnsafeBytes { Syscalls.checkedWrite(address: address, from: $0) }
+        guard copied == bytes.count else {
+            throw .failed(operation: .accessMemory, errno: copied < 0 ? .current : .badAddress)
+        }
+    }
+
+    public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
+        guard Syscalls.punchHole(file.raw, offset: offset, length: length) == 0 else {
+            throw .failed(operation: .punchHole, errno: .current)
+        }
+    }
+
+    public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
+        guard let info = Syscalls.fstat(file.raw) else { throw .failed(operation: .inodeIdentity, errno: .current) }
+        return InodeIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+    }
+
+    // MARK: - vcpus
+
+    public func createVCPU(vm: KernelHandle, id: UInt32) throws(KernelError) -> KernelHandle {
+        let fd = Syscalls.ioctl(vm.raw, CKVM_CREATE_VCPU, value: UInt(id))
+        guard fd >= 0 else { throw .failed(operation: .createVCPU, errno: .current) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        guard let run = Syscalls.mmap(fd, length: vcpuMmapSize, offset: 0) else {
+            let error = Errno.current
+            Syscalls.close(fd)
+            throw .failed(operation: .createVCPU, errno: error)
+        }
+        state.withLock { $0.runMappings[fd] = UInt(bitPattern: run) }
+        return KernelHandle(raw: fd)
+    }
+
+    public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
+        var regs = kvm_regs()
+        var sregs = kvm_sregs()
+        var fpu = kvm_fpu()
+        guard Syscalls.ioctl(vcpu.raw, CKVM_GET_REGS, &regs) == 0,
+            Syscalls.ioctl(vcpu.raw, CKVM_GET_SREGS, &sregs) == 0,
+            Syscalls.ioctl(vcpu.raw, CKVM_GET_FPU, &fpu) == 0
+        else { throw .failed(operation: .getVCPUState, errno: .current) }
+        return VCPUState(registers: Registers(regs), specialRegisters: SpecialRegisters(sregs), fpu: FPUState(fpu))
+    }
+
+    public func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError) {
+        var sregs = state.specialRegisters.c
+        var fpu = state.fpu.c
+        var regs = state.registers.c
+        // sregs first: KVM_SET_SREGS may change the mode the registers are interpreted in.
+        guard Syscalls.ioctl(vcpu.raw, CKVM_SET_SREGS, &sregs) == 0,
+            Syscalls.ioctl(vcpu.raw, CKVM_SET_FPU, &fpu) == 0,
+            Syscalls.ioctl(vcpu.raw, CKVM_SET_REGS, &regs) == 0
+        else { throw .failed(operation: .setVCPUState, errno: .current) }
+    }
+
+    /// Byte offsets in `struct kvm_run` (include/uapi/linux/kvm.h): the ABI is fixed.
+    private enum RunLayout {
+        static let immediateExit = 1
+        static let exitReason = 8
+        static let union = 32
+    }
+
+    public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
+        guard let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
+        else { preconditionFailure("vcpu \(vcpu) has no kvm_run mapping") }
+        let result = Syscalls.run(vcpu.raw)
+        let error = Errno.current
+        let reason = run.load(fromByteOffset: RunLayout.exitReason, as: UInt32.self)
+        let union = run + RunLayout.union
+        if result < 0 {
+            if error == .interrupted { return .interrupted }
+            if error == .badAddress && reason == CKVM_EXIT_MEMORY_FAULT {
+                return .memoryFault(
+                    address: union.load(fromByteOffset: 8, as: UInt64.self),
+                    size: union.load(fromByteOffset: 16, as: UInt64.self))
+            }
+            throw .failed(operation: .runVCPU, errno: error)
+        }
+        switch reason {
+        case UInt32(KVM_EXIT_IO):
+            let isWrite = union.load(fromByteOffset: 0, as: UInt8.self) == UInt8(KVM_EXIT_IO_OUT)
+            let size = union.load(fromByteOffset: 1, as: UInt8.self)
+            let port = union.load(fromByteOffset: 2, as: UInt16.self)
+            let count = union.load(fromByteOffset: 4, as: UInt32.self)
+            let dataOffset = Int(union.load(fromByteOffset: 8, as: UInt64.self))
+            let length = Int(size) * Int(count)
+            let data = isWrite ? Array(UnsafeRawBufferPointer(start: run + dataOffset, count: length)) : []
+            return .io(port: port, isWrite: isWrite, size: size, data: data)
+        case UInt32(KVM_EXIT_MMIO):
+            let length = Int(union.load(fromByteOffset: 16, as: UInt32.self))
+            let isWrite = union.load(fromByteOffset: 20, as: UInt8.self) != 0
+            let data = isWrite ? Array(UnsafeRawBufferPointer(start: union + 8, count: min(length, 8))) : []
+            return .mmio(address: union.load(fromByteOffset: 0, as: UInt64.self), isWrite: isWrite, data: data)
+        case UInt32(KVM_EXIT_HLT): return .halt
+        case UInt32(KVM_EXIT_SHUTDOWN): return .shutdown
+        case UInt32(KVM_EXIT_INTERNAL_ERROR): return .internalError(suberror: union.load(as: UInt32.self))
+        case UInt32(KVM_EXIT_FAIL_ENTRY): return .failEntry(reason: union.load(as: UInt64.self))
+        case UInt32(KVM_EXIT_INTR): return .interrupted
+        default: return .other(reason: reason)
+        }
+    }
+
+    /// Asks a vcpu blocked in (or about to enter) `KVM_RUN` to return with EINTR; used together
+    /// with a signal to pause a running vcpu.
+    public func requestImmediateExit(_ vcpu: KernelHandle, _ value: Bool) {
+        guard let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
+        else { return }
+        run.storeBytes(of: value ? 1 : 0, toByteOffset: RunLayout.immediateExit, as: UInt8.self)
+    }
+
+    public func prefault(_ vcpu: KernelHandle, guestPhysicalAddress: UInt64, size: UInt64) throws(KernelError) {
+        var argument = ckvm_pre_fault_memory()
+        argument.gpa = guestPhysicalAddress
+        argument.size = size
+        // KVM_PRE_FAULT_MEMORY may map only part of the range and answer how much is left.
+        while true {
+            let result = ckvm_ioctl_ptr(vcpu.raw, CKVM_PRE_FAULT_MEMORY, &argument)
+            if result >= 0 && argument.size == 0 { return }
+            if result < 0 {
+                let error = Errno.current
+                if error == .interrupted || error == .resourceBusy { continue }
+                throw .failed(operation: .prefault, errno: error)
+            }
+        }
+    }
+
+    // MARK: - Confidential VMs
+
+    public func launch(vm: KernelHandle) throws(KernelError) {
+        let type = state.withLock { $0.vmTypes[vm.raw] } ?? .default
+        if type.hasEncryptionContext {
+            throw .unsupported(
+                operation: .launch,
+                reason: "launching a \(type.name) guest needs its firmware protocol, which the linux backend does not drive")
+        }
+        // A VM without an encryption context: KVM_MEMORY_ENCRYPT_OP answers ENOTTY on hosts
+        // without SEV/TDX (vendor op missing or !is_td), EINVAL where SEV refuses the type.
+        var command = ckvm_sev_cmd()
+        command.id = CKVM_SEV_INIT2
+        guard Syscalls.ioctl(vm.raw, CKVM_MEMORY_ENCRYPT_OP, &command) == 0 else {
+            throw .failed(operation: .launch, errno: .current)
+        }
+    }
+
+    public func moveEncryptionContext(to destination: KernelHandle, from source: KernelHandle) throws(KernelError) {
+        var argument = kvm_enable_cap()
+        argument.cap = UInt32(Capability.vmMoveEncContextFrom.rawValue)
+        argument.args.0 = UInt64(bitPattern: Int64(source.raw))
+        if Syscalls.ioctl(destination.raw, CKVM_ENABLE_CAP, &argument) == 0 { return }
+        let error = Errno.current
+        let feature = try probe().moveEncryptionContext
+        if !feature.supported && error == .invalidArgument {
+            throw .unsupported(operation: .moveEncryptionContext, reason: feature.detail)
+        }
+        throw .failed(operation: .moveEncryptionContext, errno: error)
+    }
+
+    public func linkGuestMemfd(_ file: KernelHandle, into vm: KernelHandle, flags: UInt64) throws(KernelError) -> KernelHandle {
+        var argument = ckvm_link_guest_memfd()
+        argument.fd = UInt64(UInt32(bitPattern: file.raw))
+        argument.flags = flags
+        let fd = Syscalls.ioctl(vm.raw, CKVM_LINK_GUEST_MEMFD, &argument)
+        guard fd >= 0 else {
+            let error = Errno.current
+            if error == .inappropriateIOCTLForDevice {
+                throw .unsupported(operation: .linkGuestMemfd, reason: "KVM_LINK_GUEST_MEMFD answered ENOTTY: this kernel lacks it")
+            }
+            throw .failed(operation: .linkGuestMemfd, errno: error)
+        }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return KernelHandle(raw: fd)
+    }
+
+    // MARK: - Lifetime and other processes
+
+    public func close(_ handle: KernelHandle) {
+        let mapping = state.withLock { state -> UInt? in
+            state.vmTypes[handle.raw] = nil
+            return state.runMappings.removeValue(forKey: handle.raw)
+        }
+        if let mapping { Syscalls.munmap(UInt64(mapping), length: vcpuMmapSize) }
+        Syscalls.close(handle.raw)
+    }
+
+    public func attemptInAnotherProcess(_ request: ForeignRequest) -> KernelError? {
+        let operation: KernelOperation
+        let result: Int32
+        switch request {
+        case .checkExtension(let vm, let capability):
+            operation = .checkExtension
+            result = Syscalls.ioctlInChild(vm.raw, CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))
+        case .createGuestMemfd(let vm, let size, let flags):
+            operation = .createGuestMemfd
+            var argument = ckvm_create_guest_memfd()
+            argument.size = size
+            argument.flags = flags.rawValue
+            result = Syscalls.ioctlInChild(vm.raw, CKVM_CREATE_GUEST_MEMFD, &argument)
+        case .createVCPU(let vm, let id):
+            operation = .createVCPU
+            result = Syscalls.ioctlInChild(vm.raw, CKVM_CREATE_VCPU, value: UInt(id))
+        case .punchHole(let file, let offset, let length):
+            operation = .punchHole
+            result = Syscalls.punchHoleInChild(file.raw, offset: offset, length: length)
+        }
+        if result == 0 { return nil }
+        return .failed(operation: operation, errno: Errno(rawValue: abs(result)))
+    }
+}
