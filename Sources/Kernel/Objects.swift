@@ -34,16 +34,20 @@ public struct VirtualMachine: ~Copyable, Sendable {
     }
 
     /// Binds `[offset, offset+size)` of `file` at `guestPhysicalAddress`.
+    ///
+    /// `userspaceAddress` is where the same range is mapped in this process (0: nowhere). KVM
+    /// faults guest memory in from the gmem file, but where it must emulate an instruction (real
+    /// mode without unrestricted guest, shadow paging) it reads guest memory through this address.
     /// The corresponding ioctl is `KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`.
     public func setMemslot(
         slot: UInt32, guestPhysicalAddress: UInt64, size: UInt64, file: borrowing GuestMemfd, offset: UInt64,
-        extraFlags: MemslotFlags = []
+        userspaceAddress: UInt64 = 0, extraFlags: MemslotFlags = []
     ) throws(KernelError) {
         try backend.setMemslot(
             vm: handle,
             MemslotRegion(
                 slot: slot, flags: extraFlags.union(.guestMemfd), guestPhysicalAddress: guestPhysicalAddress,
-                size: size, guestMemfd: file.handle, guestMemfdOffset: offset))
+                size: size, userspaceAddress: userspaceAddress, guestMemfd: file.handle, guestMemfdOffset: offset))
     }
 
     /// Backs `size` bytes at `guestPhysicalAddress` with host memory at `offset` into `mapping`

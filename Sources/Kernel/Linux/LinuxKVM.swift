@@ -318,6 +318,10 @@ public final class LinuxKVM: KernelBackend {
     }
 
     public func prefault(_ vcpu: KernelHandle, guestPhysicalAddress: UInt64, size: UInt64) throws(KernelError) {
+        // KVM_PRE_FAULT_MEMORY needs the TDP MMU; KVM_CAP_PRE_FAULT_MEMORY says whether it is there.
+        if try !probe().preFaultMemory {
+            throw .unsupported(operation: .prefault, reason: "KVM_CAP_PRE_FAULT_MEMORY is 0 (no TDP MMU on this host)")
+        }
         var argument = ckvm_pre_fault_memory()
         argument.gpa = guestPhysicalAddress
         argument.size = size
