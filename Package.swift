@@ -27,8 +27,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["Kernel", "KernelScript", "CKVM"],
-            resources: [.copy("scripts")]
+            dependencies: ["Kernel", "KernelScript", "CKVM", "gmigrate"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,0 +1,67 @@
+import Kernel
+import KernelScript
+import Testing
+
+/// The kernel conformance suite: every case on both backends, and the two compared.
+@Suite("Kernel conformance")
+struct ConformanceTests {
+    @Test("expectations hold", arguments: conformanceCases, Backend.allCases)
+    func expectations(_ testCase: ConformanceCase, _ backend: Backend) throws {
+        let kernel = try backend.make()
+        let results = try runScript(testCase.script, on: kernel, name: testCase.name)
+        #expect(results.contains { $0.expected != nil }, "a case must check something")
+        for line in results where line.expected != nil {
+            switch backend {
+            case .model:
+                // The model implements everything: every expectation must hold.
+                #expect(line.status == .match, "\(testCase.name):\(line.line) \(line.source): got \(line.result), expected \(line.expected ?? "")")
+            case .linux:
+                // Where this kernel lacks an operation, the line is recorded as unchecked.
+                #expect(line.status != .mismatch, "\(testCase.name):\(line.line) \(line.source): got \(line.result), expected \(line.expected ?? "")")
+            }
+        }
+        // Lines go unchecked only because of an operation this kernel lacks, never after an error.
+        if let firstGap = results.firstIndex(where: { $0.result == "unsupported" || $0.result == "skipped" }) {
+            #expect(results[firstGap].result == "unsupported", "\(testCase.name):\(results[firstGap].line) skipped without an unsupported operation before it")
+        }
+    }
+
+    @Test("model and linux agree", arguments: conformanceCases)
+    func agreement(_ testCase: ConformanceCase) throws {
+        let linux = try Backend.linux.make()
+        let model = try runScript(testCase.script, on: KernelModel(), name: testCase.name)
+        let real = try runScript(testCase.script, on: linux, name: testCase.name)
+        for (m, l) in zip(model, real) where l.result != "unsupported" && l.result != "skipped" {
+            #expect(m.result == l.result, "\(testCase.name):\(m.line) \(m.source): model \(m.result), linux \(l.result)")
+        }
+    }
+
+    @Test("the suite has at least 40 cases")
+    func caseCount() {
+        #expect(conformanceCases.count >= 40)
+        #expect(Set(conformanceCases.map(\.name)).count == conformanceCases.count, "case names are unique")
+    }
+
+    /// The example scripts in tools/kernel-scripts are run as they are shipped.
+    @Test("shipped example scripts pass", arguments: ["selftest-bindings", "guest-runs", "confidential-move"], Backend.allCases)
+    func shippedScripts(_ name: String, _ backend: Backend) throws {
+        let kernel = try backend.make()
+        let path = repositoryRoot + "/tools/kernel-scripts/\(name).kscript"
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let results = try runScript(text, on: kernel, name: path)
+        #expect(results.filter { $0.expected != nil }.count >= 5)
+        for line in results {
+            #expect(line.status != .mismatch, "\(path):\(line.line): got \(line.result), expected \(line.expected ?? "")")
+            if backend == .model { #expect(line.status != .unchecked) }
+        }
+    }
+}
+
+import Foundation
+
+/// The package root, found from this file's path.
+let repositoryRoot: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    for _ in 0..<3 { url.deleteLastPathComponent() }
+    return url.path
+}()
