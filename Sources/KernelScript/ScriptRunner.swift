@@ -69,6 +69,11 @@ public final class ScriptRunner {
 
     private func execute(_ command: Script.Command) -> String {
         if case .link(let file, let from, _) = command { family[file] = family[from] ?? from }
+        if case .close(let name) = command, missing.contains(name) {
+            missing.remove(name)
+            family[name] = nil
+            return "skipped"
+        }
         if command.uses.contains(where: missing.contains) {
             if let (name, _) = command.creates { missing.insert(name) }
             // A skipped line that would have changed memory leaves every file of the inode
@@ -157,7 +162,7 @@ public final class ScriptRunner {
             vms[name] = nil
             mappings[name] = nil
             files[name] = nil
-            missing.remove(name)
+            family[name] = nil
         case .boot(let vm, let id, let rip):
             guard let vcpu = vcpus[vm]![id] else { throw .failed(operation: .setVCPUState, errno: .noSuchDeviceOrAddress) }
             var state = try vcpu.value.state()

@@ -171,6 +171,7 @@ let conformanceCases: [ConformanceCase] = [
         gmem g vm=v size=64K flags=mmap,init-shared
         punch g offset=1 len=4K                        => error EINVAL
         punch g offset=4K len=1                        => error EINVAL
+        punch g offset=4K len=0                        => error EINVAL
         punch g offset=0x800 len=0x800                 => error EINVAL
         punch g offset=4K len=4K                       => ok
         punch g offset=64K len=4K                      => ok

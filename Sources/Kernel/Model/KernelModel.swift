@@ -225,9 +225,8 @@ public final class KernelModel: KernelBackend {
             guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
                 throw .failed(operation: .punchHole, errno: .badFileDescriptor)
             }
-            // kvm_gmem_fallocate: alignment (mode is always PUNCH_HOLE|KEEP_SIZE here).
-            guard offset % pageSize == 0, length % pageSize == 0 else {
-                throw .failed(operation: .punchHole, errno: .invalidArgument)
+            if let errno = ModelState.punchError(offset: offset, length: length) {
+                throw .failed(operation: .punchHole, errno: errno)
             }
             s.punch(inode: modelFile.inode, offset: offset, length: length)
         }
@@ -357,8 +356,8 @@ public final class KernelModel: KernelBackend {
                 guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
                     return .failed(operation: .punchHole, errno: .badFileDescriptor)
                 }
-                guard offset % pageSize == 0, length % pageSize == 0 else {
-                    return .failed(operation: .punchHole, errno: .invalidArgument)
+                if let errno = ModelState.punchError(offset: offset, length: length) {
+                    return .failed(operation: .punchHole, errno: errno)
                 }
                 s.punch(inode: modelFile.inode, offset: offset, length: length)
                 return nil

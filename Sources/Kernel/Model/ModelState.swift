@@ -239,6 +239,18 @@ struct ModelState {
         }
     }
 
+    /// The checks of fallocate(PUNCH_HOLE | KEEP_SIZE) on a gmem file, in the kernel's order.
+    static func punchError(offset: UInt64, length: UInt64) -> Errno? {
+        // vfs_fallocate: offset < 0 || len <= 0 → EINVAL; offset + len beyond s_maxbytes → EFBIG.
+        let signedOffset = Int64(bitPattern: offset)
+        let signedLength = Int64(bitPattern: length)
+        guard signedOffset >= 0, signedLength > 0 else { return .invalidArgument }
+        if signedOffset.addingReportingOverflow(signedLength).overflow { return Errno(rawValue: 27) }  // EFBIG
+        // kvm_gmem_fallocate: both page-aligned.
+        guard offset % pageSize == 0, length % pageSize == 0 else { return .invalidArgument }
+        return nil
+    }
+
     /// fallocate(PUNCH_HOLE): zero the range and zap it in every VM that maps it, through any file.
     mutating func punch(inode inodeID: Int, offset: UInt64, length: UInt64) {
         guard inodes[inodeID] != nil else { return }
