@@ -137,3 +137,17 @@ struct CLITests {
         #expect(result.stdout.contains("linux: unsupported"))
     }
 }
+
+@Suite("Repository")
+struct RepositoryTests {
+    /// CI must run exactly README's test command.
+    @Test func ciRunsTheReadmeTestCommand() throws {
+        let readme = try String(contentsOfFile: repositoryRoot + "/README.md", encoding: .utf8)
+        let ci = try String(contentsOfFile: repositoryRoot + "/.ci/run", encoding: .utf8)
+        let blocks = readme.components(separatedBy: "```sh\n").dropFirst().map { $0.components(separatedBy: "\n```")[0] }
+        #expect(blocks.count >= 2, "README starts with two commands")
+        let testCommand = try #require(blocks.dropFirst().first)
+        #expect(testCommand.contains("swift test"))
+        #expect(ci.split(separator: "\n").contains { $0 == testCommand }, "'\(testCommand)' must be a line of .ci/run")
+    }
+}
