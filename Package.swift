@@ -10,6 +10,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
+        .package(url: "https://github.com/jpsim/Yams", exact: "6.2.2"),
     ],
     targets: [
         // Layer 0: the KVM uAPI newer than this host's headers, and non-variadic wrappers.
@@ -18,16 +19,18 @@ let package = Package(
         .target(name: "Kernel", dependencies: ["CKVM"]),
         // The `gmigrate kernel run` script language: parser and runner, on either backend.
         .target(name: "KernelScript", dependencies: ["Kernel"]),
+        // Migration plans: strict YAML/JSON parsing with field paths, and the one validator.
+        .target(name: "Plans", dependencies: ["Kernel", .product(name: "Yams", package: "Yams")]),
         .executableTarget(
             name: "gmigrate",
             dependencies: [
-                "Kernel", "KernelScript",
+                "Kernel", "KernelScript", "Plans",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["Kernel", "KernelScript", "CKVM", "gmigrate"]
+            dependencies: ["Kernel", "KernelScript", "Plans", "CKVM", "gmigrate"]
         ),
     ],
     swiftLanguageModes: [.v6]

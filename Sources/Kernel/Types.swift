@@ -70,7 +70,7 @@ public struct GuestMemfdFlags: OptionSet, Hashable, Sendable, Codable, CustomStr
     /// `GUEST_MEMFD_FLAG_INIT_SHARED`: pages start shared, so host mappings can fault them in.
     public static let initShared = GuestMemfdFlags(rawValue: CKVM_GUEST_MEMFD_FLAG_INIT_SHARED)
 
-    static let known: [(String, GuestMemfdFlags)] = [("mmap", .mmap), ("init-shared", .initShared)]
+    public static let known: [(String, GuestMemfdFlags)] = [("mmap", .mmap), ("init-shared", .initShared)]
 
     /// Parses `mmap,init-shared`; a number (`0x8000000000000000`) is taken as raw bits.
     public init?(names: [String]) {
