@@ -28,9 +28,13 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Benchmark of plan validation: tools/bench-plan-validation.
+        .executableTarget(name: "plan-benchmark", dependencies: ["Plans"]),
         .testTarget(
             name: "KernelTests",
-            dependencies: ["Kernel", "KernelScript", "Plans", "CKVM", "gmigrate"]
+            dependencies: [
+                "Kernel", "KernelScript", "Plans", "CKVM", "gmigrate", .product(name: "Yams", package: "Yams"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -15,6 +15,12 @@ public struct HostCapabilities: Codable, Sendable, Equatable {
         public var supported: Bool
         public var flags: [String]
         public var flagsRaw: UInt64
+
+        public init(supported: Bool, flags: [String], flagsRaw: UInt64) {
+            self.supported = supported
+            self.flags = flags
+            self.flagsRaw = flagsRaw
+        }
     }
 
     public struct Limits: Codable, Sendable, Equatable {
@@ -28,6 +34,14 @@ public struct HostCapabilities: Codable, Sendable, Equatable {
         public var memslots: Int
         /// `KVM_CAP_MULTI_ADDRESS_SPACE`.
         public var addressSpaces: Int
+
+        public init(recommendedVCPUs: Int, maxVCPUs: Int, maxVCPUID: Int, memslots: Int, addressSpaces: Int) {
+            self.recommendedVCPUs = recommendedVCPUs
+            self.maxVCPUs = maxVCPUs
+            self.maxVCPUID = maxVCPUID
+            self.memslots = memslots
+            self.addressSpaces = addressSpaces
+        }
     }
 
     public var backend: String
@@ -41,6 +55,24 @@ public struct HostCapabilities: Codable, Sendable, Equatable {
     public var moveEncryptionContext: Feature
     public var copyEncryptionContext: Feature
     public var limits: Limits
+
+    public init(
+        backend: String, apiVersion: Int, vmTypes: [String], guestMemfd: GuestMemfd, userMemoryRegion2: Bool,
+        preFaultMemory: Bool, immediateExit: Bool, link: Feature, moveEncryptionContext: Feature,
+        copyEncryptionContext: Feature, limits: Limits
+    ) {
+        self.backend = backend
+        self.apiVersion = apiVersion
+        self.vmTypes = vmTypes
+        self.guestMemfd = guestMemfd
+        self.userMemoryRegion2 = userMemoryRegion2
+        self.preFaultMemory = preFaultMemory
+        self.immediateExit = immediateExit
+        self.link = link
+        self.moveEncryptionContext = moveEncryptionContext
+        self.copyEncryptionContext = copyEncryptionContext
+        self.limits = limits
+    }
 
     public func supports(_ type: VMType) -> Bool { vmTypes.contains(type.name) }
 }

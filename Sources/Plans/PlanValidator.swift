@@ -43,7 +43,11 @@ public enum PlanLoader {
         do {
             root = try Yams.compose(yaml: text)
         } catch {
-            return PlanReport(file: file, parsed: false, diagnostics: [syntaxDiagnostic(error)], strategy: nil, plan: nil)
+            let diagnostic = syntaxDiagnostic(error)
+            // A key given twice is well-formed YAML: the plan is invalid (exit 1), not unreadable,
+            // though Yams stops composing there, so no further rule can run.
+            let wellFormed = diagnostic.code == PlanRule.duplicateField.rawValue
+            return PlanReport(file: file, parsed: wellFormed, diagnostics: [diagnostic], strategy: nil, plan: nil)
         }
         guard let root else {
             return PlanReport(
@@ -99,7 +103,7 @@ public enum PlanLoader {
         case .duplicatedKeysInMapping(let duplicates, let context):
             return PlanDiagnostic(
                 code: .duplicateField, path: "", line: context.mark.line, column: context.mark.column,
-                message: "duplicate keys: \(duplicates.joined(separator: ", "))")
+                message: "\(duplicates.joined(separator: ", ")) given twice in one mapping")
         default:
             return PlanDiagnostic(code: .syntaxError, path: "", message: "\(yaml)")
         }
@@ -346,8 +350,10 @@ struct PlanValidator {
         } else {
             result.append((.link, nil))
         }
+        let hostFlags = GuestMemfdFlags(rawValue: host.guestMemfd.supported ? host.guestMemfd.flagsRaw : 0)
         let shareWhyNot: String? =
             type.hasEncryptionContext ? "a \(type.name) VM's memory cannot be mapped by another VM"
+            : !hostFlags.isSuperset(of: [.mmap, .initShared]) ? "this host's guest_memfd cannot be mapped (no mmap and init-shared)"
             : allMappable ? nil : "every guest_memfd needs mmap and init-shared"
         result.append((.share, shareWhyNot))
         result.append((.copy, shareWhyNot))
