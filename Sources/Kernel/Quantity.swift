@@ -1,28 +1,45 @@
 /// Parses a size, offset or address: decimal, 0x hex, optional K/M/G/T suffix (powers of 1024;
-/// `Ki`, `Mi`, ... are accepted too).
+/// `Ki`, `Mi`, `Gi`, `Ti` are accepted too; hex takes no suffix). Nil on anything else or on overflow.
 public func parseQuantity(_ text: String) -> UInt64? {
-    var body = Substring(text)
-    var multiplier: UInt64 = 1
-    let suffixes: [(String, UInt64)] = [
-        ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30), ("Ti", 1 << 40),
-        ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40),
-    ]
-    let isHex = body.hasPrefix("0x") || body.hasPrefix("0X")
-    if !isHex {
-        for (suffix, value) in suffixes where body.hasSuffix(suffix) {
-            body = body.dropLast(suffix.count)
-            multiplier = value
-            break
+    var bytes = Array(text.utf8)[...]
+    if bytes.count > 2, bytes[bytes.startIndex] == UInt8(ascii: "0"),
+        bytes[bytes.startIndex + 1] | 0x20 == UInt8(ascii: "x")
+    {
+        var value: UInt64 = 0
+        for byte in bytes.dropFirst(2) {
+            let digit: UInt8
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): digit = byte - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): digit = byte - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): digit = byte - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+            guard value >> 60 == 0 else { return nil }
+            value = value << 4 | UInt64(digit)
         }
+        return value
     }
-    let number: UInt64?
-    if isHex {
-        number = UInt64(body.dropFirst(2), radix: 16)
-    } else {
-        number = UInt64(body)
+    var shift: UInt64 = 0
+    if bytes.last == UInt8(ascii: "i") { bytes = bytes.dropLast() }
+    switch bytes.last {
+    case UInt8(ascii: "K"): shift = 10
+    case UInt8(ascii: "M"): shift = 20
+    case UInt8(ascii: "G"): shift = 30
+    case UInt8(ascii: "T"): shift = 40
+    default:
+        // A lone "i" was no suffix.
+        if bytes.count != text.utf8.count { return nil }
     }
-    guard let number else { return nil }
-    let (result, overflow) = number.multipliedReportingOverflow(by: multiplier)
-    return overflow ? nil : result
+    if shift > 0 { bytes = bytes.dropLast() }
+    guard !bytes.isEmpty else { return nil }
+    var value: UInt64 = 0
+    for byte in bytes {
+        guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
+        let (times, overflow1) = value.multipliedReportingOverflow(by: 10)
+        let (sum, overflow2) = times.addingReportingOverflow(UInt64(byte - UInt8(ascii: "0")))
+        guard !overflow1, !overflow2 else { return nil }
+        value = sum
+    }
+    guard value == 0 || value.leadingZeroBitCount >= Int(shift) else { return nil }
+    return value << shift
 }
-

@@ -66,31 +66,39 @@ struct PlanParser {
         }
     }
 
+    /// The fields of one mapping, in file order (a handful: a linear search beats hashing).
+    struct Fields {
+        var entries: [(name: String, node: Node)] = []
+        subscript(name: String) -> Node? { entries.first { $0.name == name }?.node }
+    }
+
     /// The fields of a mapping, checked against the allowed and required names.
-    mutating func mapping(_ node: Node, _ path: String, allowed: [String], required: [String] = []) -> [String: Node]? {
-        marks[path] = marks[path] ?? node.mark
+    mutating func mapping(_ node: Node, _ path: String, allowed: [String], required: [String] = []) -> Fields? {
         guard case .mapping(let mapping) = node else {
             report(.invalidType, path, "expected a mapping, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
-        var fields: [String: Node] = [:]
-        for (keyNode, value) in mapping {
+        marks[path] = node.mark
+        var fields = Fields()
+        fields.entries.reserveCapacity(mapping.count)
+        for index in mapping.indices {
+            let (keyNode, value) = mapping[index]
             guard case .scalar(let key) = keyNode else {
                 report(.invalidType, path, "field names must be scalars", at: keyNode)
                 continue
             }
-            let fieldPath = PlanParser.join(path, key.string)
-            marks[fieldPath] = keyNode.mark
-            guard allowed.contains(key.string) else {
-                let hint = PlanParser.closest(key.string, among: allowed).map { " (did you mean '\($0)'?)" } ?? ""
-                report(.unknownField, fieldPath, "unknown field '\(key.string)'\(hint); allowed: \(allowed.joined(separator: ", "))", at: keyNode)
+            let name = key.string
+            guard allowed.contains(name) else {
+                let fieldPath = PlanParser.join(path, name)
+                let hint = PlanParser.closest(name, among: allowed).map { " (did you mean '\($0)'?)" } ?? ""
+                report(.unknownField, fieldPath, "unknown field '\(name)'\(hint); allowed: \(allowed.joined(separator: ", "))", at: keyNode)
                 continue
             }
-            guard fields[key.string] == nil else {
-                report(.duplicateField, fieldPath, "'\(key.string)' is given twice", at: keyNode)
+            guard fields[name] == nil else {
+                report(.duplicateField, PlanParser.join(path, name), "'\(name)' is given twice", at: keyNode)
                 continue
             }
-            fields[key.string] = value
+            fields.entries.append((name, value))
         }
         for name in required where fields[name] == nil {
             report(.missingField, PlanParser.join(path, name), "required field '\(name)' is missing", at: node)
@@ -99,7 +107,7 @@ struct PlanParser {
     }
 
     mutating func sequence(_ node: Node, _ path: String) -> [Node]? {
-        marks[path] = marks[path] ?? node.mark
+        marks[path] = node.mark
         guard case .sequence(let sequence) = node else {
             report(.invalidType, path, "expected a list, found \(PlanParser.kindName(node))", at: node)
             return nil
@@ -108,7 +116,7 @@ struct PlanParser {
     }
 
     mutating func string(_ node: Node, _ path: String) -> String? {
-        marks[path] = marks[path] ?? node.mark
+        marks[path] = node.mark
         guard case .scalar(let scalar) = node else {
             report(.invalidType, path, "expected a scalar, found \(PlanParser.kindName(node))", at: node)
             return nil
@@ -119,7 +127,7 @@ struct PlanParser {
     /// A size, offset or address: plain integer, 0x hex, or Ki/Mi/Gi/Ti (K/M/G/T) suffix.
     mutating func quantity(_ node: Node, _ path: String) -> UInt64? {
         guard let text = string(node, path) else { return nil }
-        let compact = text.replacingOccurrences(of: "_", with: "")
+        let compact = text.utf8.contains(UInt8(ascii: "_")) ? String(text.filter { $0 != "_" }) : text
         guard let value = parseQuantity(compact) else {
             report(.invalidValue, path, "'\(text)' is not a size or address (an integer, 0x hex, or a Ki/Mi/Gi/Ti suffix)", at: node)
             return nil

@@ -41,7 +41,9 @@ public enum PlanLoader {
         }
         let root: Node?
         do {
-            root = try Yams.compose(yaml: text)
+            // The basic resolver: scalars stay text (the parser reads sizes, addresses and
+            // durations itself), and no regex runs per scalar to guess a tag.
+            root = try Yams.compose(yaml: text, .basic)
         } catch {
             let diagnostic = syntaxDiagnostic(error)
             // A key given twice is well-formed YAML: the plan is invalid (exit 1), not unreadable,

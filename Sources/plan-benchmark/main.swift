@@ -26,3 +26,18 @@ for slots in [64, 512, 4096, 16384] {
 if let small = medians[512], let large = medians[4096] {
     print(String(format: "ratio 4096/512 slots: %.1fx for 8x the slots (linear is 8x, pairwise would be 64x)", large / small))
 }
+
+// Where the time goes, for 4096 slots: YAML composition (Yams/libyaml), the strict parse, the rules.
+do {
+    let text = PlanBenchmark.plan(slots: 4096)
+    var phases: [[Double]] = [[], [], []]
+    for _ in 0..<runs {
+        guard let (compose, parse, rules) = PlanBenchmark.phases(text) else { fatalError("the synthetic plan must parse") }
+        for (index, phase) in [compose, parse, rules].enumerated() {
+            let (seconds, attoseconds) = phase.components
+            phases[index].append(Double(seconds) * 1000 + Double(attoseconds) / 1e15)
+        }
+    }
+    let medians = phases.map { $0.sorted()[$0.count / 2] }
+    print(String(format: "4096 slots by phase (median ms): yaml compose %.2f, parse %.2f, rules %.2f", medians[0], medians[1], medians[2]))
+}
