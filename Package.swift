@@ -21,10 +21,14 @@ let package = Package(
         .target(name: "KernelScript", dependencies: ["Kernel"]),
         // Migration plans: strict YAML/JSON parsing with field paths, and the one validator.
         .target(name: "Plans", dependencies: ["Kernel", .product(name: "Yams", package: "Yams")]),
+        // The durable journal: one CRC-chained, fdatasync'ed append-only log per migration.
+        .target(name: "Journal", dependencies: ["Kernel", "Plans"]),
+        // The migration: journaled state machine, VMM endpoints, recovery, fault points.
+        .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
         .executableTarget(
             name: "gmigrate",
             dependencies: [
-                "Kernel", "KernelScript", "Plans",
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -33,7 +37,7 @@ let package = Package(
         .testTarget(
             name: "KernelTests",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "CKVM", "gmigrate", .product(name: "Yams", package: "Yams"),
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "CKVM", "gmigrate", .product(name: "Yams", package: "Yams"),
             ]
         ),
     ],

@@ -12,6 +12,12 @@ public struct VirtualMachine: ~Copyable, Sendable {
         self.type = type
     }
 
+    /// Takes ownership of a VM handle that outlived its owner value: a recovering coordinator
+    /// adopting what a crashed one left, or a descriptor received from another process.
+    public init(adopting handle: KernelHandle, backend: any KernelBackend, type: VMType) {
+        self.init(backend: backend, handle: handle, type: type)
+    }
+
     deinit { if owned { backend.close(handle) } }
 
     /// Gives up ownership without closing: the caller now owns the handle.
@@ -160,6 +166,11 @@ public struct GuestMapping: ~Copyable, Sendable {
         self.length = length
     }
 
+    /// Takes ownership of a mapping made earlier (see `VirtualMachine.init(adopting:)`).
+    public init(adopting address: UInt64, length: UInt64, backend: any KernelBackend) {
+        self.init(backend: backend, address: address, length: length)
+    }
+
     /// Reads bytes at `offset`; EFAULT where the kernel refuses the page (no INIT_SHARED, beyond EOF).
     public func read(offset: UInt64, count: Int) throws(KernelError) -> [UInt8] {
         precondition(offset + UInt64(count) <= length, "read beyond the mapping")
@@ -183,6 +194,11 @@ public struct VCPU: ~Copyable, Sendable {
         self.backend = backend
         self.handle = handle
         self.id = id
+    }
+
+    /// Takes ownership of a vcpu handle (see `VirtualMachine.init(adopting:)`).
+    public init(adopting handle: KernelHandle, id: UInt32, backend: any KernelBackend) {
+        self.init(backend: backend, handle: handle, id: id)
     }
 
     deinit { backend.close(handle) }

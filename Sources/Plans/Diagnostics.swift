@@ -74,6 +74,8 @@ public enum PlanRule: String, Sendable, CaseIterable, Codable {
     // Policy
     case invalidDuration = "invalid-duration"
     case nonPositiveDuration = "non-positive-duration"
+    // Faults for test suites
+    case invalidFault = "invalid-fault"
     // This host (--host)
     case vmTypeUnavailable = "vm-type-unavailable"
     case flagUnsupportedOnHost = "flag-unsupported-on-host"

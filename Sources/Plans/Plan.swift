@@ -13,6 +13,8 @@ public struct MigrationPlan: Sendable, Equatable, Codable {
     public var vm: VMSpec
     public var strategy: Strategy
     public var policy: Policy
+    /// Faults for test suites (`spec.faults`); honoured only with `--allow-faults`.
+    public var faults: [FaultSpec] = []
 }
 
 /// Where a VMM is: in the coordinator's own process, a process the coordinator starts, or a

@@ -40,6 +40,7 @@ struct PlanDraft {
     var strategy: Strategy?
     var maxBlackout: Duration?
     var stepTimeout: Duration?
+    var faults: [FaultSpec] = []
 }
 
 /// Reads the YAML/JSON node tree strictly: wrong kinds, unknown and duplicate fields, values
@@ -197,7 +198,7 @@ struct PlanParser {
             }
         }
         guard let specNode = top["spec"],
-            let spec = mapping(specNode, "spec", allowed: ["source", "target", "vm", "strategy", "policy"], required: ["source", "target", "vm"])
+            let spec = mapping(specNode, "spec", allowed: ["source", "target", "vm", "strategy", "policy", "faults"], required: ["source", "target", "vm"])
         else { return draft }
         if let node = spec["source"], let source = mapping(node, "spec.source", allowed: ["vmm"], required: ["vmm"]), let vmm = source["vmm"] {
             draft.source = endpoint(vmm, "spec.source.vmm", allowSpawn: false)
@@ -215,6 +216,17 @@ struct PlanParser {
         if let node = spec["policy"], let policy = mapping(node, "spec.policy", allowed: ["maxBlackout", "stepTimeout"]) {
             if let value = policy["maxBlackout"] { draft.maxBlackout = duration(value, "spec.policy.maxBlackout") }
             if let value = policy["stepTimeout"] { draft.stepTimeout = duration(value, "spec.policy.stepTimeout") }
+        }
+        if let node = spec["faults"], let items = sequence(node, "spec.faults") {
+            for (index, item) in items.enumerated() {
+                let path = "spec.faults[\(index)]"
+                guard let text = string(item, path) else { continue }
+                do {
+                    draft.faults.append(try FaultSpec(parsing: text))
+                } catch {
+                    report(.invalidFault, path, error.message, at: item)
+                }
+            }
         }
         return draft
     }

@@ -32,7 +32,8 @@ public enum PlanLoader {
 
     /// Parses and validates one plan text (YAML or JSON).
     /// - Parameter host: this host's probed capabilities, for `--host` checks; nil for the plan alone.
-    public static func load(text: String, file: String, host: HostCapabilities? = nil) -> PlanReport {
+    /// - Parameter strategy: overrides the plan's strategy (`gmigrate migrate --strategy`), checked by the same rules.
+    public static func load(text: String, file: String, host: HostCapabilities? = nil, strategy override: Strategy? = nil) -> PlanReport {
         guard text.utf8.count <= maxBytes else {
             return PlanReport(
                 file: file, parsed: false,
@@ -58,7 +59,8 @@ public enum PlanLoader {
                 strategy: nil, plan: nil)
         }
         var parser = PlanParser()
-        let draft = parser.parse(root)
+        var draft = parser.parse(root)
+        if let override { draft.strategy = override }
         var validator = PlanValidator(parser: parser, limits: host.map(KernelLimits.init) ?? .reference)
         validator.validate(draft)
         var choice: PlanReport.StrategyChoice? = nil
@@ -75,7 +77,7 @@ public enum PlanLoader {
     }
 
     /// Reads and validates a plan file; an unreadable file is reported, not thrown.
-    public static func load(path: String, host: HostCapabilities? = nil) -> PlanReport {
+    public static func load(path: String, host: HostCapabilities? = nil, strategy: Strategy? = nil) -> PlanReport {
         guard let data = FileManager.default.contents(atPath: path) else {
             return PlanReport(
                 file: path, parsed: false,
@@ -88,7 +90,7 @@ public enum PlanLoader {
                 diagnostics: [PlanDiagnostic(code: .syntaxError, path: "", message: "the file is not UTF-8 text")],
                 strategy: nil, plan: nil)
         }
-        return load(text: text, file: path, host: host)
+        return load(text: text, file: path, host: host, strategy: strategy)
     }
 
     static func syntaxDiagnostic(_ error: any Error) -> PlanDiagnostic {
@@ -423,6 +425,6 @@ struct PlanValidator {
         return MigrationPlan(
             name: name, source: source, target: target,
             vm: VMSpec(type: type, vcpus: vcpus, guestMemfds: gmems, memslots: slots, nics: nics),
-            strategy: strategy, policy: Policy(maxBlackout: maxBlackout, stepTimeout: stepTimeout))
+            strategy: strategy, policy: Policy(maxBlackout: maxBlackout, stepTimeout: stepTimeout), faults: draft.faults)
     }
 }

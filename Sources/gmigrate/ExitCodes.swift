@@ -12,6 +12,18 @@ enum GmigrateExitCode: Int32, CaseIterable {
     case noKVM = 3
     /// A kernel operation failed where gmigrate needed it to succeed.
     case kernelFailed = 4
+    /// The state directory is held by another coordinator.
+    case stateDirectoryLocked = 5
+    /// The migration failed and was rolled back: the source runs, the target is gone.
+    case rolledBack = 6
+    /// The migration is stuck past the point of no return: `gmigrate recover` rolls it forward.
+    case stuck = 7
+    /// The migration completed but the guest's memory or counter did not check out.
+    case verificationFailed = 8
+    /// A journal is corrupt: recovery did not act on it (the message names the record).
+    case journalCorrupt = 9
+    /// The journal could not be written.
+    case journalFailed = 10
 
     var exitCode: ExitCode { ExitCode(rawValue) }
 }

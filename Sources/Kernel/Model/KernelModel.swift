@@ -52,11 +52,22 @@ public final class KernelModel: KernelBackend {
 
     public let name = "model"
     public let options: Options
-    let state: Mutex<ModelState>
+    /// The machine this model kernel runs on (shared by every simulated process on it).
+    public let host: ModelHost
+    /// The simulated process this view of the model acts as: it holds the handles it opens,
+    /// and only it may issue ioctls on the VMs it creates (EIO for any other).
+    public let process: String
 
-    public init(options: Options = Options()) {
+    /// A model kernel on a host of its own, used by one process.
+    public convenience init(options: Options = Options()) {
+        self.init(host: ModelHost(), process: "main", options: options)
+    }
+
+    /// A view of a shared host, acting as `process`.
+    public init(host: ModelHost, process: String, options: Options = Options()) {
         self.options = options
-        self.state = Mutex(ModelState())
+        self.host = host
+        self.process = process
     }
 
     // MARK: - Probe
@@ -80,10 +91,10 @@ public final class KernelModel: KernelBackend {
     }
 
     public func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> Int in
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> Int in
             var type: VMType? = nil
             if let vm {
-                let id = try s.vmForIoctl(vm, .checkExtension)
+                let id = try s.vmForIoctl(vm, caller: process, .checkExtension)
                 type = s.vms[id]?.type
             }
             switch capability {
@@ -108,16 +119,16 @@ public final class KernelModel: KernelBackend {
         guard options.vmTypes.contains(type) else {
             throw .failed(operation: .createVM, errno: .invalidArgument)
         }
-        return state.withLock { s in
+        return host.transaction { s in
             let id = s.newID()
-            s.vms[id] = ModelVM(type: type, addressSpaces: type.hasProtectedState ? 1 : options.addressSpaces)
-            return s.open(.vm(id))
+            s.vms[id] = ModelVM(type: type, addressSpaces: type.hasProtectedState ? 1 : options.addressSpaces, creator: process)
+            return s.open(.vm(id), owner: process)
         }
     }
 
     public func createGuestMemfd(vm: KernelHandle, size: UInt64, flags: GuestMemfdFlags) throws(KernelError) -> KernelHandle {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> KernelHandle in
-            let vmID = try s.vmForIoctl(vm, .createGuestMemfd)
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> KernelHandle in
+            let vmID = try s.vmForIoctl(vm, caller: process, .createGuestMemfd)
             let type = s.vms[vmID]!.type
             // kvm_gmem_create: unsupported flags, then size (loff_t: >= 2^63 is negative).
             guard flags.rawValue & ~type.supportedGuestMemfdFlags.rawValue == 0 else {
@@ -132,16 +143,16 @@ public final class KernelModel: KernelBackend {
             s.files[file] = ModelFile(vm: vmID, inode: inode, linked: false)
             s.inodes[inode]!.files.insert(file)
             s.vms[vmID]!.files.insert(file)
-            return s.open(.file(file))
+            return s.open(.file(file), owner: process)
         }
     }
 
     public func linkGuestMemfd(_ file: KernelHandle, into vm: KernelHandle, flags: UInt64) throws(KernelError) -> KernelHandle {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> KernelHandle in
-            let vmID = try s.vmForIoctl(vm, .linkGuestMemfd)
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> KernelHandle in
+            let vmID = try s.vmForIoctl(vm, caller: process, .linkGuestMemfd)
             // kvm_gmem_link (RFC v1/v2): flags, then the fd, then "same VM again".
             guard flags == 0 else { throw .failed(operation: .linkGuestMemfd, errno: .invalidArgument) }
-            guard case .file(let source) = s.handles[file.raw], let sourceFile = s.files[source] else {
+            guard case .file(let source) = s.object(file), let sourceFile = s.files[source] else {
                 throw .failed(operation: .linkGuestMemfd, errno: .invalidArgument)
             }
             guard sourceFile.vm != vmID else { throw .failed(operation: .linkGuestMemfd, errno: .invalidArgument) }
@@ -149,13 +160,13 @@ public final class KernelModel: KernelBackend {
             s.files[linked] = ModelFile(vm: vmID, inode: sourceFile.inode, linked: true)
             s.inodes[sourceFile.inode]!.files.insert(linked)
             s.vms[vmID]!.files.insert(linked)
-            return s.open(.file(linked))
+            return s.open(.file(linked), owner: process)
         }
     }
 
     public func setMemslot(vm: KernelHandle, _ region: MemslotRegion) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            let vmID = try s.vmForIoctl(vm, .setMemslot)
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let vmID = try s.vmForIoctl(vm, caller: process, .setMemslot)
             try s.setMemslot(vmID, region, options: options)
         }
     }
@@ -163,8 +174,8 @@ public final class KernelModel: KernelBackend {
     // MARK: - Host mappings and memory
 
     public func mapGuestMemfd(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) -> UInt64 {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> UInt64 in
-            guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> UInt64 in
+            guard case .file(let fileID) = s.object(file), let modelFile = s.files[fileID] else {
                 throw .failed(operation: .mapGuestMemfd, errno: .badFileDescriptor)
             }
             // mmap(2): length 0 and unaligned offsets are refused before the file is asked.
@@ -176,14 +187,14 @@ public final class KernelModel: KernelBackend {
             let address = s.nextMappingAddress
             let span = (length + pageSize - 1) / pageSize * pageSize
             s.nextMappingAddress += span + pageSize  // a guard page between mappings
-            s.mappings[address] = ModelMapping(file: fileID, offset: offset, length: length)
+            s.mappings[address] = ModelMapping(file: fileID, owner: process, offset: offset, length: length)
             s.files[fileID]!.mappings += 1
             return address
         }
     }
 
     public func unmap(address: UInt64, length: UInt64) {
-        state.withLock { s in
+        host.transaction { s in
             guard let mapping = s.mappings.removeValue(forKey: address) else { return }
             s.files[mapping.file]?.mappings -= 1
             s.releaseIfUnused(file: mapping.file)
@@ -191,7 +202,7 @@ public final class KernelModel: KernelBackend {
     }
 
     public func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8] {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> [UInt8] in
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> [UInt8] in
             var bytes: [UInt8] = []
             bytes.reserveCapacity(count)
             for index in 0..<UInt64(count) {
@@ -205,7 +216,7 @@ public final class KernelModel: KernelBackend {
     }
 
     public func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
             // Resolve every byte first: a failed copy writes nothing the test could observe.
             var targets: [(Int, UInt64)] = []
             for index in 0..<UInt64(bytes.count) {
@@ -221,8 +232,8 @@ public final class KernelModel: KernelBackend {
     }
 
     public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            guard case .file(let fileID) = s.object(file), let modelFile = s.files[fileID] else {
                 throw .failed(operation: .punchHole, errno: .badFileDescriptor)
             }
             if let errno = ModelState.punchError(offset: offset, length: length) {
@@ -233,8 +244,8 @@ public final class KernelModel: KernelBackend {
     }
 
     public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> InodeIdentity in
-            guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> InodeIdentity in
+            guard case .file(let fileID) = s.object(file), let modelFile = s.files[fileID] else {
                 throw .failed(operation: .inodeIdentity, errno: .badFileDescriptor)
             }
             return InodeIdentity(device: ModelState.device, inode: s.inodes[modelFile.inode]!.number)
@@ -244,8 +255,8 @@ public final class KernelModel: KernelBackend {
     // MARK: - vcpus
 
     public func createVCPU(vm: KernelHandle, id: UInt32) throws(KernelError) -> KernelHandle {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> KernelHandle in
-            let vmID = try s.vmForIoctl(vm, .createVCPU)
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> KernelHandle in
+            let vmID = try s.vmForIoctl(vm, caller: process, .createVCPU)
             // kvm_vm_ioctl_create_vcpu: id range, vcpu count, then a duplicate id.
             guard id < UInt32(options.maxVCPUID) else { throw .failed(operation: .createVCPU, errno: .invalidArgument) }
             guard s.vms[vmID]!.vcpus.count < options.maxVCPUs else {
@@ -254,27 +265,27 @@ public final class KernelModel: KernelBackend {
             guard s.vms[vmID]!.vcpus[id] == nil else { throw .failed(operation: .createVCPU, errno: .fileExists) }
             s.vms[vmID]!.vcpus[id] = ModelVCPU(state: .reset(isBootProcessor: id == 0))
             s.vms[vmID]!.openVCPUs += 1
-            return s.open(.vcpu(vm: vmID, id: id))
+            return s.open(.vcpu(vm: vmID, id: id), owner: process)
         }
     }
 
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> VCPUState in
-            let (vmID, id) = try s.vcpuForIoctl(vcpu, .getVCPUState)
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> VCPUState in
+            let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .getVCPUState)
             return s.vms[vmID]!.vcpus[id]!.state
         }
     }
 
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            let (vmID, id) = try s.vcpuForIoctl(vcpu, .setVCPUState)
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .setVCPUState)
             s.vms[vmID]!.vcpus[id]!.state = newState
         }
     }
 
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
-        try state.withLock { (s: inout ModelState) throws(KernelError) -> VCPUExit in
-            let (vmID, id) = try s.vcpuForIoctl(vcpu, .runVCPU)
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> VCPUExit in
+            let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .runVCPU)
             var machine = ModelGuest(state: s.vms[vmID]!.vcpus[id]!.state)
             let exit = machine.run { access in s.guestAccess(vmID, access) }
             s.vms[vmID]!.vcpus[id]!.state = machine.state
@@ -283,8 +294,8 @@ public final class KernelModel: KernelBackend {
     }
 
     public func prefault(_ vcpu: KernelHandle, guestPhysicalAddress: UInt64, size: UInt64) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            let (vmID, _) = try s.vcpuForIoctl(vcpu, .prefault)
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let (vmID, _) = try s.vcpuForIoctl(vcpu, caller: process, .prefault)
             // kvm_vcpu_pre_fault_memory: alignment and a non-empty, non-wrapping range.
             guard guestPhysicalAddress % pageSize == 0, size % pageSize == 0, size > 0,
                 guestPhysicalAddress &+ size > guestPhysicalAddress
@@ -300,8 +311,8 @@ public final class KernelModel: KernelBackend {
     // MARK: - Confidential VMs
 
     public func launch(vm: KernelHandle) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            let vmID = try s.vmForIoctl(vm, .launch)
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let vmID = try s.vmForIoctl(vm, caller: process, .launch)
             let model = s.vms[vmID]!
             // KVM_MEMORY_ENCRYPT_OP: no vendor op for this VM (vmx without a TD) → ENOTTY.
             guard model.type.hasEncryptionContext else { throw .failed(operation: .launch, errno: .inappropriateIOCTLForDevice) }
@@ -312,10 +323,10 @@ public final class KernelModel: KernelBackend {
     }
 
     public func moveEncryptionContext(to destination: KernelHandle, from source: KernelHandle) throws(KernelError) {
-        try state.withLock { (s: inout ModelState) throws(KernelError) in
-            let dstID = try s.vmForIoctl(destination, .moveEncryptionContext)
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let dstID = try s.vmForIoctl(destination, caller: process, .moveEncryptionContext)
             // sev_vm_move_enc_context_from (kernel.md §3.1), with the RFC v2 bindings check.
-            guard case .vm(let srcID) = s.handles[source.raw] else {
+            guard case .vm(let srcID) = s.object(source) else {
                 throw .failed(operation: .moveEncryptionContext, errno: .badFileDescriptor)
             }
             let invalid = KernelError.failed(operation: .moveEncryptionContext, errno: .invalidArgument)
@@ -335,25 +346,25 @@ public final class KernelModel: KernelBackend {
     // MARK: - Lifetime and processes
 
     public func close(_ handle: KernelHandle) {
-        state.withLock { s in s.close(handle) }
+        host.transaction { s in s.close(handle) }
     }
 
     public func attemptInAnotherProcess(_ request: ForeignRequest) -> KernelError? {
-        state.withLock { s in
+        host.transaction { s in
             // kvm_vm_ioctl / kvm_vcpu_ioctl: kvm->mm != current->mm → EIO; guest_memfd.c has no
             // mm check, so fallocate on a passed gmem fd works from anywhere.
             switch request {
             case .checkExtension(let vm, _):
-                return s.handles[vm.raw] == nil ? .failed(operation: .checkExtension, errno: .badFileDescriptor)
+                return s.object(vm) == nil ? .failed(operation: .checkExtension, errno: .badFileDescriptor)
                     : .failed(operation: .checkExtension, errno: .ioError)
             case .createGuestMemfd(let vm, _, _):
-                return s.handles[vm.raw] == nil ? .failed(operation: .createGuestMemfd, errno: .badFileDescriptor)
+                return s.object(vm) == nil ? .failed(operation: .createGuestMemfd, errno: .badFileDescriptor)
                     : .failed(operation: .createGuestMemfd, errno: .ioError)
             case .createVCPU(let vm, _):
-                return s.handles[vm.raw] == nil ? .failed(operation: .createVCPU, errno: .badFileDescriptor)
+                return s.object(vm) == nil ? .failed(operation: .createVCPU, errno: .badFileDescriptor)
                     : .failed(operation: .createVCPU, errno: .ioError)
             case .punchHole(let file, let offset, let length):
-                guard case .file(let fileID) = s.handles[file.raw], let modelFile = s.files[fileID] else {
+                guard case .file(let fileID) = s.object(file), let modelFile = s.files[fileID] else {
                     return .failed(operation: .punchHole, errno: .badFileDescriptor)
                 }
                 if let errno = ModelState.punchError(offset: offset, length: length) {
@@ -369,22 +380,22 @@ public final class KernelModel: KernelBackend {
 
     /// The guest frame numbers a VM currently maps (its SPTEs), for tests of zapping.
     public func mappedFrames(vm: KernelHandle) -> Set<UInt64> {
-        state.withLock { s in
-            guard case .vm(let id) = s.handles[vm.raw] else { return [] }
+        host.transaction { s in
+            guard case .vm(let id) = s.object(vm) else { return [] }
             return s.vms[id]?.mappedFrames ?? []
         }
     }
 
     /// How many inodes hold memory (a leak check: zero once every file is closed).
-    public var liveInodeCount: Int { state.withLock { $0.inodes.count } }
+    public var liveInodeCount: Int { host.liveInodeCount }
 
     /// How many VMs exist (not yet destroyed).
-    public var liveVMCount: Int { state.withLock { $0.vms.count } }
+    public var liveVMCount: Int { host.transaction { $0.vms.count } }
 
     /// Whether a VM is dead (its encryption context moved away).
     public func isDead(vm: KernelHandle) -> Bool {
-        state.withLock { s in
-            guard case .vm(let id) = s.handles[vm.raw] else { return false }
+        host.transaction { s in
+            guard case .vm(let id) = s.object(vm) else { return false }
             return s.vms[id]?.dead ?? false
         }
     }

@@ -1,5 +1,7 @@
+import Foundation
+
 /// The model's whole state: a plain value, changed only under the model's lock.
-struct ModelState {
+struct ModelState: Codable {
     /// The `st_dev` the model reports for gmem inodes (anonymous inodes share one device).
     static let device: UInt64 = 0x0f
     /// x86-64 `TASK_SIZE_MAX` with 4-level paging: `access_ok` refuses addresses above it.
@@ -9,43 +11,48 @@ struct ModelState {
 
     var nextID = 1
     var nextHandle: Int32 = 1000
-    var handles: [Int32: ModelObject] = [:]
+    var handles: [Int32: ModelHandle] = [:]
     var vms: [Int: ModelVM] = [:]
     var files: [Int: ModelFile] = [:]
     var inodes: [Int: ModelInode] = [:]
     var mappings: [UInt64: ModelMapping] = [:]
     var nextMappingAddress: UInt64 = 0x7e00_0000_0000
+    /// What simulated processes record of themselves (see `ModelHost.setStatus`).
+    var processStatus: [String: String] = [:]
 
     mutating func newID() -> Int {
         defer { nextID += 1 }
         return nextID
     }
 
-    mutating func open(_ object: ModelObject) -> KernelHandle {
+    mutating func open(_ object: ModelObject, owner: String) -> KernelHandle {
         defer { nextHandle += 1 }
-        handles[nextHandle] = object
+        handles[nextHandle] = ModelHandle(object: object, owner: owner)
         return KernelHandle(raw: nextHandle)
     }
 
+    /// What a handle names, if it is open.
+    func object(_ handle: KernelHandle) -> ModelObject? { handles[handle.raw]?.object }
+
     // MARK: ioctl entry checks
 
-    /// kvm_vm_ioctl: a VM fd, its creator's mm (always, in-process), and not dead.
-    func vmForIoctl(_ handle: KernelHandle, _ operation: KernelOperation) throws(KernelError) -> Int {
-        guard let object = handles[handle.raw] else { throw .failed(operation: operation, errno: .badFileDescriptor) }
+    /// kvm_vm_ioctl: a VM fd, from its creator's process (kvm->mm), on a VM that is not dead.
+    func vmForIoctl(_ handle: KernelHandle, caller: String, _ operation: KernelOperation) throws(KernelError) -> Int {
+        guard let object = object(handle) else { throw .failed(operation: operation, errno: .badFileDescriptor) }
         guard case .vm(let id) = object, let vm = vms[id] else {
             throw .failed(operation: operation, errno: .inappropriateIOCTLForDevice)
         }
-        guard !vm.dead else { throw .failed(operation: operation, errno: .ioError) }
+        guard vm.creator == caller, !vm.dead else { throw .failed(operation: operation, errno: .ioError) }
         return id
     }
 
     /// kvm_vcpu_ioctl: same checks on the vcpu's VM.
-    func vcpuForIoctl(_ handle: KernelHandle, _ operation: KernelOperation) throws(KernelError) -> (Int, UInt32) {
-        guard let object = handles[handle.raw] else { throw .failed(operation: operation, errno: .badFileDescriptor) }
+    func vcpuForIoctl(_ handle: KernelHandle, caller: String, _ operation: KernelOperation) throws(KernelError) -> (Int, UInt32) {
+        guard let object = object(handle) else { throw .failed(operation: operation, errno: .badFileDescriptor) }
         guard case .vcpu(let vmID, let id) = object, let vm = vms[vmID] else {
             throw .failed(operation: operation, errno: .inappropriateIOCTLForDevice)
         }
-        guard !vm.dead else { throw .failed(operation: operation, errno: .ioError) }
+        guard vm.creator == caller, !vm.dead else { throw .failed(operation: operation, errno: .ioError) }
         return (vmID, id)
     }
 
@@ -118,7 +125,7 @@ struct ModelState {
             baseGFN: baseGFN, pages: pages, flags: flags, userspaceAddress: region.userspaceAddress, file: nil, pgoff: 0)
         if flags.contains(.guestMemfd) {
             // kvm_gmem_bind: EBADF, not a gmem file, another VM's file, range, binding overlap.
-            guard let handle = region.guestMemfd, let object = handles[handle.raw] else {
+            guard let handle = region.guestMemfd, let object = object(handle) else {
                 throw .failed(operation: .setMemslot, errno: .badFileDescriptor)
             }
             guard case .file(let fileID) = object, let file = files[fileID] else { throw invalid() }
@@ -272,7 +279,7 @@ struct ModelState {
     // MARK: lifetimes
 
     mutating func close(_ handle: KernelHandle) {
-        guard let object = handles.removeValue(forKey: handle.raw) else { return }
+        guard let object = handles.removeValue(forKey: handle.raw)?.object else { return }
         switch object {
         case .vm(let id):
             vms[id]?.vmHandleOpen = false
@@ -311,14 +318,22 @@ struct ModelState {
     }
 }
 
-enum ModelObject: Equatable {
+/// An open handle: what it names, and the (simulated) process that holds it.
+struct ModelHandle: Codable, Equatable {
+    var object: ModelObject
+    var owner: String
+}
+
+enum ModelObject: Codable, Equatable {
     case vm(Int)
     case vcpu(vm: Int, id: UInt32)
     case file(Int)
 }
 
-struct ModelVM {
+struct ModelVM: Codable {
     var type: VMType
+    /// The process that created the VM (kvm->mm): only it may issue VM and vcpu ioctls.
+    var creator: String
     var addressSpaces: Int
     var vmHandleOpen = true
     var openVCPUs = 0
@@ -335,17 +350,18 @@ struct ModelVM {
     /// Frames the VM currently maps (SPTEs).
     var mappedFrames: Set<UInt64> = []
 
-    init(type: VMType, addressSpaces: Int) {
+    init(type: VMType, addressSpaces: Int, creator: String) {
         self.type = type
+        self.creator = creator
         self.addressSpaces = addressSpaces
     }
 }
 
-struct ModelVCPU {
+struct ModelVCPU: Codable {
     var state: VCPUState
 }
 
-struct ModelMemslot {
+struct ModelMemslot: Codable {
     var baseGFN: UInt64
     var pages: UInt64
     var flags: MemslotFlags
@@ -355,7 +371,7 @@ struct ModelMemslot {
     var pgoff: UInt64
 }
 
-struct ModelFile {
+struct ModelFile: Codable {
     var vm: Int
     var inode: Int
     /// Created by KVM_LINK_GUEST_MEMFD (not by KVM_CREATE_GUEST_MEMFD).
@@ -364,12 +380,12 @@ struct ModelFile {
     var mappings = 0
 }
 
-struct ModelInode {
+struct ModelInode: Codable {
     var number: UInt64
     var size: UInt64
     var flags: GuestMemfdFlags
     /// Populated pages; absent pages read as zero.
-    var pages: [UInt64: [UInt8]] = [:]
+    var pages: [UInt64: Page] = [:]
     var files: Set<Int> = []
 
     init(number: UInt64, size: UInt64, flags: GuestMemfdFlags) {
@@ -379,18 +395,38 @@ struct ModelInode {
     }
 
     func byte(at offset: UInt64) -> UInt8 {
-        pages[offset / pageSize]?[Int(offset % pageSize)] ?? 0
+        pages[offset / pageSize]?.bytes[Int(offset % pageSize)] ?? 0
     }
 
     mutating func setByte(_ value: UInt8, at offset: UInt64) {
         let index = offset / pageSize
-        if pages[index] == nil { pages[index] = [UInt8](repeating: 0, count: Int(pageSize)) }
-        pages[index]![Int(offset % pageSize)] = value
+        pages[index, default: Page()].bytes[Int(offset % pageSize)] = value
     }
 }
 
-struct ModelMapping {
+/// One page of memory; encoded as base64 so that a host file stays small.
+struct Page: Codable {
+    var bytes = [UInt8](repeating: 0, count: Int(pageSize))
+
+    init() {}
+
+    init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let data = Data(base64Encoded: text), data.count == Int(pageSize) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "a page is \(pageSize) bytes"))
+        }
+        bytes = [UInt8](data)
+    }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(Data(bytes).base64EncodedString())
+    }
+}
+
+struct ModelMapping: Codable {
     var file: Int
+    var owner: String = ""
     var offset: UInt64
     var length: UInt64
 }

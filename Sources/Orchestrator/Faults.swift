@@ -1,0 +1,146 @@
+import Foundation
+import Journal
+import Plans
+import Kernel
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The armed faults of one coordinator. Faults are armed only explicitly (`--inject`, or a
+/// plan's `spec.faults` with `--allow-faults`): they ship in release builds because users'
+/// own test suites use them.
+public final class FaultInjector: Sendable {
+    /// The exit status of an injected crash.
+    public static let crashStatus: Int32 = 86
+
+    private let armed: Mutex<[FaultSpec]>
+    /// Called right before an injected crash exits (tests of the injector itself replace it).
+    private let onCrash: @Sendable (FaultPoint) -> Void
+
+    public init(_ specs: [FaultSpec] = [], onCrash: @escaping @Sendable (FaultPoint) -> Void = { _ in _exit(FaultInjector.crashStatus) }) {
+        armed = Mutex(specs)
+        self.onCrash = onCrash
+    }
+
+    public var isEmpty: Bool { armed.withLock { $0.isEmpty } }
+
+    /// Arms more faults (a standalone run arms them once its source VM is set up, so that they
+    /// fire in the migration, not in the set-up).
+    public func arm(_ specs: [FaultSpec]) {
+        armed.withLock { $0.append(contentsOf: specs) }
+    }
+
+    /// Fires the fault armed at `point`, if any: sleeps, exits, or returns the errno to fail with.
+    public func hit(_ point: FaultPoint) -> Errno? {
+        let fault = armed.withLock { specs -> Fault? in
+            guard let index = specs.firstIndex(where: { $0.point == point }) else { return nil }
+            let fault = specs[index].fault
+            if let count = specs[index].count {
+                if count <= 1 { specs.remove(at: index) } else { specs[index].count = count - 1 }
+            }
+            return fault
+        }
+        switch fault {
+        case nil: return nil
+        case .errno(let errno): return errno
+        case .crash:
+            onCrash(point)
+            return nil
+        case .delay(let duration):
+            Thread.sleep(forTimeInterval: Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
+            return nil
+        }
+    }
+}
+
+/// Wraps a kernel backend so that every faultable operation passes its `kernel:OP` fault point
+/// first: the same points on the real kernel and on the model.
+public final class FaultInjectingBackend: KernelBackend {
+    public let inner: any KernelBackend
+    public let faults: FaultInjector
+    public var name: String { inner.name }
+
+    public init(_ inner: any KernelBackend, faults: FaultInjector) {
+        self.inner = inner
+        self.faults = faults
+    }
+
+    private func check(_ operation: KernelOperation) throws(KernelError) {
+        if let errno = faults.hit(.kernel(operation)) { throw .failed(operation: operation, errno: errno) }
+    }
+
+    public func probe() throws(KernelError) -> HostCapabilities { try inner.probe() }
+    public func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int {
+        try check(.checkExtension)
+        return try inner.checkExtension(capability, vm: vm)
+    }
+    public func createVM(type: VMType) throws(KernelError) -> KernelHandle {
+        try check(.createVM)
+        return try inner.createVM(type: type)
+    }
+    public func createGuestMemfd(vm: KernelHandle, size: UInt64, flags: GuestMemfdFlags) throws(KernelError) -> KernelHandle {
+        try check(.createGuestMemfd)
+        return try inner.createGuestMemfd(vm: vm, size: size, flags: flags)
+    }
+    public func setMemslot(vm: KernelHandle, _ region: MemslotRegion) throws(KernelError) {
+        try check(.setMemslot)
+        try inner.setMemslot(vm: vm, region)
+    }
+    public func mapGuestMemfd(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) -> UInt64 {
+        try check(.mapGuestMemfd)
+        return try inner.mapGuestMemfd(file, offset: offset, length: length)
+    }
+    public func unmap(address: UInt64, length: UInt64) { inner.unmap(address: address, length: length) }
+    public func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8] {
+        try check(.accessMemory)
+        return try inner.readMemory(address: address, count: count)
+    }
+    public func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError) {
+        try check(.accessMemory)
+        try inner.writeMemory(address: address, bytes: bytes)
+    }
+    public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
+        try check(.punchHole)
+        try inner.punchHole(file, offset: offset, length: length)
+    }
+    public func createVCPU(vm: KernelHandle, id: UInt32) throws(KernelError) -> KernelHandle {
+        try check(.createVCPU)
+        return try inner.createVCPU(vm: vm, id: id)
+    }
+    public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
+        try check(.getVCPUState)
+        return try inner.vcpuState(vcpu)
+    }
+    public func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError) {
+        try check(.setVCPUState)
+        try inner.setVCPUState(vcpu, state)
+    }
+    public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
+        try check(.runVCPU)
+        return try inner.run(vcpu)
+    }
+    public func prefault(_ vcpu: KernelHandle, guestPhysicalAddress: UInt64, size: UInt64) throws(KernelError) {
+        try check(.prefault)
+        try inner.prefault(vcpu, guestPhysicalAddress: guestPhysicalAddress, size: size)
+    }
+    public func launch(vm: KernelHandle) throws(KernelError) {
+        try check(.launch)
+        try inner.launch(vm: vm)
+    }
+    public func moveEncryptionContext(to destination: KernelHandle, from source: KernelHandle) throws(KernelError) {
+        try check(.moveEncryptionContext)
+        try inner.moveEncryptionContext(to: destination, from: source)
+    }
+    public func linkGuestMemfd(_ file: KernelHandle, into vm: KernelHandle, flags: UInt64) throws(KernelError) -> KernelHandle {
+        try check(.linkGuestMemfd)
+        return try inner.linkGuestMemfd(file, into: vm, flags: flags)
+    }
+    public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
+        try check(.inodeIdentity)
+        return try inner.inodeIdentity(file)
+    }
+    public func close(_ handle: KernelHandle) { inner.close(handle) }
+    public func attemptInAnotherProcess(_ request: ForeignRequest) -> KernelError? { inner.attemptInAnotherProcess(request) }
+}

@@ -1,0 +1,380 @@
+import Foundation
+import Kernel
+import Plans
+
+/// Holds one owned kernel object; dropping the holder closes it.
+final class Owned<Value: ~Copyable> {
+    let value: Value
+    init(_ value: consuming Value) { self.value = value }
+}
+
+/// A VMM living in the coordinator's own process (`vmm: in-process` in a plan): both VMs of a
+/// migration in one process, which KVM allows since that process creates them. It drives its
+/// VM with the kernel boundary directly, and acts as source or target.
+///
+/// The guest does not run on a thread here: `runGuest(exits:)` advances it by a number of
+/// exits, so a migration's steps see a guest that is stopped between them. (Live guests on
+/// their own threads come with out-of-process VMMs.)
+public final class InProcessVMM: VMMEndpoint {
+    public let role: String
+    public let backend: any KernelBackend
+    /// Where the VMM's running state is kept so that it outlives a crash (a model host), if anywhere.
+    let statusHost: ModelHost?
+    let process: String
+
+    private var type: VMType = .default
+    private var vm: Owned<VirtualMachine>?
+    private var vcpus: [Owned<VCPU>] = []
+    private var files: [String: Owned<GuestMemfd>] = [:]
+    private var mappings: [String: Owned<GuestMapping>] = [:]
+    /// For share: the inode of the source file each mapping is on.
+    private var sharedInodes: [String: InodeIdentity] = [:]
+    private var gmems: [String: VMDescription.Gmem] = [:]
+    private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
+    private var savedStates: [VCPUState]? = nil
+    public private(set) var isRunning = false {
+        didSet { statusHost?.setStatus(process: process, isRunning ? "running" : "stopped") }
+    }
+
+    /// - Parameters:
+    ///   - statusHost: a model host in which to record whether this VMM runs its VM, so that
+    ///     recovery can read it after a crash.
+    ///   - process: the simulated process this VMM is (its handles' owner on a model host).
+    public init(role: String, backend: any KernelBackend, statusHost: ModelHost? = nil, process: String = "") {
+        self.role = role
+        self.backend = backend
+        self.statusHost = statusHost
+        self.process = process
+    }
+
+    public var vmHandle: KernelHandle? { vm?.value.handle }
+
+    // MARK: - Standalone source
+
+    /// The guest program: `inc dword [0x2000]; mov eax, [0x2000]; out 0x10, eax; jmp back`,
+    /// loaded at 0x1000. Each exit reports the counter, which lives in guest memory at 0x2000.
+    public static let counterProgram: [UInt8] = [
+        0x66, 0xFF, 0x06, 0x00, 0x20, 0x66, 0xA1, 0x00, 0x20, 0x66, 0xE7, 0x10, 0xEB, 0xF2,
+    ]
+    public static let programAddress: UInt64 = 0x1000
+    public static let counterAddress: UInt64 = 0x2000
+    public static let counterPort: UInt16 = 0x10
+
+    /// Creates the VM a plan describes, with its memory bound and, where guest memory is
+    /// host-writable at 0x1000, the counter program loaded and booted. The VM is running.
+    public func createSource(_ spec: VMSpec) throws(EndpointError) {
+        do {
+            try createVM(type: spec.type, vcpus: spec.vcpus)
+            guard let vm else { throw EndpointError("the source VM was not created") }
+            for gmem in spec.guestMemfds {
+                let file = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
+                let inode = try file.inodeIdentity()
+                if gmem.flags.contains(.mmap) { mappings[gmem.name] = Owned(try file.map()) }
+                files[gmem.name] = Owned(file)
+                gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
+            }
+            for slot in spec.memslots {
+                let description = VMDescription.Slot(
+                    slot: slot.slot, guestPhysAddr: slot.guestPhysAddr, size: slot.size, guestMemfd: slot.guestMemfd,
+                    offset: slot.offset)
+                try bindGuestMemfd(description, file: slot.guestMemfd)
+                slots[slot.slot] = (description, nil)
+            }
+            if spec.type.hasEncryptionContext { try vm.value.launch() }
+            if canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004) {
+                try writeGuest(gpa: InProcessVMM.programAddress, bytes: InProcessVMM.counterProgram)
+                try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
+                if let boot = vcpus.first {
+                    var state = try boot.value.state()
+                    state.specialRegisters.setFlatRealMode()
+                    state.registers.rip = InProcessVMM.programAddress
+                    try boot.value.setState(state)
+                }
+            }
+            isRunning = true
+        } catch let error as EndpointError {
+            throw error
+        } catch let error as KernelError {
+            throw EndpointError(error)
+        } catch {
+            throw EndpointError("\(error)")
+        }
+    }
+
+    /// Whether `[gpa, gpa+count)` lies in one memslot whose memory this process can write.
+    public func canWriteGuest(at gpa: UInt64, count: Int) -> Bool {
+        guard let (slot, _) = slotContaining(gpa), gpa + UInt64(count) <= slot.guestPhysAddr + slot.size else { return false }
+        if let gmem = gmems[slot.guestMemfd] { return gmem.flags.contains(.initShared) && mappings[slot.guestMemfd] != nil }
+        return mappings[slot.guestMemfd] != nil
+    }
+
+    // MARK: - Source role
+
+    public func describe() throws(EndpointError) -> VMDescription {
+        VMDescription(
+            type: type, vcpus: vcpus.count, guestMemfds: gmems.values.sorted { $0.name < $1.name },
+            memslots: slots.values.map(\.slot).sorted { $0.slot < $1.slot })
+    }
+
+    public func memoryHandle(_ gmem: String) -> KernelHandle? { files[gmem]?.value.handle }
+
+    public func pause() throws(EndpointError) -> [VCPUState] {
+        if let savedStates, !isRunning { return savedStates }
+        var states: [VCPUState] = []
+        do {
+            for vcpu in vcpus { states.append(try vcpu.value.state()) }
+        } catch {
+            throw EndpointError(error)
+        }
+        savedStates = states
+        isRunning = false
+        return states
+    }
+
+    public func resume() throws(EndpointError) {
+        guard vm != nil else { throw EndpointError("\(role): there is no VM to resume") }
+        isRunning = true
+    }
+
+    public func retire() {
+        isRunning = false
+        closeEverything()
+    }
+
+    // MARK: - Target role
+
+    public func createVM(type: VMType, vcpus count: Int) throws(EndpointError) {
+        if vm != nil { return }
+        do {
+            let created = try backend.createVirtualMachine(type: type)
+            var made: [Owned<VCPU>] = []
+            for id in 0..<UInt32(count) { made.append(Owned(try created.createVCPU(id: id))) }
+            self.type = type
+            vm = Owned(created)
+            vcpus = made
+        } catch {
+            throw EndpointError(error)
+        }
+    }
+
+    public func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity {
+        if let existing = gmems[gmem.name] { return existing.inode }
+        guard let vm else { throw EndpointError("\(role): no VM to receive memory") }
+        do {
+            switch strategy {
+            case .link:
+                let linked = try vm.value.link(GuestMemfdReference(handle: handle, backend: backend, gmem: gmem))
+                let inode = try linked.inodeIdentity()
+                if gmem.flags.contains(.mmap) { mappings[gmem.name] = Owned(try linked.map()) }
+                files[gmem.name] = Owned(linked)
+                gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
+                return inode
+            case .share:
+                let address = try backend.mapGuestMemfd(handle, offset: 0, length: gmem.size)
+                mappings[gmem.name] = Owned(GuestMapping(adopting: address, length: gmem.size, backend: backend))
+                let inode = try backend.inodeIdentity(handle)
+                sharedInodes[gmem.name] = inode
+                gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
+                return inode
+            case .copy:
+                let own = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
+                let target = try own.map()
+                do {
+                    let address = try backend.mapGuestMemfd(handle, offset: 0, length: gmem.size)
+                    let source = GuestMapping(adopting: address, length: gmem.size, backend: backend)
+                    // The baseline: every byte crosses, O(memory).
+                    let chunk: UInt64 = 1 << 20
+                    var offset: UInt64 = 0
+                    while offset < gmem.size {
+                        let count = Int(min(chunk, gmem.size - offset))
+                        let bytes = try source.read(offset: offset, count: count)
+                        if bytes.contains(where: { $0 != 0 }) { try target.write(offset: offset, bytes: bytes) }
+                        offset += UInt64(count)
+                    }
+                }
+                let inode = try own.inodeIdentity()
+                mappings[gmem.name] = Owned(target)
+                files[gmem.name] = Owned(own)
+                gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
+                return inode
+            case .auto:
+                throw EndpointError("the strategy must be resolved before memory is handed over")
+            }
+        } catch let error as EndpointError {
+            throw error
+        } catch let error as KernelError {
+            throw EndpointError(error)
+        } catch {
+            throw EndpointError("\(error)")
+        }
+    }
+
+    public func bind(_ requested: [VMDescription.Slot], strategy: Strategy) throws(EndpointError) {
+        for slot in requested where slots[slot.slot] == nil {
+            do {
+                switch strategy {
+                case .share:
+                    guard let vm, let mapping = mappings[slot.guestMemfd] else {
+                        throw EndpointError("\(role): no mapping of '\(slot.guestMemfd)' to bind slot \(slot.slot)")
+                    }
+                    try vm.value.setMemslot(
+                        slot: slot.slot, guestPhysicalAddress: slot.guestPhysAddr, size: slot.size, mapping: mapping.value,
+                        offset: slot.offset)
+                default:
+                    try bindGuestMemfd(slot, file: slot.guestMemfd)
+                }
+            } catch let error as EndpointError {
+                throw error
+            } catch let error as KernelError {
+                throw EndpointError(error)
+            } catch {
+                throw EndpointError("\(error)")
+            }
+            slots[slot.slot] = (slot, strategy)
+        }
+    }
+
+    private func bindGuestMemfd(_ slot: VMDescription.Slot, file name: String) throws(KernelError) {
+        guard let vm, let file = files[name] else {
+            throw .failed(operation: .setMemslot, errno: .badFileDescriptor)
+        }
+        // Give KVM the host mapping too: where it must emulate, it reads guest memory through it.
+        let address = mappings[name].map { $0.value.address &+ slot.offset } ?? 0
+        try vm.value.setMemslot(
+            slot: slot.slot, guestPhysicalAddress: slot.guestPhysAddr, size: slot.size, file: file.value, offset: slot.offset,
+            userspaceAddress: address)
+    }
+
+    public func bindings() throws(EndpointError) -> [BindingReport] {
+        var reports: [BindingReport] = []
+        for (slot, strategy) in slots.values.sorted(by: { $0.slot.slot < $1.slot.slot }) {
+            guard let inode = gmems[slot.guestMemfd]?.inode else {
+                throw EndpointError("\(role): slot \(slot.slot) names '\(slot.guestMemfd)', which this VMM does not hold")
+            }
+            reports.append(BindingReport(
+                slot: slot.slot, guestPhysAddr: slot.guestPhysAddr, size: slot.size, inode: inode, offset: slot.offset,
+                guestMemfdBacked: strategy != .share))
+        }
+        return reports
+    }
+
+    public func probeGuestMapping(gpa: UInt64) -> KernelError? {
+        guard let vcpu = vcpus.first else { return .failed(operation: .prefault, errno: .noSuchDeviceOrAddress) }
+        do {
+            try vcpu.value.prefault(guestPhysicalAddress: gpa & ~0xfff)
+            return nil
+        } catch {
+            return error
+        }
+    }
+
+    public func moveEncryptionContext(from source: KernelHandle) throws(EndpointError) {
+        guard let vm else { throw EndpointError("\(role): no VM to move the encryption context into") }
+        do {
+            try backend.moveEncryptionContext(to: vm.value.handle, from: source)
+        } catch {
+            throw EndpointError(error)
+        }
+    }
+
+    public func restore(_ states: [VCPUState]) throws(EndpointError) {
+        if isRunning { return }
+        guard states.count == vcpus.count else {
+            throw EndpointError("\(role): \(states.count) vcpu states for \(vcpus.count) vcpus")
+        }
+        do {
+            for (vcpu, state) in zip(vcpus, states) { try vcpu.value.setState(state) }
+        } catch {
+            throw EndpointError(error)
+        }
+        savedStates = states
+        isRunning = true
+    }
+
+    public func unbind(_ requested: [VMDescription.Slot]) {
+        for slot in requested where slots[slot.slot] != nil {
+            if (try? vm?.value.deleteMemslot(slot: slot.slot)) != nil { slots[slot.slot] = nil }
+        }
+    }
+
+    public func releaseMemory() {
+        mappings.removeAll()
+        files.removeAll()
+        gmems.removeAll()
+        sharedInodes.removeAll()
+    }
+
+    public func destroy() {
+        isRunning = false
+        closeEverything()
+    }
+
+    private func closeEverything() {
+        slots.removeAll()
+        releaseMemory()
+        vcpus.removeAll()
+        vm = nil
+        savedStates = nil
+    }
+
+    // MARK: - The guest
+
+    public func runGuest(exits: Int) throws(EndpointError) -> [VCPUExit] {
+        guard isRunning, let vcpu = vcpus.first else { throw EndpointError("\(role): the VM is not running") }
+        var result: [VCPUExit] = []
+        do {
+            for _ in 0..<exits {
+                let exit = try vcpu.value.run()
+                result.append(exit)
+                switch exit {
+                case .io, .mmio, .interrupted: continue
+                default: return result
+                }
+            }
+        } catch {
+            throw EndpointError(error)
+        }
+        return result
+    }
+
+    private func slotContaining(_ gpa: UInt64) -> (VMDescription.Slot, Strategy?)? {
+        slots.values.first { gpa >= $0.slot.guestPhysAddr && gpa < $0.slot.guestPhysAddr + $0.slot.size }.map { ($0.slot, $0.strategy) }
+    }
+
+    public func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
+        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
+            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
+        }
+        do {
+            return try mapping.value.read(offset: slot.offset + (gpa - slot.guestPhysAddr), count: count)
+        } catch {
+            throw EndpointError(error)
+        }
+    }
+
+    public func writeGuest(gpa: UInt64, bytes: [UInt8]) throws(EndpointError) {
+        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
+            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
+        }
+        do {
+            try mapping.value.write(offset: slot.offset + (gpa - slot.guestPhysAddr), bytes: bytes)
+        } catch {
+            throw EndpointError(error)
+        }
+    }
+}
+
+/// A borrowed view of another VMM's gmem file, for `VirtualMachine.link` (it never closes it).
+struct GuestMemfdReference: ~Copyable {
+    let handle: KernelHandle
+    let backend: any KernelBackend
+    let gmem: VMDescription.Gmem
+}
+
+extension VirtualMachine {
+    /// Links a gmem file this VMM does not own (it stays open; the caller's owner closes it).
+    func link(_ reference: borrowing GuestMemfdReference) throws(KernelError) -> GuestMemfd {
+        let linked = try backend.linkGuestMemfd(reference.handle, into: handle, flags: 0)
+        return GuestMemfd(backend: backend, handle: linked, size: reference.gmem.size, flags: reference.gmem.flags)
+    }
+}

@@ -1,0 +1,150 @@
+import Foundation
+import Journal
+import Kernel
+import Plans
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Which kernel a standalone migration runs on.
+public enum StandaloneBackend: Sendable, Equatable {
+    case linux
+    /// The model; with a host file, its state outlives this process (for crash rehearsals).
+    case model(hostFile: String?)
+}
+
+/// What the run checked after the migration: the guest's memory and its counter.
+public struct Verification: Codable, Sendable, Equatable {
+    /// The guest's counter when the source was paused (nil when the guest memory is private).
+    public var counterBefore: UInt32?
+    /// The counter values the guest reported after the migration, in the VM that runs.
+    public var counterAfter: [UInt32]
+    /// Bytes written into guest memory before the migration and read back after it.
+    public var bytesChecked: Int
+    public var bytesIntact: Bool
+    /// Source and target inodes of each gmem file (link and share: the same inode).
+    public var sourceInodes: [String: String]
+    public var targetInodes: [String: String]
+    public var note: String?
+
+    public var passed: Bool {
+        bytesIntact && (counterBefore.map { before in counterAfter.first == before &+ 1 } ?? true)
+    }
+}
+
+/// A whole standalone migration: the result, and the two VMMs (which must stay alive as long
+/// as the caller wants the surviving VM to run).
+public final class StandaloneRun {
+    public let summary: MigrationSummary
+    public let verification: Verification?
+    public let source: InProcessVMM
+    public let target: InProcessVMM
+    public let backendName: String
+
+    init(summary: MigrationSummary, verification: Verification?, source: InProcessVMM, target: InProcessVMM, backendName: String) {
+        self.summary = summary
+        self.verification = verification
+        self.source = source
+        self.target = target
+        self.backendName = backendName
+    }
+
+    /// How many guest exits the source runs before the migration, and the survivor after it.
+    public static let guestExits = 32
+
+    /// Creates the plan's VM in-process, runs its guest, migrates it with `strategy`, and checks
+    /// that the guest carries on with its memory intact.
+    /// - Parameter faults: armed once the source is set up, so that they fire in the migration.
+    public static func run(
+        plan: MigrationPlan, planFile: String, strategy: Strategy, backend: StandaloneBackend, journal store: Journal,
+        faults specs: [FaultSpec], progress: @escaping (StepReport) -> Void = { _ in }
+    ) throws -> StandaloneRun {
+        let id = newID(plan.name)
+        let injector = FaultInjector()
+        let sourceBackend: any KernelBackend
+        let targetBackend: any KernelBackend
+        let host: ModelHost?
+        let backendName: String
+        switch backend {
+        case .linux:
+            let linux = try LinuxKVM()
+            (sourceBackend, targetBackend, host, backendName) = (linux, linux, nil, "linux")
+        case .model(let hostFile):
+            let modelHost = hostFile.map(ModelHost.init(file:)) ?? ModelHost()
+            sourceBackend = KernelModel(host: modelHost, process: id + "/source")
+            targetBackend = KernelModel(host: modelHost, process: id + "/target")
+            host = hostFile == nil ? nil : modelHost
+            backendName = hostFile.map { "model:" + $0 } ?? "model"
+        }
+        let source = InProcessVMM(
+            role: "source", backend: FaultInjectingBackend(sourceBackend, faults: injector), statusHost: host, process: id + "/source")
+        let target = InProcessVMM(
+            role: "target", backend: FaultInjectingBackend(targetBackend, faults: injector), statusHost: host, process: id + "/target")
+        try source.createSource(plan.vm)
+
+        // The guest runs before the migration; some bytes of every host-writable slot are marked.
+        let guestRuns = source.canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004)
+        var counterBefore: UInt32? = nil
+        if guestRuns {
+            counterBefore = counters(try source.runGuest(exits: guestExits)).last
+        }
+        var marks: [(UInt64, [UInt8])] = []
+        for slot in plan.vm.memslots {
+            let gpa = slot.guestPhysAddr + slot.size - 4096
+            guard source.canWriteGuest(at: gpa, count: 16) else { continue }
+            let bytes = Array("gmigrate slot \(slot.slot)   ".utf8.prefix(16))
+            try source.writeGuest(gpa: gpa, bytes: bytes)
+            marks.append((gpa, bytes))
+        }
+
+        let journal = try store.create(id: id)
+        try journal.append(.started(.init(
+            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: backendName, coordinatorPID: getpid(),
+            faults: specs.map(\.description))))
+        injector.arm(specs)
+        let migration = Migration(
+            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress)
+        let summary = try migration.run()
+
+        // Verification: the VM that runs now has the memory the source had.
+        let survivor: InProcessVMM? = summary.state == .completed ? target : summary.state == .rolledBack ? source : nil
+        var verification: Verification? = nil
+        if let survivor {
+            var intact = true
+            for (gpa, bytes) in marks where (try? survivor.readGuest(gpa: gpa, count: bytes.count)) != bytes { intact = false }
+            let after = guestRuns ? counters(try survivor.runGuest(exits: guestExits)) : []
+            let details = journal.entries.compactMap { entry -> JournalEntry.Outcome? in
+                if case .outcome(let outcome) = entry.event, outcome.ok, outcome.direction == .forward { return outcome }
+                return nil
+            }
+            func inodes(_ step: MigrationStep) -> [String: String] {
+                let found = details.last { $0.step == step }?.details ?? [:]
+                return Dictionary(uniqueKeysWithValues: found.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
+            }
+            verification = Verification(
+                counterBefore: counterBefore, counterAfter: after, bytesChecked: marks.reduce(0) { $0 + $1.1.count },
+                bytesIntact: intact, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory),
+                note: guestRuns ? nil : "guest memory is private (no init-shared): the guest program cannot be loaded from the host; verified by inode identity")
+        }
+        return StandaloneRun(summary: summary, verification: verification, source: source, target: target, backendName: backendName)
+    }
+
+    static func counters(_ exits: [VCPUExit]) -> [UInt32] {
+        exits.compactMap { exit in
+            guard case .io(let port, true, 4, let data) = exit, port == InProcessVMM.counterPort else { return nil }
+            return data.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+        }
+    }
+
+    /// `NAME-YYYYmmddTHHMMSS-XXXX`: sortable by time, unique enough for one host.
+    public static func newID(_ name: String) -> String {
+        var now = time(nil)
+        var parts = tm()
+        gmtime_r(&now, &parts)
+        let stamp = String(
+            format: "%04d%02d%02dT%02d%02d%02d", Int(parts.tm_year) + 1900, Int(parts.tm_mon) + 1, Int(parts.tm_mday),
+            Int(parts.tm_hour), Int(parts.tm_min), Int(parts.tm_sec))
+        return "\(stamp)-\(name)-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
+    }
+}
