@@ -32,6 +32,14 @@ public final class FaultInjector: Sendable {
         armed.withLock { $0.append(contentsOf: specs) }
     }
 
+    /// Disarms every fault (a standalone run does so before it verifies the guest).
+    public func disarm() {
+        armed.withLock { $0.removeAll() }
+    }
+
+    /// The faults still armed (one that fired as many times as it was armed is gone).
+    public var remaining: [FaultSpec] { armed.withLock { $0 } }
+
     /// Fires the fault armed at `point`, if any: sleeps, exits, or returns the errno to fail with.
     public func hit(_ point: FaultPoint) -> Errno? {
         let fault = armed.withLock { specs -> Fault? in

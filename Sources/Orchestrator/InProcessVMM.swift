@@ -32,6 +32,7 @@ public final class InProcessVMM: VMMEndpoint {
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
     private var savedStates: [VCPUState]? = nil
+    private var hasReceivedEncryptionContext = false
     public private(set) var isRunning = false {
         didSet { statusHost?.setStatus(process: process, isRunning ? "running" : "stopped") }
     }
@@ -269,12 +270,15 @@ public final class InProcessVMM: VMMEndpoint {
     }
 
     public func moveEncryptionContext(from source: KernelHandle) throws(EndpointError) {
+        // Idempotent: a second move into a VM that has the context would answer EINVAL.
+        if hasReceivedEncryptionContext { return }
         guard let vm else { throw EndpointError("\(role): no VM to move the encryption context into") }
         do {
             try backend.moveEncryptionContext(to: vm.value.handle, from: source)
         } catch {
             throw EndpointError(error)
         }
+        hasReceivedEncryptionContext = true
     }
 
     public func restore(_ states: [VCPUState]) throws(EndpointError) {
@@ -315,6 +319,7 @@ public final class InProcessVMM: VMMEndpoint {
         vcpus.removeAll()
         vm = nil
         savedStates = nil
+        hasReceivedEncryptionContext = false
     }
 
     // MARK: - The guest

@@ -41,13 +41,21 @@ public final class StandaloneRun {
     public let source: InProcessVMM
     public let target: InProcessVMM
     public let backendName: String
+    /// Armed faults that never fired (their point was not reached).
+    public let unfiredFaults: [FaultSpec]
+    public let journalPath: String
 
-    init(summary: MigrationSummary, verification: Verification?, source: InProcessVMM, target: InProcessVMM, backendName: String) {
+    init(
+        summary: MigrationSummary, verification: Verification?, source: InProcessVMM, target: InProcessVMM, backendName: String,
+        unfiredFaults: [FaultSpec], journalPath: String
+    ) {
         self.summary = summary
         self.verification = verification
         self.source = source
         self.target = target
         self.backendName = backendName
+        self.unfiredFaults = unfiredFaults
+        self.journalPath = journalPath
     }
 
     /// How many guest exits the source runs before the migration, and the survivor after it.
@@ -58,7 +66,7 @@ public final class StandaloneRun {
     /// - Parameter faults: armed once the source is set up, so that they fire in the migration.
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, backend: StandaloneBackend, journal store: Journal,
-        faults specs: [FaultSpec], progress: @escaping (StepReport) -> Void = { _ in }
+        faults specs: [FaultSpec], linux: LinuxKVM? = nil, progress: @escaping (StepReport) -> Void = { _ in }
     ) throws -> StandaloneRun {
         let id = newID(plan.name)
         let injector = FaultInjector()
@@ -68,8 +76,8 @@ public final class StandaloneRun {
         let backendName: String
         switch backend {
         case .linux:
-            let linux = try LinuxKVM()
-            (sourceBackend, targetBackend, host, backendName) = (linux, linux, nil, "linux")
+            let kernel = try linux ?? LinuxKVM()
+            (sourceBackend, targetBackend, host, backendName) = (kernel, kernel, nil, "linux")
         case .model(let hostFile):
             let modelHost = hostFile.map(ModelHost.init(file:)) ?? ModelHost()
             sourceBackend = KernelModel(host: modelHost, process: id + "/source")
@@ -106,6 +114,8 @@ public final class StandaloneRun {
         let migration = Migration(
             id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress)
         let summary = try migration.run()
+        let unfired = injector.remaining
+        injector.disarm()
 
         // Verification: the VM that runs now has the memory the source had.
         let survivor: InProcessVMM? = summary.state == .completed ? target : summary.state == .rolledBack ? source : nil
@@ -127,7 +137,9 @@ public final class StandaloneRun {
                 bytesIntact: intact, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory),
                 note: guestRuns ? nil : "guest memory is private (no init-shared): the guest program cannot be loaded from the host; verified by inode identity")
         }
-        return StandaloneRun(summary: summary, verification: verification, source: source, target: target, backendName: backendName)
+        return StandaloneRun(
+            summary: summary, verification: verification, source: source, target: target, backendName: backendName,
+            unfiredFaults: unfired, journalPath: journal.path)
     }
 
     static func counters(_ exits: [VCPUExit]) -> [UInt32] {

@@ -22,6 +22,9 @@ public final class LinuxKVM: KernelBackend {
         /// VM type of each open VM descriptor.
         var vmTypes: [Int32: VMType] = [:]
         var probe: HostCapabilities?
+        /// Descriptors this instance opened and has not closed, and its mappings.
+        var open: Set<Int32> = []
+        var mappings: Set<UInt64> = []
     }
     private let state = Mutex(State())
 
@@ -160,7 +163,10 @@ public final class LinuxKVM: KernelBackend {
         }
         // Our descriptors must not leak into the processes we spawn.
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        state.withLock { $0.vmTypes[fd] = type }
+        state.withLock {
+            $0.vmTypes[fd] = type
+            $0.open.insert(fd)
+        }
         return KernelHandle(raw: fd)
     }
 
@@ -171,6 +177,7 @@ public final class LinuxKVM: KernelBackend {
         let fd = Syscalls.ioctl(vm.raw, CKVM_CREATE_GUEST_MEMFD, &argument)
         guard fd >= 0 else { throw .failed(operation: .createGuestMemfd, errno: .current) }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        state.withLock { _ = $0.open.insert(fd) }
         return KernelHandle(raw: fd)
     }
 
@@ -193,12 +200,19 @@ public final class LinuxKVM: KernelBackend {
         guard let pointer = Syscalls.mmap(file.raw, length: Int(length), offset: offset) else {
             throw .failed(operation: .mapGuestMemfd, errno: .current)
         }
-        return UInt64(UInt(bitPattern: pointer))
+        let address = UInt64(UInt(bitPattern: pointer))
+        state.withLock { _ = $0.mappings.insert(address) }
+        return address
     }
 
     public func unmap(address: UInt64, length: UInt64) {
+        state.withLock { _ = $0.mappings.remove(address) }
         Syscalls.munmap(address, length: Int(length))
     }
+
+    /// Descriptors and mappings this instance made and has not closed: a leak check.
+    public var openDescriptorCount: Int { state.withLock { $0.open.count } }
+    public var mappingCount: Int { state.withLock { $0.mappings.count } }
 
     public func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
@@ -236,7 +250,10 @@ public final class LinuxKVM: KernelBackend {
             Syscalls.close(fd)
             throw .failed(operation: .createVCPU, errno: error)
         }
-        state.withLock { $0.runMappings[fd] = UInt(bitPattern: run) }
+        state.withLock {
+            $0.runMappings[fd] = UInt(bitPattern: run)
+            $0.open.insert(fd)
+        }
         return KernelHandle(raw: fd)
     }
 
@@ -381,6 +398,7 @@ public final class LinuxKVM: KernelBackend {
             throw .failed(operation: .linkGuestMemfd, errno: error)
         }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        state.withLock { _ = $0.open.insert(fd) }
         return KernelHandle(raw: fd)
     }
 
@@ -389,6 +407,7 @@ public final class LinuxKVM: KernelBackend {
     public func close(_ handle: KernelHandle) {
         let mapping = state.withLock { state -> UInt? in
             state.vmTypes[handle.raw] = nil
+            state.open.remove(handle.raw)
             return state.runMappings.removeValue(forKey: handle.raw)
         }
         if let mapping { Syscalls.munmap(UInt64(mapping), length: vcpuMmapSize) }
