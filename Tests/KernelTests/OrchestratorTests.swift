@@ -17,7 +17,8 @@ func temporaryDirectory(_ prefix: String) -> String {
 }
 
 /// The journal's own consistency: no corruption, one start, every intent answered by an
-/// outcome, a finished record whose state agrees with the point of no return.
+/// outcome (or, after a crash, by recovery), a finished record whose state agrees with the
+/// point of no return.
 func checkJournal(_ contents: JournalContents, expect state: TerminalState? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
     #expect(contents.corruption == nil, sourceLocation: sourceLocation)
     guard case .started? = contents.entries.first?.event else {
@@ -32,6 +33,9 @@ func checkJournal(_ contents: JournalContents, expect state: TerminalState? = ni
             open = entry.event
         case .outcome(let outcome):
             #expect(open == .intent(step: outcome.step, direction: outcome.direction), "#\(entry.sequence) answers no intent", sourceLocation: sourceLocation)
+            open = nil
+        case .recovery:
+            // A crash between an intent and its outcome leaves the intent unanswered; recovery takes over there.
             open = nil
         default:
             break

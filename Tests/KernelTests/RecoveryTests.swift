@@ -1,0 +1,213 @@
+import Foundation
+import Journal
+import Kernel
+import Orchestrator
+import Plans
+import Testing
+
+/// Crash cases: the coordinator is a real child process that really dies at the fault point
+/// (`_exit`, no cleanup); `gmigrate recover` then finishes the migration.
+@Suite("Crash and recovery")
+struct RecoveryTests {
+    /// On the model, with its state in a host file that outlives the crashed coordinator (as
+    /// the kernel and the VMM processes outlive it): recovery rolls back or forward, and
+    /// afterwards exactly one VM holds the memory and runs.
+    @Test("every fault point with a crash, then recover (model)", arguments: matrixPoints)
+    func crashMatrixModel(_ matrix: MatrixCase) throws {
+        let state = temporaryDirectory("gmigrate-crash")
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let hostFile = state + "/model-host.json"
+        let run = try gmigrate([
+            "migrate", "migration-plans/" + matrix.plan, "--backend", "model", "--model-host", hostFile, "--state-dir", state,
+            "--inject", "\(matrix.point)=crash",
+        ])
+        #expect([0, FaultInjector.crashStatus].contains(run.status), "\(run.stdout)\(run.stderr)")
+        let crashed = run.status == FaultInjector.crashStatus
+        switch matrix.point {
+        case .before, .after: #expect(crashed, "every step's points are reached")
+        case .kernel: break  // some calls are never made by this plan (launch, punch-hole, ...)
+        }
+        let recover = try gmigrate(["recover", "--state-dir", state])
+        #expect(recover.status == 0, "\(recover.stdout)\(recover.stderr)")
+        let journal = try Journal(stateDirectory: state)
+        let id = try #require(journal.ids().first)
+        let contents = try Journal.read(stateDirectory: state, id: id)
+        checkJournal(contents)
+        guard case .finished(let finished)? = contents.entries.last?.event else {
+            Issue.record("not finished after recovery")
+            return
+        }
+        #expect(finished.state == .completed || finished.state == .rolledBack)
+        if crashed && !contents.entries.contains(where: { if case .recovery = $0.event { true } else { false } }) {
+            // A crash after the finished record (in verification): nothing for recovery to do.
+            #expect(contents.entries.count > 0)
+        }
+        // The invariants, read from the model host.
+        let host = ModelHost(file: hostFile)
+        let survivor = id + (finished.state == .completed ? "/target" : "/source")
+        let other = id + (finished.state == .completed ? "/source" : "/target")
+        let holders = host.vmsHoldingMemory().filter { !$0.inodes.isEmpty }
+        #expect(holders.count == 1, "exactly one VM holds the memory: \(holders)")
+        #expect(holders.first?.creator == survivor)
+        #expect(host.status(of: survivor) == "running")
+        #expect(host.status(of: other) != "running", "never both running")
+        #expect(host.handles(ownedBy: other).isEmpty, "nothing of the other side is left: \(host.handles(ownedBy: other))")
+        #expect(host.liveInodeCount == 1, "the memory is neither lost nor duplicated")
+    }
+
+    /// On the real kernel, in-process VMs end with the coordinator's process: recovery records
+    /// the migration as lost, and the kernel holds nothing of it.
+    @Test("a crash at each step, then recover (linux)", arguments: MigrationStep.allCases)
+    func crashLinux(_ step: MigrationStep) throws {
+        _ = try Backend.linux.make()
+        let state = temporaryDirectory("gmigrate-crash-linux")
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let run = try gmigrate([
+            "migrate", "migration-plans/demo.yaml", "--backend", "linux", "--state-dir", state, "--inject", "before:\(step.rawValue)=crash",
+        ])
+        #expect(run.status == FaultInjector.crashStatus)
+        let recover = try gmigrate(["recover", "--state-dir", state])
+        #expect(recover.status == 0)
+        #expect(recover.stdout.contains("lost"))
+        let journal = try Journal(stateDirectory: state)
+        let contents = try Journal.read(stateDirectory: state, id: try #require(journal.ids().first))
+        checkJournal(contents, expect: .lost)
+        // The last step before the crash has its intent and no outcome: the crash hit between them.
+        let intents = contents.entries.filter { if case .intent(step, .forward) = $0.event { true } else { false } }
+        #expect(intents.count == 1)
+    }
+
+    @Test("a second coordinator on the same state directory is refused")
+    func lock() throws {
+        let state = temporaryDirectory("gmigrate-lock")
+        let held = try Journal(stateDirectory: state)
+        #expect(throws: JournalError.self) { _ = try Journal(stateDirectory: state) }
+        let refused = try gmigrate(["recover", "--state-dir", state])
+        #expect(refused.status == 5)
+        #expect(refused.stderr.contains("in use by another coordinator"))
+        withExtendedLifetime(held) {}
+    }
+}
+
+/// The journal file: torn and corrupt records are found, never trusted.
+@Suite("Journal")
+struct JournalTests {
+    typealias Corruption = @Sendable (String) throws -> Void
+
+    /// A finished-looking journal of a migration that stopped at bind-memslots (unfinished).
+    func unfinishedJournal() throws -> (state: String, id: String, path: String) {
+        let state = temporaryDirectory("gmigrate-journal")
+        let journal = try Journal(stateDirectory: state)
+        let plan = try loadPlan("demo.yaml")
+        let file = try journal.create(id: "20261121T000000-demo-0001")
+        try file.append(.started(.init(id: file.id, planFile: "demo.yaml", plan: plan, strategy: .share, backend: "linux", coordinatorPID: 999_999, faults: [])))
+        for step in [MigrationStep.prepare, .createTarget] {
+            try file.append(.intent(step: step, direction: .forward))
+            try file.append(.outcome(.init(step: step, direction: .forward, ok: true, durationNanoseconds: 1000)))
+        }
+        try file.append(.intent(step: .handOverMemory, direction: .forward))
+        return (state, file.id, file.path)
+    }
+
+    @Test func recordsReadBackAsWritten() throws {
+        let (_, _, path) = try unfinishedJournal()
+        let contents = try Journal.read(path: path)
+        #expect(contents.entries.count == 6)
+        #expect(contents.entries.map(\.sequence) == Array(1...6))
+        #expect(contents.corruption == nil && contents.tornTailBytes == 0)
+    }
+
+    static let corruptions: [(String, Bool, Corruption)] = [
+        // (what, is it corruption (true) or a torn tail (false), how)
+        ("truncated in the last payload", false, { path in try truncate(path, by: 7) }),
+        ("truncated in the last header", false, { path in try truncate(path, by: Journal.lastRecordSize(path) - 5) }),
+        ("a bit flipped in a payload", true, { path in try flip(path, at: 40) }),
+        ("a bit flipped in a length", true, { path in try flip(path, at: 1) }),
+        ("a bit flipped in the last CRC", true, { path in try flip(path, atFromEnd: Journal.lastRecordSize(path) - 9) }),
+        ("a record duplicated", true, { path in try duplicateLastRecord(path) }),
+        ("garbage appended", true, { path in try append(path, Array(repeating: 0xAB, count: 40)) }),
+    ]
+
+    @Test("torn and corrupt journals are detected; recovery acts only on what it can trust", arguments: 0..<corruptions.count)
+    func corruption(_ index: Int) throws {
+        let (what, isCorruption, corrupt) = Self.corruptions[index]
+        let (state, id, path) = try unfinishedJournal()
+        try corrupt(path)
+        let contents = try Journal.read(path: path)
+        if isCorruption {
+            let message = try #require(contents.corruption, "\(what) must be detected")
+            #expect(message.contains("record") && message.contains("corrupt"), "\(message)")
+        } else {
+            #expect(contents.corruption == nil, "\(what) is a torn tail, not corruption")
+            #expect(contents.tornTailBytes > 0)
+            #expect(contents.entries.count == 5, "the records before the torn one are intact")
+        }
+        let result = try gmigrate(["recover", "--state-dir", state])
+        if isCorruption {
+            #expect(result.status == 9, "\(what): \(result.stdout)")
+            #expect(result.stdout.contains("NOT RECOVERED"))
+            #expect(result.stdout.contains("\(id)"))
+            // Not acted on: the file is as the corruption left it.
+            #expect(try Journal.read(path: path).corruption != nil)
+        } else {
+            #expect(result.status == 0, "\(what): \(result.stdout)")
+            #expect(result.stdout.contains("torn final record"))
+            let recovered = try Journal.read(path: path)
+            #expect(recovered.corruption == nil && recovered.tornTailBytes == 0)
+            guard case .finished(let finished)? = recovered.entries.last?.event else {
+                Issue.record("not finished")
+                return
+            }
+            #expect(finished.state == .lost)
+        }
+        let show = try gmigrate(["journal", "show", id, "--state-dir", state])
+        #expect(show.status == (isCorruption ? 9 : 0))
+    }
+
+    static func truncate(_ path: String, by count: Int) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        let size = try handle.seekToEnd()
+        try handle.truncate(atOffset: size - UInt64(count))
+        try handle.close()
+    }
+
+    static func flip(_ path: String, at offset: Int) throws {
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        bytes[offset] ^= 0x10
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    }
+
+    static func flip(_ path: String, atFromEnd offset: Int) throws {
+        let count = try Data(contentsOf: URL(fileURLWithPath: path)).count
+        try flip(path, at: count - offset)
+    }
+
+    static func append(_ path: String, _ extra: [UInt8]) throws {
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data(extra))
+        try handle.close()
+    }
+
+    static func duplicateLastRecord(_ path: String) throws {
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+        let last = Journal.lastRecordSize(path)
+        try append(path, Array(bytes.suffix(last)))
+    }
+}
+
+extension Journal {
+    /// The size of the last record of a journal file (header and payload).
+    static func lastRecordSize(_ path: String) -> Int {
+        guard let data = try? Data(contentsOf: URL(fileURLWithPath: path)) else { return 0 }
+        let bytes = [UInt8](data)
+        var offset = 0
+        var last = 0
+        while offset + 12 <= bytes.count {
+            let length = Int(bytes[offset]) | Int(bytes[offset + 1]) << 8 | Int(bytes[offset + 2]) << 16 | Int(bytes[offset + 3]) << 24
+            last = 12 + length
+            offset += last
+        }
+        return last
+    }
+}
