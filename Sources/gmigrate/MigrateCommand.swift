@@ -10,12 +10,15 @@ struct StateOptions: ParsableArguments {
     @Option(help: "The state directory: journals and the coordinator's lock.")
     var stateDir: String = "/var/lib/gmigrate"
 
-    func openJournal() throws -> Journal {
-        do {
-            return try Journal(stateDirectory: stateDir)
-        } catch {
-            throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
-        }
+    func openJournal() throws -> Journal { try openStateDirectory(stateDir) }
+}
+
+/// Opens a state directory, mapping a held lock to exit 5.
+func openStateDirectory(_ path: String) throws -> Journal {
+    do {
+        return try Journal(stateDirectory: path)
+    } catch {
+        throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
     }
 }
 
@@ -98,7 +101,7 @@ struct Migrate: ParsableCommand {
         defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
         let journal: Journal
         if let temporary {
-            journal = try StateOptions(stateDir: temporary).openJournal()
+            journal = try openStateDirectory(temporary)
             notes.append("dry run: rehearsed on the model; no VM of this host was touched")
         } else {
             journal = try state.openJournal()
