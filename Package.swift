@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "gmigrate", targets: ["gmigrate"]),
+        .executable(name: "tinyvmm", targets: ["tinyvmm"]),
         .library(name: "Kernel", targets: ["Kernel"]),
     ],
     dependencies: [
@@ -25,10 +26,20 @@ let package = Package(
         .target(name: "Journal", dependencies: ["Kernel", "Plans"]),
         // The migration: journaled state machine, VMM endpoints, recovery, fault points.
         .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
+        // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).
+        .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator"]),
         .executableTarget(
             name: "gmigrate",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator",
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // A minimal real VMM that speaks the handoff protocol.
+        .executableTarget(
+            name: "tinyvmm",
+            dependencies: [
+                "CKVM", "Kernel", "Plans", "Orchestrator", "Handoff",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -37,7 +48,7 @@ let package = Package(
         .testTarget(
             name: "KernelTests",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "CKVM", "gmigrate", .product(name: "Yams", package: "Yams"),
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
             ]
         ),
     ],

@@ -59,3 +59,151 @@ long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length) 
     struct iovec remote = { .iov_base = (void *)buffer, .iov_len = length };
     return process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
 }
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+
+static int unix_address(const char *path, struct sockaddr_un *address) {
+    memset(address, 0, sizeof *address);
+    address->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof address->sun_path) { errno = ENAMETOOLONG; return -1; }
+    strcpy(address->sun_path, path);
+    return 0;
+}
+
+int ckvm_listen_unix(const char *path, int backlog) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    unlink(path);
+    if (bind(fd, (struct sockaddr *)&address, sizeof address) < 0 || listen(fd, backlog) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int ckvm_accept(int listener) {
+    for (;;) {
+        int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (fd >= 0 || errno != EINTR) return fd;
+    }
+}
+
+int ckvm_connect_unix(const char *path) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    for (;;) {
+        if (connect(fd, (struct sockaddr *)&address, sizeof address) == 0) return fd;
+        if (errno != EINTR) break;
+    }
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+int ckvm_set_timeouts(int fd, long milliseconds) {
+    struct timeval tv = { .tv_sec = milliseconds / 1000, .tv_usec = (milliseconds % 1000) * 1000 };
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0) return -1;
+    return setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+int ckvm_peer_credentials(int fd, int *pid, unsigned *uid, unsigned *gid) {
+    struct ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) return -1;
+    *pid = credentials.pid;
+    *uid = credentials.uid;
+    *gid = credentials.gid;
+    return 0;
+}
+
+int ckvm_send_with_fds(int fd, const void *buffer, unsigned long length, const int *fds, int nfds) {
+    const char *bytes = buffer;
+    unsigned long sent = 0;
+    int attach = nfds > 0;
+    while (sent < length) {
+        struct iovec iov = { .iov_base = (void *)(bytes + sent), .iov_len = length - sent };
+        struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1 };
+        char control[CMSG_SPACE(sizeof(int) * 32)];
+        if (attach) {
+            if (nfds > 32) { errno = EINVAL; return -1; }
+            memset(control, 0, sizeof control);
+            message.msg_control = control;
+            message.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+            struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+            header->cmsg_level = SOL_SOCKET;
+            header->cmsg_type = SCM_RIGHTS;
+            header->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+            memcpy(CMSG_DATA(header), fds, sizeof(int) * nfds);
+        }
+        ssize_t result = sendmsg(fd, &message, MSG_NOSIGNAL);
+        if (result < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        attach = 0;
+        sent += (unsigned long)result;
+    }
+    return 0;
+}
+
+long ckvm_recv_with_fds(int fd, void *buffer, unsigned long length, int *fds, int maxfds, int *nfds, int *truncated) {
+    char control[CMSG_SPACE(sizeof(int) * 32)];
+    struct iovec iov = { .iov_base = buffer, .iov_len = length };
+    struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control };
+    *nfds = 0;
+    *truncated = 0;
+    ssize_t result;
+    for (;;) {
+        result = recvmsg(fd, &message, MSG_CMSG_CLOEXEC);
+        if (result >= 0 || errno != EINTR) break;
+    }
+    if (result < 0) return -1;
+    if (message.msg_flags & MSG_CTRUNC) *truncated = 1;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((header->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *received = (int *)CMSG_DATA(header);
+        for (int i = 0; i < count; i++) {
+            if (*nfds < maxfds) fds[(*nfds)++] = received[i];
+            else { close(received[i]); *truncated = 1; }
+        }
+    }
+    return result;
+}
+
+long ckvm_fd_description(int fd, char *buffer, unsigned long length) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    ssize_t result = readlink(path, buffer, length - 1);
+    if (result < 0) return -1;
+    buffer[result] = 0;
+    return result;
+}
+
+static void kick_handler(int signo) { (void)signo; }
+
+int ckvm_install_kick_handler(int signo) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0; /* no SA_RESTART: KVM_RUN must return EINTR */
+    return sigaction(signo, &action, NULL);
+}
+
+unsigned long ckvm_thread_self(void) { return (unsigned long)pthread_self(); }
+
+int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }

@@ -31,8 +31,16 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         public var backend: String
         public var coordinatorPID: Int32
         public var faults: [String]
+        /// Out-of-process VMMs: their handoff sockets (recovery reconnects to them) and pids.
+        public var sourceSocket: String?
+        public var targetSocket: String?
+        public var sourcePID: Int32?
+        public var targetPID: Int32?
 
-        public init(id: String, planFile: String, plan: MigrationPlan, strategy: Strategy, backend: String, coordinatorPID: Int32, faults: [String]) {
+        public init(
+            id: String, planFile: String, plan: MigrationPlan, strategy: Strategy, backend: String, coordinatorPID: Int32, faults: [String],
+            sourceSocket: String? = nil, targetSocket: String? = nil, sourcePID: Int32? = nil, targetPID: Int32? = nil
+        ) {
             self.id = id
             self.planFile = planFile
             self.plan = plan
@@ -40,6 +48,10 @@ public struct JournalEntry: Sendable, Codable, Equatable {
             self.backend = backend
             self.coordinatorPID = coordinatorPID
             self.faults = faults
+            self.sourceSocket = sourceSocket
+            self.targetSocket = targetSocket
+            self.sourcePID = sourcePID
+            self.targetPID = targetPID
         }
     }
 

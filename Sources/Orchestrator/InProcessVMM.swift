@@ -50,6 +50,15 @@ public final class InProcessVMM: VMMEndpoint {
 
     public var vmHandle: KernelHandle? { vm?.value.handle }
 
+    /// The vcpus' handles, for a VMM that runs them on its own threads.
+    public var vcpuHandles: [KernelHandle] { vcpus.map { $0.value.handle } }
+
+    /// The guest's counter (4 bytes at `counterAddress`), where guest memory is host-readable.
+    public func readCounter() -> UInt32? {
+        guard let bytes = try? readGuest(gpa: InProcessVMM.counterAddress, count: 4) else { return nil }
+        return bytes.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+    }
+
     // MARK: - Standalone source
 
     /// The guest program: `inc dword [0x2000]; mov eax, [0x2000]; out 0x10, eax; jmp back`,
@@ -61,9 +70,16 @@ public final class InProcessVMM: VMMEndpoint {
     public static let counterAddress: UInt64 = 0x2000
     public static let counterPort: UInt16 = 0x10
 
+    /// The same loop, reporting only every 4096th increment (for a guest on its own thread):
+    /// `inc dword [0x2000]; mov eax, [0x2000]; test eax, 0xfff; jnz back; out 0x10, eax; jmp back`.
+    public static let quietCounterProgram: [UInt8] = [
+        0x66, 0xFF, 0x06, 0x00, 0x20, 0x66, 0xA1, 0x00, 0x20, 0x66, 0xA9, 0xFF, 0x0F, 0x00, 0x00, 0x75, 0xEF, 0x66, 0xE7,
+        0x10, 0xEB, 0xEA,
+    ]
+
     /// Creates the VM a plan describes, with its memory bound and, where guest memory is
     /// host-writable at 0x1000, the counter program loaded and booted. The VM is running.
-    public func createSource(_ spec: VMSpec) throws(EndpointError) {
+    public func createSource(_ spec: VMSpec, program: [UInt8] = InProcessVMM.counterProgram) throws(EndpointError) {
         do {
             try createVM(type: spec.type, vcpus: spec.vcpus)
             guard let vm else { throw EndpointError("the source VM was not created") }
@@ -83,7 +99,7 @@ public final class InProcessVMM: VMMEndpoint {
             }
             if spec.type.hasEncryptionContext { try vm.value.launch() }
             if canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004) {
-                try writeGuest(gpa: InProcessVMM.programAddress, bytes: InProcessVMM.counterProgram)
+                try writeGuest(gpa: InProcessVMM.programAddress, bytes: program)
                 try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
                 if let boot = vcpus.first {
                     var state = try boot.value.state()

@@ -168,3 +168,29 @@ long ckvm_checked_read(void *buffer, const void *mapped, unsigned long length);
 long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length);
 
 #endif
+
+/* ---- UNIX sockets, SCM_RIGHTS, peer credentials, vcpu kicks (ckvm.c, _GNU_SOURCE) ------ */
+
+/** A listening SOCK_STREAM UNIX socket at path (unlinked first), CLOEXEC. -1/errno on failure. */
+int ckvm_listen_unix(const char *path, int backlog);
+/** accept4(CLOEXEC), retrying EINTR. */
+int ckvm_accept(int listener);
+/** A connected SOCK_STREAM UNIX socket to path, CLOEXEC. */
+int ckvm_connect_unix(const char *path);
+/** Send and receive timeouts (SO_SNDTIMEO/SO_RCVTIMEO), in milliseconds; 0 = none. */
+int ckvm_set_timeouts(int fd, long milliseconds);
+/** SO_PEERCRED of a connected UNIX socket. */
+int ckvm_peer_credentials(int fd, int *pid, unsigned *uid, unsigned *gid);
+/** sendmsg of the whole buffer with nfds descriptors attached (SCM_RIGHTS) to its first byte;
+ *  retries EINTR and short writes. Returns 0, or -1/errno. */
+int ckvm_send_with_fds(int fd, const void *buffer, unsigned long length, const int *fds, int nfds);
+/** recvmsg of up to length bytes; descriptors received (CLOEXEC) go to fds (at most maxfds;
+ *  any beyond are closed and *truncated set). Returns bytes read (0 at end of stream) or -1/errno. */
+long ckvm_recv_with_fds(int fd, void *buffer, unsigned long length, int *fds, int maxfds, int *nfds, int *truncated);
+/** readlink("/proc/self/fd/N"): what a descriptor is (anon_inode:kvm-vm, anon_inode:[kvm-gmem], ...). */
+long ckvm_fd_description(int fd, char *buffer, unsigned long length);
+/** Installs an empty handler for signo without SA_RESTART, so that a blocked KVM_RUN returns EINTR. */
+int ckvm_install_kick_handler(int signo);
+/** The calling thread's id, and a signal sent to a thread. */
+unsigned long ckvm_thread_self(void);
+int ckvm_kick_thread(unsigned long thread, int signo);

@@ -1,7 +1,8 @@
 /// A tiny interpreter of 16-bit real-mode x86, so that the model can run the guest programs
 /// gmigrate ships (a store and halt; a counter loop that reports through an I/O port).
 ///
-/// Supported: the 0x66 operand-size prefix; NOP; HLT; JMP rel8/rel16; MOV r8/r16/r32, imm;
+/// Supported: the 0x66 operand-size prefix; NOP; HLT; JMP rel8/rel16; JZ/JNZ rel8; TEST AL/eAX, imm;
+/// MOV r8/r16/r32, imm;
 /// MOV sreg, r16; MOV [disp16], imm8/imm16/imm32; MOV AL/AX/EAX <-> [moffs16]; INC r16/r32;
 /// INC byte/word/dword [disp16]; OUT imm8 / OUT DX with AL/AX/EAX. Anything else ends the run
 /// with `internalError(suberror: 1)` (KVM_INTERNAL_ERROR_EMULATION), as a failed emulation
@@ -192,6 +193,22 @@ struct ModelGuest {
             let size = opcode == 0xA2 ? 1 : width
             ip = cursor
             if let exit = try write(address, ModelGuest.bytes(state.registers.rax, size), access) { throw .exit(exit) }
+        case 0xA8, 0xA9:
+            // TEST AL/AX/EAX, imm: SF ZF PF from the AND; CF and OF cleared.
+            let size = opcode == 0xA8 ? 1 : width
+            let mask: UInt64 = size == 4 ? 0xffff_ffff : size == 2 ? 0xffff : 0xff
+            let value = state.registers.rax & mask & (try fetch(size))
+            var flags = state.registers.rflags & ~UInt64(0x8c5)  // OF SF ZF PF CF
+            if value == 0 { flags |= 0x40 }
+            if value & (1 << UInt64(size * 8 - 1)) != 0 { flags |= 0x80 }
+            if (value & 0xff).nonzeroBitCount % 2 == 0 { flags |= 0x4 }
+            state.registers.rflags = flags
+            ip = cursor
+        case 0x74, 0x75:
+            // JZ / JNZ rel8.
+            let rel = Int8(truncatingIfNeeded: try fetch(1))
+            let zero = state.registers.rflags & 0x40 != 0
+            ip = (zero == (opcode == 0x74)) ? UInt64(bitPattern: Int64(cursor) + Int64(rel)) : cursor
         case 0xE6, 0xE7, 0xEE, 0xEF:
             let port = opcode <= 0xE7 ? UInt16(try fetch(1)) : UInt16(truncatingIfNeeded: state.registers.rdx)
             let size = (opcode == 0xE6 || opcode == 0xEE) ? 1 : width

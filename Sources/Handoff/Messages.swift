@@ -1,0 +1,61 @@
+import Foundation
+import Kernel
+import Orchestrator
+import Plans
+
+/// One handoff message: a request from the coordinator or a VMM's reply (`ok` or `error`),
+/// with the fields its type uses. Version 1; docs/handoff.md lists every type and field.
+public struct HandoffMessage: Codable, Equatable, Sendable {
+    public static let protocolVersion = 1
+
+    /// Requests, in the order a migration uses them, then the replies.
+    public static let requestTypes: Set<String> = [
+        "hello", "describe", "create-vm", "receive-memory", "bind", "bindings", "probe-mapping", "pause", "resume",
+        "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "shutdown",
+    ]
+    public static let knownTypes: Set<String> = requestTypes.union(["ok", "error"])
+
+    public var type: String
+    /// Request id; a reply carries its request's.
+    public var id: Int
+
+    // hello
+    public var version: Int?
+    public var pid: Int32?
+    /// `linux`, or `model:HOSTFILE` (then memory and VMs travel as model handles, not descriptors).
+    public var backend: String?
+    // describe (reply)
+    public var vm: VMDescription?
+    /// Model handles standing for descriptors, when the backend is the model.
+    public var handles: [Int32]?
+    // create-vm
+    public var vmType: VMType?
+    public var vcpus: Int?
+    // receive-memory
+    public var gmem: VMDescription.Gmem?
+    public var strategy: Strategy?
+    public var inode: InodeIdentity?
+    // bind, unbind
+    public var slots: [VMDescription.Slot]?
+    // bindings (reply)
+    public var bindings: [BindingReport]?
+    // probe-mapping, read-guest
+    public var gpa: UInt64?
+    public var count: Int?
+    /// Base64 bytes (read-guest reply).
+    public var bytes: String?
+    // pause (reply), restore
+    public var states: [VCPUState]?
+    // status, pause (reply)
+    public var running: Bool?
+    /// The guest's counter (guest memory at 0x2000), when readable.
+    public var counter: UInt32?
+    // error (reply), probe-mapping (reply)
+    public var message: String?
+    public var errno: Int32?
+
+    public init(type: String, id: Int) {
+        self.type = type
+        self.id = id
+    }
+}

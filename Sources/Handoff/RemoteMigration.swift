@@ -1,0 +1,143 @@
+import Foundation
+import Journal
+import Kernel
+import Orchestrator
+import Plans
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a migration between VMM processes checked: the guest's counter went on, the memory is
+/// the same pages (link, share) or a copy.
+public struct ProcessVerification: Codable, Sendable, Equatable {
+    /// The counter in guest memory when the source paused.
+    public var counterAtPause: UInt32?
+    /// The counter in the target a moment after it resumed.
+    public var counterAfter: UInt32?
+    public var sourceInodes: [String: String]
+    public var targetInodes: [String: String]
+
+    public var counterContinued: Bool {
+        guard let before = counterAtPause, let after = counterAfter else { return false }
+        return after > before
+    }
+}
+
+/// A migration between VMM processes: the source's handoff socket, and a target the coordinator
+/// spawns (a tinyvmm) or connects to.
+public final class ProcessRun {
+    public let summary: MigrationSummary
+    public let verification: ProcessVerification?
+    public let source: RemoteVMM
+    public let target: RemoteVMM
+    public let targetProcess: Process?
+    public let journalPath: String
+
+    init(summary: MigrationSummary, verification: ProcessVerification?, source: RemoteVMM, target: RemoteVMM, targetProcess: Process?, journalPath: String) {
+        self.summary = summary
+        self.verification = verification
+        self.source = source
+        self.target = target
+        self.targetProcess = targetProcess
+        self.journalPath = journalPath
+    }
+
+    /// The tinyvmm executable next to this one.
+    public static func tinyvmmPath() -> String {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let directory = (me as NSString).deletingLastPathComponent
+        for candidate in [directory + "/tinyvmm", directory + "/../tinyvmm"] where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        return "tinyvmm"
+    }
+
+    /// Starts a tinyvmm and waits until its socket answers.
+    public static func spawnVMM(socket: String, backend: String, name: String, logFile: String, plan: String? = nil) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: tinyvmmPath())
+        var arguments = ["--socket", socket, "--name", name]
+        if backend.hasPrefix("model:") {
+            arguments += ["--backend", "model", "--model-host", String(backend.dropFirst(6))]
+        } else {
+            arguments += ["--backend", "linux"]
+        }
+        if let plan { arguments += ["--plan", plan] }
+        process.arguments = arguments
+        _ = FileManager.default.createFile(atPath: logFile, contents: nil)
+        let log = FileHandle(forWritingAtPath: logFile)
+        log?.seekToEndOfFile()
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+        // Ready when its socket accepts.
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline {
+            if !process.isRunning { throw EndpointError("the VMM (\(name)) exited at start: see \(logFile)") }
+            let fd = ckvm_connect_probe(socket)
+            if fd { break }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        return process
+    }
+
+    /// Migrates the VM behind `sourceSocket` into the target, journaled; verifies the counter.
+    public static func run(
+        plan: MigrationPlan, planFile: String, strategy: Strategy, journal store: Journal, faults specs: [FaultSpec],
+        sourceSocket: String, targetSocket: String?, spawnBackend: String, vmmDirectory: String,
+        progress: @escaping (StepReport) -> Void = { _ in }
+    ) throws -> ProcessRun {
+        let id = StandaloneRun.newID(plan.name)
+        let timeout = plan.policy.stepTimeout
+        let source = try RemoteVMM(role: "source", socketPath: sourceSocket, timeout: timeout)
+        var targetProcess: Process? = nil
+        let targetPath: String
+        if let targetSocket {
+            targetPath = targetSocket
+        } else {
+            try FileManager.default.createDirectory(atPath: vmmDirectory, withIntermediateDirectories: true)
+            targetPath = vmmDirectory + "/\(id)-target.sock"
+            targetProcess = try spawnVMM(
+                socket: targetPath, backend: spawnBackend, name: "\(id)/target", logFile: vmmDirectory + "/\(id)-target.log")
+        }
+        let target = try RemoteVMM(
+            role: "target", socketPath: targetPath, timeout: timeout, expectedPID: targetProcess?.processIdentifier)
+        let journal = try store.create(id: id)
+        try journal.append(.started(.init(
+            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + source.backend, coordinatorPID: getpid(),
+            faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath, sourcePID: source.peer.pid,
+            targetPID: target.peer.pid)))
+        let injector = FaultInjector(specs)
+        let migration = Migration(
+            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress)
+        let summary = try migration.run()
+        var verification: ProcessVerification? = nil
+        if summary.state == .completed || summary.state == .rolledBack {
+            let survivor = summary.state == .completed ? target : source
+            let atPause = source.lastCounter
+            Thread.sleep(forTimeInterval: 0.2)
+            let after = try? survivor.status().counter
+            let outcomes = journal.entries.compactMap { entry -> JournalEntry.Outcome? in
+                if case .outcome(let outcome) = entry.event, outcome.ok, outcome.direction == .forward { return outcome }
+                return nil
+            }
+            func inodes(_ step: MigrationStep) -> [String: String] {
+                let found = outcomes.last { $0.step == step }?.details ?? [:]
+                return Dictionary(uniqueKeysWithValues: found.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
+            }
+            verification = ProcessVerification(
+                counterAtPause: atPause, counterAfter: after, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory))
+        }
+        return ProcessRun(
+            summary: summary, verification: verification, source: source, target: target, targetProcess: targetProcess,
+            journalPath: journal.path)
+    }
+}
+
+/// Whether something accepts connections at a UNIX socket path.
+func ckvm_connect_probe(_ path: String) -> Bool {
+    guard let connection = try? HandoffConnection.connect(path: path) else { return false }
+    withExtendedLifetime(connection) {}
+    return true
+}

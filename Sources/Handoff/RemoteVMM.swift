@@ -1,0 +1,257 @@
+import Foundation
+import Kernel
+import Orchestrator
+import Plans
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A VMM in another process, driven over the handoff protocol: the orchestrator's
+/// out-of-process endpoint. It implements the same `VMMEndpoint` as `InProcessVMM`, so every
+/// step, undo, journal record and fault point works unchanged.
+///
+/// Descriptors the source hands over (its gmem files, its VM for the move) are held here, in
+/// the coordinator, until they have been passed to the target; `retire` closes them, so that
+/// the source VM can go away.
+public final class RemoteVMM: VMMEndpoint {
+    public let role: String
+    public let socketPath: String
+    public let peer: PeerCredentials
+    /// The peer's kernel: `linux`, or `model:HOSTFILE`.
+    public let backend: String
+    let connection: HandoffConnection
+    private var nextID = 1
+    private var memory: [String: Int32] = [:]
+    private var vm: Int32?
+    public private(set) var isRunning = false
+    /// The guest's counter as the VMM last reported it.
+    public private(set) var lastCounter: UInt32?
+
+    var isModel: Bool { backend.hasPrefix("model:") }
+
+    /// Connects, says hello, and checks who answered.
+    /// - Parameters:
+    ///   - expectedUID: the uid the VMM must run as (SO_PEERCRED); nil: this process's uid or root.
+    ///   - expectedPID: for a VMM this coordinator spawned, its pid.
+    public init(role: String, socketPath: String, timeout: Duration, expectedUID: UInt32? = nil, expectedPID: Int32? = nil) throws(HandoffError) {
+        self.role = role
+        self.socketPath = socketPath
+        connection = try HandoffConnection.connect(path: socketPath)
+        connection.setTimeout(timeout)
+        let credentials = try connection.peerCredentials()
+        let allowed: Set<UInt32> = expectedUID.map { [$0] } ?? [getuid(), 0]
+        guard allowed.contains(credentials.uid) else {
+            throw HandoffError(.credentials, "\(socketPath): the VMM runs as uid \(credentials.uid), expected \(allowed.sorted().map(String.init).joined(separator: " or "))")
+        }
+        if let expectedPID, credentials.pid != expectedPID {
+            throw HandoffError(.credentials, "\(socketPath): answered by pid \(credentials.pid), not the VMM this coordinator started (pid \(expectedPID))")
+        }
+        peer = credentials
+        var hello = HandoffMessage(type: "hello", id: 0)
+        hello.version = HandoffMessage.protocolVersion
+        try connection.send(hello)
+        let (reply, descriptors) = try connection.receive()
+        try HandoffConnection.check(descriptors, expected: [])
+        guard reply.type == "ok", reply.version == HandoffMessage.protocolVersion, let backend = reply.backend else {
+            throw HandoffError(.version, "\(socketPath): the VMM speaks handoff version \(reply.version.map(String.init) ?? "?"), this coordinator \(HandoffMessage.protocolVersion)")
+        }
+        self.backend = backend
+        isRunning = reply.running ?? false
+    }
+
+    deinit { closeHeld() }
+
+    private func closeHeld() {
+        guard !isModel else { return }
+        for descriptor in memory.values { Glibc.close(descriptor) }
+        if let vm { Glibc.close(vm) }
+        memory.removeAll()
+        vm = nil
+    }
+
+    /// One request and its reply; an `error` reply becomes an `EndpointError` with its errno.
+    @discardableResult
+    func request(_ message: HandoffMessage, descriptors: [Int32] = [], expect kinds: [String] = []) throws(EndpointError) -> (HandoffMessage, [Int32]) {
+        var message = message
+        message.id = nextID
+        nextID += 1
+        do {
+            try connection.send(message, descriptors: descriptors)
+            let (reply, received) = try connection.receive()
+            guard reply.id == message.id else {
+                for descriptor in received { Glibc.close(descriptor) }
+                throw HandoffError(.malformed, "a reply to request \(reply.id) where \(message.id) was due")
+            }
+            if reply.type == "error" {
+                for descriptor in received { Glibc.close(descriptor) }
+                throw EndpointError("\(role) VMM: \(message.type): \(reply.message ?? "failed")", errno: reply.errno.map(Errno.init(rawValue:)))
+            }
+            try HandoffConnection.check(received, expected: isModel ? [] : kinds)
+            if let running = reply.running { isRunning = running }
+            if let counter = reply.counter { lastCounter = counter }
+            return (reply, received)
+        } catch let error as HandoffError {
+            throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
+        } catch let error as EndpointError {
+            throw error
+        } catch {
+            throw EndpointError("\(role) VMM: \(message.type): \(error)")
+        }
+    }
+
+    // MARK: - Source
+
+    public func describe() throws(EndpointError) -> VMDescription {
+        // The reply's descriptors are checked by kind once the description says how many.
+        var message = HandoffMessage(type: "describe", id: 0)
+        message.id = nextID
+        nextID += 1
+        let reply: HandoffMessage
+        var received: [Int32]
+        do {
+            try connection.send(message)
+            (reply, received) = try connection.receive()
+        } catch {
+            throw EndpointError("\(role) VMM: describe: \(error.message)", errno: error.errno)
+        }
+        guard reply.type == "ok", reply.id == message.id, let description = reply.vm else {
+            for descriptor in received { Glibc.close(descriptor) }
+            throw EndpointError("\(role) VMM: describe: \(reply.message ?? "no description")", errno: reply.errno.map(Errno.init(rawValue:)))
+        }
+        let confidential = description.type.hasEncryptionContext
+        let expected = description.guestMemfds.map { _ in "kvm-gmem" } + (confidential ? ["kvm-vm"] : [])
+        if isModel {
+            for descriptor in received { Glibc.close(descriptor) }
+            received = reply.handles ?? []
+            guard received.count == expected.count else {
+                throw EndpointError("\(role) VMM: describe: \(received.count) model handles for \(expected.count) objects")
+            }
+        } else {
+            do {
+                try HandoffConnection.check(received, expected: expected)
+            } catch {
+                throw EndpointError("\(role) VMM: describe: \(error.message)")
+            }
+        }
+        closeHeld()
+        for (gmem, descriptor) in zip(description.guestMemfds, received) { memory[gmem.name] = descriptor }
+        if confidential { vm = received.last }
+        isRunning = reply.running ?? isRunning
+        lastCounter = reply.counter ?? lastCounter
+        return description
+    }
+
+    public func memoryHandle(_ gmem: String) -> KernelHandle? { memory[gmem].map(KernelHandle.init(raw:)) }
+
+    public var vmHandle: KernelHandle? { vm.map(KernelHandle.init(raw:)) }
+
+    public func pause() throws(EndpointError) -> [VCPUState] {
+        let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))
+        guard let states = reply.states else { throw EndpointError("\(role) VMM: pause: no vcpu state in the reply") }
+        return states
+    }
+
+    public func resume() throws(EndpointError) {
+        try request(HandoffMessage(type: "resume", id: 0))
+    }
+
+    public func retire() {
+        _ = try? request(HandoffMessage(type: "retire", id: 0))
+        isRunning = false
+        closeHeld()
+    }
+
+    // MARK: - Target
+
+    public func createVM(type: VMType, vcpus: Int) throws(EndpointError) {
+        var message = HandoffMessage(type: "create-vm", id: 0)
+        message.vmType = type
+        message.vcpus = vcpus
+        try request(message)
+    }
+
+    public func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity {
+        var message = HandoffMessage(type: "receive-memory", id: 0)
+        message.gmem = gmem
+        message.strategy = strategy
+        if isModel { message.handles = [handle.raw] }
+        let (reply, _) = try request(message, descriptors: isModel ? [] : [handle.raw])
+        guard let inode = reply.inode else { throw EndpointError("\(role) VMM: receive-memory: no inode in the reply") }
+        return inode
+    }
+
+    public func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError) {
+        var message = HandoffMessage(type: "bind", id: 0)
+        message.slots = slots
+        message.strategy = strategy
+        try request(message)
+    }
+
+    public func bindings() throws(EndpointError) -> [BindingReport] {
+        let (reply, _) = try request(HandoffMessage(type: "bindings", id: 0))
+        return reply.bindings ?? []
+    }
+
+    public func probeGuestMapping(gpa: UInt64) -> KernelError? {
+        var message = HandoffMessage(type: "probe-mapping", id: 0)
+        message.gpa = gpa
+        guard let (reply, _) = try? request(message) else { return .failed(operation: .prefault, errno: .ioError) }
+        if let errno = reply.errno { return .failed(operation: .prefault, errno: Errno(rawValue: errno)) }
+        if let text = reply.message { return .unsupported(operation: .prefault, reason: text) }
+        return nil
+    }
+
+    public func moveEncryptionContext(from source: KernelHandle) throws(EndpointError) {
+        var message = HandoffMessage(type: "move-enc-context", id: 0)
+        if isModel { message.handles = [source.raw] }
+        try request(message, descriptors: isModel ? [] : [source.raw])
+    }
+
+    public func restore(_ states: [VCPUState]) throws(EndpointError) {
+        var message = HandoffMessage(type: "restore", id: 0)
+        message.states = states
+        try request(message)
+    }
+
+    public func destroy() {
+        _ = try? request(HandoffMessage(type: "destroy", id: 0))
+        isRunning = false
+    }
+
+    public func unbind(_ slots: [VMDescription.Slot]) {
+        var message = HandoffMessage(type: "unbind", id: 0)
+        message.slots = slots
+        _ = try? request(message)
+    }
+
+    public func releaseMemory() {
+        _ = try? request(HandoffMessage(type: "release-memory", id: 0))
+    }
+
+    // MARK: - The guest
+
+    public func runGuest(exits: Int) throws(EndpointError) -> [VCPUExit] {
+        throw EndpointError("\(role) VMM: the guest runs on the VMM's own threads")
+    }
+
+    public func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
+        var message = HandoffMessage(type: "read-guest", id: 0)
+        message.gpa = gpa
+        message.count = count
+        let (reply, _) = try request(message)
+        guard let text = reply.bytes, let data = Data(base64Encoded: text) else { throw EndpointError("\(role) VMM: read-guest: no bytes") }
+        return [UInt8](data)
+    }
+
+    /// Whether the VMM runs its guest, and the guest's counter.
+    public func status() throws(EndpointError) -> (running: Bool, counter: UInt32?) {
+        let (reply, _) = try request(HandoffMessage(type: "status", id: 0))
+        return (reply.running ?? false, reply.counter)
+    }
+
+    /// Asks the VMM to exit.
+    public func shutdown() {
+        _ = try? request(HandoffMessage(type: "shutdown", id: 0))
+    }
+}

@@ -1,0 +1,82 @@
+import CKVM
+import Foundation
+import Kernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a VMM does with the coordinator's requests.
+public protocol HandoffHandler: AnyObject {
+    /// Answers one request. The request's descriptors are the handler's to keep or close; the
+    /// reply's descriptors stay open (the peer receives its own copies).
+    func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32])
+    /// Set once a request (retire, destroy, shutdown) ends the VMM.
+    var exitRequested: Bool { get }
+}
+
+/// A VMM's side of the protocol: one coordinator connection at a time, each checked by
+/// SO_PEERCRED; a malformed frame ends that connection (its descriptors closed), never the VMM.
+public final class HandoffServer {
+    let socket: String
+    let allowed: Set<UInt32>
+    let log: (String) -> Void
+    let handler: any HandoffHandler
+
+    public init(socket: String, allowed: Set<UInt32>, log: @escaping (String) -> Void, handler: any HandoffHandler) {
+        self.socket = socket
+        self.allowed = allowed
+        self.log = log
+        self.handler = handler
+    }
+
+    /// Listens and serves until a request asks the VMM to end.
+    public func serve() throws(HandoffError) {
+        let listener = ckvm_listen_unix(socket, 4)
+        guard listener >= 0 else { throw HandoffError(.io, "listening on \(socket): \(String(cString: strerror(errno)))", errno: .current) }
+        _ = chmod(socket, 0o600)
+        defer {
+            close(listener)
+            unlink(socket)
+        }
+        log("listening on \(socket)")
+        while !handler.exitRequested {
+            let fd = ckvm_accept(listener)
+            guard fd >= 0 else { throw HandoffError(.io, "accept: \(String(cString: strerror(errno)))", errno: .current) }
+            let connection = HandoffConnection(fd: fd)
+            guard let peer = try? connection.peerCredentials(), allowed.contains(peer.uid) else {
+                log("refused a connection from uid \((try? connection.peerCredentials()).map { String($0.uid) } ?? "?")")
+                continue
+            }
+            log("coordinator connected (pid \(peer.pid), uid \(peer.uid))")
+            serve(connection)
+        }
+    }
+
+    private func serve(_ connection: HandoffConnection) {
+        while !handler.exitRequested {
+            let request: HandoffMessage
+            let descriptors: [Int32]
+            do {
+                (request, descriptors) = try connection.receive()
+            } catch {
+                if error.kind != .closed { log("dropping the connection: \(error.message)") }
+                return
+            }
+            guard HandoffMessage.requestTypes.contains(request.type) else {
+                for descriptor in descriptors { close(descriptor) }
+                var reply = HandoffMessage(type: "error", id: request.id)
+                reply.message = "'\(request.type)' is not a request"
+                try? connection.send(reply)
+                continue
+            }
+            let (reply, replyDescriptors) = handler.handle(request, descriptors: descriptors)
+            do {
+                try connection.send(reply, descriptors: replyDescriptors)
+            } catch {
+                log("the reply to \(request.type) could not be sent: \(error.message)")
+                return
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+// The handoff protocol's framing (docs/handoff.md has the full specification).
+//
+// A frame is `"GMH1" | length: UInt32 LE | length bytes of JSON`, sent with one sendmsg; file
+// descriptors travel as SCM_RIGHTS attached to the frame's first byte. Limits: 1 MiB of JSON,
+// 8 descriptors per frame. Anything else — a bad magic, an oversized length, JSON that is not
+// a message, a message type this version does not know, more descriptors than the message
+// carries — is refused, and every descriptor that came with it is closed.
+
+import CKVM
+import Foundation
+import Kernel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why the handoff connection failed. Keeps the errno of a failed system call.
+public struct HandoffError: Error, Equatable, Sendable, CustomStringConvertible {
+    public enum Kind: String, Sendable, Codable {
+        case io
+        /// The peer closed the connection.
+        case closed
+        /// The peer did not answer within the step timeout.
+        case timeout
+        case malformed
+        /// Descriptors of the wrong number or kind came with a message.
+        case unexpectedDescriptors = "unexpected-descriptors"
+        /// The peer is not who the plan expects (SO_PEERCRED).
+        case credentials
+        case version
+        /// The peer answered with an error.
+        case remote
+    }
+
+    public var kind: Kind
+    public var message: String
+    public var errno: Errno?
+
+    public init(_ kind: Kind, _ message: String, errno: Errno? = nil) {
+        self.kind = kind
+        self.message = message
+        self.errno = errno
+    }
+
+    public var description: String { message }
+}
+
+/// The peer's credentials, from SO_PEERCRED.
+public struct PeerCredentials: Sendable, Equatable {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+}
+
+/// One connection, either end: frames out and in, descriptors attached.
+public final class HandoffConnection: @unchecked Sendable {
+    // @unchecked: used by one thread at a time (a coordinator's step, or a VMM's request loop).
+    public let fd: Int32
+    public static let magic: [UInt8] = Array("GMH1".utf8)
+    public static let maxPayloadBytes = 1 << 20
+    public static let maxDescriptors = 8
+
+    public init(fd: Int32) { self.fd = fd }
+
+    deinit { Glibc.close(fd) }
+
+    /// Connects to a VMM's socket.
+    public static func connect(path: String) throws(HandoffError) -> HandoffConnection {
+        let fd = ckvm_connect_unix(path)
+        guard fd >= 0 else { throw HandoffError(.io, "connecting to \(path): \(String(cString: strerror(errno)))", errno: .current) }
+        return HandoffConnection(fd: fd)
+    }
+
+    /// Bounds every later send and receive (0: none).
+    public func setTimeout(_ duration: Duration) {
+        let (seconds, attoseconds) = duration.components
+        _ = ckvm_set_timeouts(fd, max(1, Int(seconds * 1000 + attoseconds / 1_000_000_000_000_000)))
+    }
+
+    public func peerCredentials() throws(HandoffError) -> PeerCredentials {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+        guard ckvm_peer_credentials(fd, &pid, &uid, &gid) == 0 else {
+            throw HandoffError(.io, "SO_PEERCRED: \(String(cString: strerror(errno)))", errno: .current)
+        }
+        return PeerCredentials(pid: pid, uid: uid, gid: gid)
+    }
+
+    /// Sends one message with descriptors (which stay open here: the caller owns them).
+    public func send(_ message: HandoffMessage, descriptors: [Int32] = []) throws(HandoffError) {
+        guard descriptors.count <= HandoffConnection.maxDescriptors else {
+            throw HandoffError(.unexpectedDescriptors, "\(descriptors.count) descriptors in one frame (at most \(HandoffConnection.maxDescriptors))")
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        guard let payload = try? encoder.encode(message), payload.count <= HandoffConnection.maxPayloadBytes else {
+            throw HandoffError(.malformed, "a \(message.type) message does not fit in a frame")
+        }
+        var frame = HandoffConnection.magic
+        let length = UInt32(payload.count)
+        frame += [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
+        frame += payload
+        let result = frame.withUnsafeBytes { buffer in
+            descriptors.withUnsafeBufferPointer { fds in
+                ckvm_send_with_fds(fd, buffer.baseAddress, UInt(buffer.count), fds.baseAddress, Int32(fds.count))
+            }
+        }
+        guard result == 0 else { throw HandoffConnection.ioError("sending \(message.type)") }
+    }
+
+    /// Receives one message and the descriptors that came with it (now owned by the caller).
+    /// On any error every received descriptor is closed.
+    public func receive() throws(HandoffError) -> (HandoffMessage, [Int32]) {
+        var descriptors: [Int32] = []
+        do throws(HandoffError) {
+            let header = try read(count: 8, into: &descriptors)
+            guard Array(header.prefix(4)) == HandoffConnection.magic else {
+                throw HandoffError(.malformed, "a frame without the GMH1 magic")
+            }
+            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
+            guard length <= HandoffConnection.maxPayloadBytes else {
+                throw HandoffError(.malformed, "a frame of \(length) bytes (at most \(HandoffConnection.maxPayloadBytes))")
+            }
+            let payload = try read(count: length, into: &descriptors)
+            guard let message = try? JSONDecoder().decode(HandoffMessage.self, from: Data(payload)) else {
+                throw HandoffError(.malformed, "a frame whose JSON is not a handoff message")
+            }
+            guard HandoffMessage.knownTypes.contains(message.type) else {
+                throw HandoffError(.malformed, "an unknown message type '\(message.type)'")
+            }
+            return (message, descriptors)
+        } catch {
+            for descriptor in descriptors { Glibc.close(descriptor) }
+            throw error
+        }
+    }
+
+    private func read(count: Int, into descriptors: inout [Int32]) throws(HandoffError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var received = 0
+        while received < count {
+            var fds = [Int32](repeating: -1, count: HandoffConnection.maxDescriptors)
+            var nfds: Int32 = 0
+            var truncated: Int32 = 0
+            let result = bytes.withUnsafeMutableBytes { buffer in
+                fds.withUnsafeMutableBufferPointer { fdBuffer in
+                    ckvm_recv_with_fds(
+                        fd, buffer.baseAddress! + received, UInt(count - received), fdBuffer.baseAddress,
+                        Int32(HandoffConnection.maxDescriptors - descriptors.count), &nfds, &truncated)
+                }
+            }
+            descriptors += fds.prefix(Int(nfds))
+            if truncated != 0 {
+                throw HandoffError(.unexpectedDescriptors, "more than \(HandoffConnection.maxDescriptors) descriptors with one frame")
+            }
+            if result < 0 { throw HandoffConnection.ioError("receiving") }
+            if result == 0 { throw HandoffError(.closed, "the peer closed the connection") }
+            received += result
+        }
+        return bytes
+    }
+
+    static func ioError(_ doing: String) -> HandoffError {
+        let error = Errno.current
+        if error.rawValue == EAGAIN || error.rawValue == EWOULDBLOCK {
+            return HandoffError(.timeout, "\(doing): the peer did not answer in time", errno: error)
+        }
+        if error.rawValue == EPIPE || error.rawValue == ECONNRESET {
+            return HandoffError(.closed, "\(doing): the peer is gone (\(error.name))", errno: error)
+        }
+        return HandoffError(.io, "\(doing): \(error.name) (\(error.message))", errno: error)
+    }
+
+    /// What a received descriptor is, from /proc/self/fd: `anon_inode:[kvm-gmem]`, `anon_inode:kvm-vm`, ...
+    public static func kind(of descriptor: Int32) -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        let length = ckvm_fd_description(descriptor, &buffer, UInt(buffer.count))
+        guard length >= 0 else { return "?" }
+        return String(decoding: buffer.prefix(Int(length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Checks that exactly `expected` descriptors came, each of the named kind; closes them all
+    /// and throws otherwise.
+    public static func check(_ descriptors: [Int32], expected kinds: [String]) throws(HandoffError) {
+        let actual = descriptors.map(kind(of:))
+        guard actual.count == kinds.count, zip(actual, kinds).allSatisfy({ $0.0.contains($0.1) }) else {
+            for descriptor in descriptors { Glibc.close(descriptor) }
+            throw HandoffError(
+                .unexpectedDescriptors,
+                "expected descriptors [\(kinds.joined(separator: ", "))], received [\(actual.joined(separator: ", "))]")
+        }
+    }
+}

@@ -1,0 +1,202 @@
+import CKVM
+import Foundation
+import Handoff
+import Kernel
+import Orchestrator
+import Plans
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the VMM does with each request: the VM is held by an `InProcessVMM` (the same kernel
+/// object handling as the coordinator's in-process endpoint); the guest runs on a `VCPUThread`.
+final class TinyVMM: HandoffHandler {
+    let kernel: any KernelBackend
+    let backendText: String
+    let process: String
+    let log: Log
+    let vmm: InProcessVMM
+    private var thread: VCPUThread?
+    private(set) var exitRequested = false
+
+    init(kernel: any KernelBackend, backendText: String, process: String, log: Log) {
+        self.kernel = kernel
+        self.backendText = backendText
+        self.process = process
+        self.log = log
+        vmm = InProcessVMM(role: "vmm", backend: kernel)
+        _ = ckvm_install_kick_handler(VCPUThread.kickSignal)
+    }
+
+    var isModel: Bool { backendText.hasPrefix("model:") }
+
+    func startSource(_ spec: VMSpec) throws {
+        try vmm.createSource(spec, program: InProcessVMM.quietCounterProgram)
+        log.say("created a \(spec.type.name) VM: \(spec.vcpus) vcpus, \(spec.guestMemfds.count) gmem files, \(spec.memslots.count) memslots; the guest runs")
+        startGuest()
+    }
+
+    private func startGuest() {
+        guard vmm.canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004), let vcpu = vmm.vcpuHandles.first else { return }
+        let thread = VCPUThread(kernel: kernel, vcpu: vcpu, log: log)
+        self.thread = thread
+        thread.start()
+    }
+
+    private func stopGuest() {
+        thread?.stop()
+        thread = nil
+    }
+
+    func shutdown() {
+        stopGuest()
+        vmm.destroy()
+        if case let model as KernelModel = kernel { model.host.exit(process: process) }
+    }
+
+    private var counter: UInt32? { vmm.readCounter() }
+
+    func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
+        var reply = HandoffMessage(type: "ok", id: request.id)
+        do {
+            switch request.type {
+            case "hello":
+                try expectNone(descriptors)
+                guard request.version == HandoffMessage.protocolVersion else {
+                    throw EndpointError("this VMM speaks handoff version \(HandoffMessage.protocolVersion), not \(request.version.map(String.init) ?? "?")")
+                }
+                reply.version = HandoffMessage.protocolVersion
+                reply.pid = getpid()
+                reply.backend = backendText
+                reply.running = vmm.isRunning
+            case "describe":
+                try expectNone(descriptors)
+                let description = try vmm.describe()
+                reply.vm = description
+                reply.running = vmm.isRunning
+                reply.counter = counter
+                var handles = description.guestMemfds.compactMap { vmm.memoryHandle($0.name)?.raw }
+                if description.type.hasEncryptionContext, let vm = vmm.vmHandle { handles.append(vm.raw) }
+                log.say("describe: \(description.guestMemfds.count) gmem files handed over")
+                // The descriptors stay open here: SCM_RIGHTS gives the peer its own.
+                if isModel { reply.handles = handles } else { return (reply, handles) }
+            case "pause":
+                try expectNone(descriptors)
+                stopGuest()
+                reply.states = try vmm.pause()
+                reply.running = false
+                reply.counter = counter
+                log.say("paused; counter \(reply.counter.map(String.init) ?? "-")")
+            case "resume":
+                try expectNone(descriptors)
+                try vmm.resume()
+                startGuest()
+                reply.running = true
+                log.say("resumed")
+            case "retire":
+                try expectNone(descriptors)
+                stopGuest()
+                vmm.retire()
+                exitRequested = true
+                log.say("retired: the VM is closed; exiting")
+            case "create-vm":
+                try expectNone(descriptors)
+                guard let type = request.vmType, let vcpus = request.vcpus else { throw EndpointError("create-vm needs vmType and vcpus") }
+                try vmm.createVM(type: type, vcpus: vcpus)
+                log.say("created a \(type.name) VM with \(vcpus) vcpus")
+            case "receive-memory":
+                guard let gmem = request.gmem, let strategy = request.strategy else { throw EndpointError("receive-memory needs gmem and strategy") }
+                let handle = try single(descriptors, request, kind: "kvm-gmem")
+                defer { if !isModel { close(handle.raw) } }
+                reply.inode = try vmm.receiveMemory(gmem, from: handle, strategy: strategy)
+                log.say("received '\(gmem.name)' by \(strategy.rawValue): inode \(reply.inode?.description ?? "?")")
+            case "bind":
+                try expectNone(descriptors)
+                guard let slots = request.slots, let strategy = request.strategy else { throw EndpointError("bind needs slots and strategy") }
+                try vmm.bind(slots, strategy: strategy)
+                log.say("bound \(slots.count) memslots")
+            case "bindings":
+                try expectNone(descriptors)
+                reply.bindings = try vmm.bindings()
+            case "probe-mapping":
+                try expectNone(descriptors)
+                switch vmm.probeGuestMapping(gpa: request.gpa ?? 0) {
+                case nil: break
+                case .failed(_, let errno)?: reply.errno = errno.rawValue
+                case .unsupported(_, let reason)?: reply.message = reason
+                }
+            case "move-enc-context":
+                let handle = try single(descriptors, request, kind: "kvm-vm")
+                defer { if !isModel { close(handle.raw) } }
+                try vmm.moveEncryptionContext(from: handle)
+                log.say("the encryption context moved in")
+            case "restore":
+                try expectNone(descriptors)
+                guard let states = request.states else { throw EndpointError("restore needs states") }
+                let wasRunning = vmm.isRunning
+                try vmm.restore(states)
+                if !wasRunning { startGuest() }
+                reply.running = true
+                log.say("restored \(states.count) vcpus; the guest runs")
+            case "destroy":
+                try expectNone(descriptors)
+                stopGuest()
+                vmm.destroy()
+                exitRequested = true
+                log.say("destroyed; exiting")
+            case "unbind":
+                try expectNone(descriptors)
+                vmm.unbind(request.slots ?? [])
+            case "release-memory":
+                try expectNone(descriptors)
+                vmm.releaseMemory()
+            case "status":
+                try expectNone(descriptors)
+                reply.running = vmm.isRunning
+                reply.counter = counter
+            case "read-guest":
+                try expectNone(descriptors)
+                let count = min(max(request.count ?? 0, 0), 1 << 16)
+                reply.bytes = Data(try vmm.readGuest(gpa: request.gpa ?? 0, count: count)).base64EncodedString()
+            case "shutdown":
+                try expectNone(descriptors)
+                exitRequested = true
+                log.say("shutting down")
+            default:
+                throw EndpointError("'\(request.type)' is not a request")
+            }
+        } catch let error as EndpointError {
+            reply = HandoffMessage(type: "error", id: request.id)
+            reply.message = error.message
+            reply.errno = error.errno?.rawValue
+            log.say("\(request.type) failed: \(error.message)")
+        } catch {
+            reply = HandoffMessage(type: "error", id: request.id)
+            reply.message = "\(error)"
+        }
+        return (reply, [])
+    }
+
+    private func expectNone(_ descriptors: [Int32]) throws {
+        guard descriptors.isEmpty else {
+            for descriptor in descriptors { close(descriptor) }
+            throw EndpointError("\(descriptors.count) unexpected descriptors (closed)")
+        }
+    }
+
+    /// The one object a request hands over: a received descriptor of `kind`, or a model handle.
+    private func single(_ descriptors: [Int32], _ request: HandoffMessage, kind: String) throws -> KernelHandle {
+        if isModel {
+            try expectNone(descriptors)
+            guard let handles = request.handles, handles.count == 1 else { throw EndpointError("\(request.type) needs one model handle") }
+            return KernelHandle(raw: handles[0])
+        }
+        do {
+            try HandoffConnection.check(descriptors, expected: [kind])
+        } catch {
+            throw EndpointError("\(request.type): \(error.message)")
+        }
+        return KernelHandle(raw: descriptors[0])
+    }
+}
