@@ -13,6 +13,9 @@ import Glibc
 public struct ProcessVerification: Codable, Sendable, Equatable {
     /// The counter in guest memory when the source paused.
     public var counterAtPause: UInt32?
+    /// The counter in the target's memory when it was restored, before it ran: it must be the
+    /// counter at the pause (no reset, no lost write).
+    public var counterAtResume: UInt32?
     /// The counter in the target a moment after it resumed.
     public var counterAfter: UInt32?
     public var sourceInodes: [String: String]
@@ -20,7 +23,7 @@ public struct ProcessVerification: Codable, Sendable, Equatable {
 
     public var counterContinued: Bool {
         guard let before = counterAtPause, let after = counterAfter else { return false }
-        return after > before
+        return after > before && (counterAtResume.map { $0 == before } ?? true)
     }
 }
 
@@ -116,6 +119,7 @@ public final class ProcessRun {
         if summary.state == .completed || summary.state == .rolledBack {
             let survivor = summary.state == .completed ? target : source
             let atPause = source.lastCounter
+            let atResume = summary.state == .completed ? target.lastCounter : nil
             Thread.sleep(forTimeInterval: 0.2)
             let after = try? survivor.status().counter
             let outcomes = journal.entries.compactMap { entry -> JournalEntry.Outcome? in
@@ -127,7 +131,7 @@ public final class ProcessRun {
                 return Dictionary(uniqueKeysWithValues: found.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
             }
             verification = ProcessVerification(
-                counterAtPause: atPause, counterAfter: after, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory))
+                counterAtPause: atPause, counterAtResume: atResume, counterAfter: after, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory))
         }
         return ProcessRun(
             summary: summary, verification: verification, source: source, target: target, targetProcess: targetProcess,

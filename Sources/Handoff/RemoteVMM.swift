@@ -181,6 +181,13 @@ public final class RemoteVMM: VMMEndpoint {
         return inode
     }
 
+    public func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) {
+        var message = HandoffMessage(type: "sync-copy", id: 0)
+        message.gmem = gmem
+        if isModel { message.handles = [handle.raw] }
+        try request(message, descriptors: isModel ? [] : [handle.raw])
+    }
+
     public func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError) {
         var message = HandoffMessage(type: "bind", id: 0)
         message.slots = slots

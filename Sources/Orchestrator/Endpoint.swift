@@ -83,6 +83,9 @@ public protocol VMMEndpoint: AnyObject {
     func createVM(type: VMType, vcpus: Int) throws(EndpointError)
     /// Gives the target its view of one source gmem file, by `strategy`; answers its inode.
     func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity
+    /// For copy: copies the source's memory again, once the source is paused (the first copy
+    /// was made while it ran). Part of the blackout: O(memory), the baseline's cost.
+    func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError)
     func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError)
     func bindings() throws(EndpointError) -> [BindingReport]
     /// Tries to map one guest page, as a guest access would; nil if it mapped.

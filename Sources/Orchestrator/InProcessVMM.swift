@@ -196,19 +196,7 @@ public final class InProcessVMM: VMMEndpoint {
             case .copy:
                 let own = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
                 let target = try own.map()
-                do {
-                    let address = try backend.mapGuestMemfd(handle, offset: 0, length: gmem.size)
-                    let source = GuestMapping(adopting: address, length: gmem.size, backend: backend)
-                    // The baseline: every byte crosses, O(memory).
-                    let chunk: UInt64 = 1 << 20
-                    var offset: UInt64 = 0
-                    while offset < gmem.size {
-                        let count = Int(min(chunk, gmem.size - offset))
-                        let bytes = try source.read(offset: offset, count: count)
-                        if bytes.contains(where: { $0 != 0 }) { try target.write(offset: offset, bytes: bytes) }
-                        offset += UInt64(count)
-                    }
-                }
+                try InProcessVMM.copy(from: handle, into: target, size: gmem.size, backend: backend)
                 let inode = try own.inodeIdentity()
                 mappings[gmem.name] = Owned(target)
                 files[gmem.name] = Owned(own)
@@ -223,6 +211,30 @@ public final class InProcessVMM: VMMEndpoint {
             throw EndpointError(error)
         } catch {
             throw EndpointError("\(error)")
+        }
+    }
+
+    /// Copies every byte of the file behind `handle` into `target`: the copy strategy.
+    static func copy(from handle: KernelHandle, into target: borrowing GuestMapping, size: UInt64, backend: any KernelBackend) throws(KernelError) {
+        let address = try backend.mapGuestMemfd(handle, offset: 0, length: size)
+        let source = GuestMapping(adopting: address, length: size, backend: backend)
+        let chunk: UInt64 = 1 << 20
+        var offset: UInt64 = 0
+        while offset < size {
+            let count = Int(min(chunk, size - offset))
+            try target.write(offset: offset, bytes: try source.read(offset: offset, count: count))
+            offset += UInt64(count)
+        }
+    }
+
+    public func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) {
+        guard let target = mappings[gmem.name], files[gmem.name] != nil else {
+            throw EndpointError("\(role): no copy of '\(gmem.name)' to bring up to date")
+        }
+        do {
+            try InProcessVMM.copy(from: handle, into: target.value, size: gmem.size, backend: backend)
+        } catch {
+            throw EndpointError(error)
         }
     }
 

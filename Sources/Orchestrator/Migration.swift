@@ -243,6 +243,13 @@ public final class Migration {
             return [:]
         case .resumeTarget:
             guard let states = savedStates else { throw EndpointError("no saved vcpu state to restore") }
+            if strategy == .copy && !target.isRunning {
+                // The first copy was made while the source ran: copy again now that it is paused.
+                for gmem in try described().guestMemfds {
+                    guard let handle = source.memoryHandle(gmem.name) else { throw EndpointError("the source holds no gmem file '\(gmem.name)'") }
+                    try target.synchronizeCopy(gmem, from: handle)
+                }
+            }
             try target.restore(states)
             if let pausedAt { blackout = clock.now - pausedAt }
             return blackout.map { ["blackout-ns": "\($0.nanoseconds)"] } ?? [:]

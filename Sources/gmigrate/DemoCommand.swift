@@ -143,7 +143,7 @@ struct Demo: ParsableCommand {
             if let blackout = summary.blackoutNanoseconds { line += "; blackout \(milliseconds(blackout)) (source paused to target running)" }
             print(line)
             if let verification {
-                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused, \(verification.counterAfter.map(String.init) ?? "-") in the target 200 ms later — \(verification.counterContinued ? "continued" : "NOT continued")")
+                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused, \(verification.counterAtResume.map(String.init) ?? "-") in the target's memory when it resumed, \(verification.counterAfter.map(String.init) ?? "-") 200 ms later — \(verification.counterContinued ? "continued, no write lost" : "NOT continued")")
                 for (name, inode) in verification.sourceInodes.sorted(by: { $0.key < $1.key }) {
                     let other = verification.targetInodes[name] ?? "?"
                     print("memory '\(name)': source inode \(inode), target inode \(other) — \(inode == other ? "the same pages" : "a copy")")

@@ -111,6 +111,12 @@ final class TinyVMM: HandoffHandler {
                 defer { if !isModel { close(handle.raw) } }
                 reply.inode = try vmm.receiveMemory(gmem, from: handle, strategy: strategy)
                 log.say("received '\(gmem.name)' by \(strategy.rawValue): inode \(reply.inode?.description ?? "?")")
+            case "sync-copy":
+                guard let gmem = request.gmem else { throw EndpointError("sync-copy needs gmem") }
+                let handle = try single(descriptors, request, kind: "kvm-gmem")
+                defer { if !isModel { close(handle.raw) } }
+                try vmm.synchronizeCopy(gmem, from: handle)
+                log.say("copied '\(gmem.name)' again from the paused source")
             case "bind":
                 try expectNone(descriptors)
                 guard let slots = request.slots, let strategy = request.strategy else { throw EndpointError("bind needs slots and strategy") }
@@ -136,6 +142,8 @@ final class TinyVMM: HandoffHandler {
                 guard let states = request.states else { throw EndpointError("restore needs states") }
                 let wasRunning = vmm.isRunning
                 try vmm.restore(states)
+                // The counter before the guest runs here: the coordinator checks it is the source's at its pause.
+                reply.counter = counter
                 if !wasRunning { startGuest() }
                 reply.running = true
                 log.say("restored \(states.count) vcpus; the guest runs")

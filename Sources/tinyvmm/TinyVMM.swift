@@ -52,7 +52,9 @@ struct TinyVMMCommand: ParsableCommand {
                 log.say("--backend model needs --model-host (VMMs share the model through it)")
                 throw ExitCode(2)
             }
-            kernel = KernelModel(host: ModelHost(file: modelHost), process: name)
+            var options = KernelModel.Options()
+            options.instructionBudget = 20_000  // each run is one transaction on the shared host file
+            kernel = KernelModel(host: ModelHost(file: modelHost), process: name, options: options)
             backendText = "model:" + modelHost
         default:
             log.say("unknown backend \(backend)")

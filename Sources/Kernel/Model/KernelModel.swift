@@ -47,6 +47,9 @@ public final class KernelModel: KernelBackend {
         public var recommendedVCPUs: Int = 2
         /// Whether SNP VMs may move their context (the proposal: yes; a June 2026 SEV patch refuses it).
         public var allowsSNPMove: Bool = true
+        /// Instructions one `run` interprets before it returns `.interrupted` (as a vcpu kicked
+        /// by a timer signal would), so that a VMM thread can be stopped between runs.
+        public var instructionBudget: Int = 1_000_000
         public init() {}
     }
 
@@ -287,6 +290,7 @@ public final class KernelModel: KernelBackend {
         try host.transaction { (s: inout ModelState) throws(KernelError) -> VCPUExit in
             let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .runVCPU)
             var machine = ModelGuest(state: s.vms[vmID]!.vcpus[id]!.state)
+            machine.budget = options.instructionBudget
             let exit = machine.run { access in s.guestAccess(vmID, access) }
             s.vms[vmID]!.vcpus[id]!.state = machine.state
             return exit
