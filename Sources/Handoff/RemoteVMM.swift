@@ -251,6 +251,8 @@ public final class RemoteVMM: VMMEndpoint {
         return [UInt8](data)
     }
 
+    public func isAlive() -> Bool { (try? status()) != nil }
+
     /// Whether the VMM runs its guest, and the guest's counter.
     public func status() throws(EndpointError) -> (running: Bool, counter: UInt32?) {
         let (reply, _) = try request(HandoffMessage(type: "status", id: 0))

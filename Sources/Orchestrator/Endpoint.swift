@@ -65,6 +65,8 @@ public protocol VMMEndpoint: AnyObject {
     /// `source` or `target`, for reports.
     var role: String { get }
     var isRunning: Bool { get }
+    /// Whether the VMM still holds a VM (a VMM process that died holds nothing).
+    func isAlive() -> Bool
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription

@@ -50,6 +50,8 @@ public final class InProcessVMM: VMMEndpoint {
 
     public var vmHandle: KernelHandle? { vm?.value.handle }
 
+    public func isAlive() -> Bool { vm != nil }
+
     /// The vcpus' handles, for a VMM that runs them on its own threads.
     public var vcpuHandles: [KernelHandle] { vcpus.map { $0.value.handle } }
 

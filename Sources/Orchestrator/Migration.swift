@@ -121,14 +121,33 @@ public final class Migration {
         let total = clock.now - started
         let finished: JournalEntry.Finished
         if let (step, error) = failure {
-            if passedPointOfNoReturn {
+            let targetRanGuest = reports.contains { $0.step == .resumeTarget && $0.ok && $0.direction == .forward }
+            if passedPointOfNoReturn && !target.isAlive() && !targetRanGuest && !isConfidential && source.isAlive() {
+                // The target died before it ran the guest: the paused source still holds it whole.
+                try journal.append(.note("the target VMM died before it ran the guest (\(error)); the source resumes"))
+                _ = try perform(.pauseSource, direction: .undo)
+                finished = .init(state: .rolledBack, reason: "the target VMM died at \(step) before it ran the guest; the source resumed",
+                    totalNanoseconds: (clock.now - started).nanoseconds)
+            } else if passedPointOfNoReturn {
                 finished = .init(
-                    state: .stuck, reason: "\(step) kept failing past the point of no return: \(error); gmigrate recover rolls it forward",
+                    state: targetRanGuest || target.isAlive() ? .stuck : .lost,
+                    reason: target.isAlive()
+                        ? "\(step) kept failing past the point of no return: \(error); gmigrate recover rolls it forward"
+                        : "the target VMM died at \(step), past the point of no return: \(error)",
                     totalNanoseconds: total.nanoseconds)
             } else {
                 try rollBack()
-                finished = .init(state: .rolledBack, reason: "\(step) failed: \(error)", totalNanoseconds: (clock.now - started).nanoseconds)
+                if source.isAlive() && source.isRunning {
+                    finished = .init(state: .rolledBack, reason: "\(step) failed: \(error)", totalNanoseconds: (clock.now - started).nanoseconds)
+                } else {
+                    finished = .init(
+                        state: .lost,
+                        reason: "\(step) failed (\(error)) and the source VMM, which held the only copy of the guest, does not run any more",
+                        totalNanoseconds: (clock.now - started).nanoseconds)
+                }
             }
+        } else if !target.isAlive() {
+            finished = .init(state: .lost, reason: "the migration completed, then the target VMM, which held the guest, died", totalNanoseconds: total.nanoseconds)
         } else {
             let breach = blackout.map { $0 > plan.policy.maxBlackout } ?? false
             finished = .init(

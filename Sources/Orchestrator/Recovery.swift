@@ -11,13 +11,23 @@ public struct RecoveryReport: Codable, Sendable, Equatable {
     public var action: String
     /// Why recovery did not act (a corrupt journal): the operator must look.
     public var problem: String?
+
+    public init(id: String, state: TerminalState?, action: String, problem: String?) {
+        self.id = id
+        self.state = state
+        self.action = action
+        self.problem = problem
+    }
 }
 
 /// Brings every unfinished migration of a state directory to a terminal state: rolled back
 /// before the point of no return, completed after it. A journal that is corrupt is reported
 /// and left alone: recovery never acts on a record it cannot trust.
 public enum Recovery {
-    public static func recoverAll(_ journal: Journal) -> [RecoveryReport] {
+    /// Recovers a migration between VMM processes (the handoff module provides it).
+    public typealias ProcessRecovery = (_ id: String, _ journal: MigrationJournal, _ contents: JournalContents, _ started: JournalEntry.Started) throws -> RecoveryReport
+
+    public static func recoverAll(_ journal: Journal, processes: ProcessRecovery? = nil) -> [RecoveryReport] {
         journal.ids().compactMap { id -> RecoveryReport? in
             do {
                 let contents = try Journal.read(path: journal.directory + "/journal/" + id + ".log")
@@ -25,14 +35,14 @@ public enum Recovery {
                     return RecoveryReport(id: id, state: nil, action: "none", problem: corruption)
                 }
                 if case .finished(let finished)? = contents.entries.last?.event, finished.state != .stuck { return nil }
-                return try recover(id: id, journal: journal)
+                return try recover(id: id, journal: journal, processes: processes)
             } catch {
                 return RecoveryReport(id: id, state: nil, action: "none", problem: "\(error)")
             }
         }
     }
 
-    static func recover(id: String, journal store: Journal) throws(JournalError) -> RecoveryReport {
+    static func recover(id: String, journal store: Journal, processes: ProcessRecovery?) throws -> RecoveryReport {
         let (journal, contents) = try store.reopen(id: id)
         let torn = contents.tornTailBytes > 0 ? " (a torn final record of \(contents.tornTailBytes) bytes was cut off: it was never synced, so its effect never began)" : ""
         guard case .started(let started)? = contents.entries.first?.event else {
@@ -46,6 +56,12 @@ public enum Recovery {
         }
         func succeeded(_ step: MigrationStep) -> Bool { outcomes.contains { $0.step == step && $0.direction == .forward && $0.ok } }
 
+        if started.backend.hasPrefix("processes:") {
+            guard let processes else {
+                return RecoveryReport(id: id, state: nil, action: "none", problem: "a migration between VMM processes needs the handoff protocol to recover")
+            }
+            return try processes(id, journal, contents, started)
+        }
         guard started.backend.hasPrefix("model:") else {
             // In-process VMs on the real kernel live and die with the coordinator's process.
             let reason = "the coordinator (pid \(started.coordinatorPID)) ended mid-migration and its in-process VMs ended with it\(torn)"
@@ -112,7 +128,7 @@ public enum Recovery {
         return RecoveryReport(id: id, state: .rolledBack, action: "rolled back: the source runs, the target is gone\(torn)", problem: nil)
     }
 
-    private static func step(
+    public static func step(
         _ step: MigrationStep, _ journal: MigrationJournal, direction: JournalEntry.Direction = .forward,
         _ body: () throws(EndpointError) -> Void
     ) throws(JournalError) {
@@ -131,7 +147,7 @@ public enum Recovery {
         try journal.append(.outcome(outcome))
     }
 
-    static func savedStates(_ outcomes: [JournalEntry.Outcome]) -> [VCPUState]? {
+    public static func savedStates(_ outcomes: [JournalEntry.Outcome]) -> [VCPUState]? {
         guard let text = outcomes.last(where: { $0.step == .pauseSource && $0.ok && $0.direction == .forward })?.details["vcpu-states"],
             let data = Data(base64Encoded: text)
         else { return nil }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Handoff
 import Journal
 import Kernel
 import Orchestrator
@@ -89,8 +90,9 @@ struct Migrate: ParsableCommand {
         guard let validPlan = report.plan, let resolved = report.strategy?.chosen else {
             throw CommandFailure(code: .checkFailed, message: "the plan is invalid for this run:\n" + report.diagnostics.map { $0.rendered(file: plan) }.joined(separator: "\n"))
         }
-        guard validPlan.source == .inProcess && validPlan.target == .inProcess else {
-            throw CommandFailure(code: .badInput, message: "\(plan): this coordinator runs in-process VMMs only (source and target vmm: in-process); out-of-process VMMs come with the handoff protocol")
+        if validPlan.source != .inProcess || validPlan.target != .inProcess {
+            try migrateProcesses(validPlan, strategy: resolved, backend: chosen, faults: specs, notes: notes)
+            return
         }
         if !validPlan.faults.isEmpty {
             if allowFaults { specs += validPlan.faults } else { notes.append("the plan's spec.faults are ignored (pass --allow-faults to honour them)") }
@@ -133,6 +135,68 @@ struct Migrate: ParsableCommand {
         if modelHost != nil { Foundation.exit(exitCode(run).rawValue) }
         withExtendedLifetime(run) {}
         if exitCode(run) != .success { throw ExitCode(exitCode(run).rawValue) }
+    }
+
+    /// Between VMM processes: the source is a running VMM's socket; the target is spawned or a socket.
+    func migrateProcesses(_ validPlan: MigrationPlan, strategy resolved: Strategy, backend chosen: BackendChoice, faults specs: [FaultSpec], notes: [String]) throws {
+        guard case .socket(let sourceSocket) = validPlan.source else {
+            throw CommandFailure(code: .badInput, message: "\(plan): an in-process source needs an in-process target")
+        }
+        var targetSocket: String? = nil
+        switch validPlan.target {
+        case .socket(let path): targetSocket = path
+        case .spawn: break
+        case .inProcess: throw CommandFailure(code: .badInput, message: "\(plan): a source VMM process needs a target VMM process (spawn or a socket)")
+        }
+        guard !dryRun else { throw CommandFailure(code: .badInput, message: "--dry-run rehearses in-process plans") }
+        let journal = try state.openJournal()
+        let spawnBackend = chosen == .linux ? "linux" : "model:" + (modelHost ?? state.stateDir + "/model-host.json")
+        if !output.json {
+            for note in notes { print("note: \(note)") }
+            print("migrating \(validPlan.name) (\(plan)) between VMM processes, strategy \(resolved.rawValue)")
+        }
+        let json = output.json
+        let run: ProcessRun
+        do {
+            run = try ProcessRun.run(
+                plan: validPlan, planFile: plan, strategy: resolved, journal: journal, faults: specs, sourceSocket: sourceSocket,
+                targetSocket: targetSocket, spawnBackend: spawnBackend, vmmDirectory: state.stateDir + "/vmm"
+            ) { step in
+                guard !json else { return }
+                print("  \((step.direction == .undo ? "undo " : "") + step.step.rawValue)".padding(toLength: 26, withPad: " ", startingAt: 0)
+                    + " \((step.ok ? "ok" : "FAILED").padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
+            }
+        } catch let error as JournalError {
+            throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
+        } catch {
+            throw CommandFailure(code: .kernelFailed, message: "\(error)")
+        }
+        let summary = run.summary
+        if json {
+            struct Report: Encodable {
+                var summary: MigrationSummary
+                var verification: ProcessVerification?
+                var targetPID: Int32
+            }
+            print(encodeJSON(Report(summary: summary, verification: run.verification, targetPID: run.target.peer.pid)))
+        } else {
+            var line = "\(summary.state.rawValue) in \(milliseconds(summary.totalNanoseconds)); strategy \(summary.strategy.rawValue)"
+            if let blackout = summary.blackoutNanoseconds { line += "; blackout \(milliseconds(blackout))" + (summary.blackoutBreach ? " — BREACH of maxBlackout" : "") }
+            print(line)
+            if summary.state != .completed { print("reason: \(summary.reason)") }
+            if let verification = run.verification {
+                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") at the pause, \(verification.counterAtResume.map(String.init) ?? "-") at the resume, \(verification.counterAfter.map(String.init) ?? "-") later")
+            }
+            if summary.state == .completed { print("the guest runs in the target VMM, pid \(run.target.peer.pid), at \(run.target.socketPath)") }
+            print("journal: gmigrate journal show \(summary.id) --state-dir \(state.stateDir)")
+        }
+        let code: GmigrateExitCode
+        switch summary.state {
+        case .completed: code = run.verification?.counterContinued == false ? .verificationFailed : .success
+        case .rolledBack: code = .rolledBack
+        case .stuck, .lost: code = .stuck
+        }
+        if code != .success { throw ExitCode(code.rawValue) }
     }
 
     func exitCode(_ run: StandaloneRun) -> GmigrateExitCode {
@@ -192,7 +256,7 @@ struct Recover: ParsableCommand {
 
     func run() throws {
         let journal = try state.openJournal()
-        let reports = Recovery.recoverAll(journal)
+        let reports = Recovery.recoverAll(journal, processes: ProcessRecovery.recover)
         if output.json {
             print(encodeJSON(reports))
         } else if reports.isEmpty {
