@@ -46,8 +46,11 @@ public final class ProcessRun {
         self.journalPath = journalPath
     }
 
-    /// The tinyvmm executable next to this one.
+    /// The tinyvmm executable: `GMIGRATE_TINYVMM`, or the one next to this executable.
     public static func tinyvmmPath() -> String {
+        if let path = ProcessInfo.processInfo.environment["GMIGRATE_TINYVMM"], FileManager.default.isExecutableFile(atPath: path) {
+            return path
+        }
         let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         let directory = (me as NSString).deletingLastPathComponent
         for candidate in [directory + "/tinyvmm", directory + "/../tinyvmm"] where FileManager.default.isExecutableFile(atPath: candidate) {
@@ -119,7 +122,7 @@ public final class ProcessRun {
         if summary.state == .completed || summary.state == .rolledBack {
             let survivor = summary.state == .completed ? target : source
             let atPause = source.lastCounter
-            let atResume = summary.state == .completed ? target.lastCounter : nil
+            let atResume = summary.state == .completed ? target.counterAtRestore : nil
             Thread.sleep(forTimeInterval: 0.2)
             let after = try? survivor.status().counter
             let outcomes = journal.entries.compactMap { entry -> JournalEntry.Outcome? in

@@ -27,6 +27,8 @@ public final class RemoteVMM: VMMEndpoint {
     public private(set) var isRunning = false
     /// The guest's counter as the VMM last reported it.
     public private(set) var lastCounter: UInt32?
+    /// The counter in guest memory when the VMM restored the vcpus, before the guest ran there.
+    public private(set) var counterAtRestore: UInt32?
 
     var isModel: Bool { backend.hasPrefix("model:") }
 
@@ -218,7 +220,8 @@ public final class RemoteVMM: VMMEndpoint {
     public func restore(_ states: [VCPUState]) throws(EndpointError) {
         var message = HandoffMessage(type: "restore", id: 0)
         message.states = states
-        try request(message)
+        let (reply, _) = try request(message)
+        if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
     public func destroy() {
