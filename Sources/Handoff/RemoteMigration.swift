@@ -103,7 +103,8 @@ public final class ProcessRun {
             targetPath = targetSocket
         } else {
             try FileManager.default.createDirectory(atPath: vmmDirectory, withIntermediateDirectories: true)
-            targetPath = vmmDirectory + "/\(id)-target.sock"
+            // sun_path holds 108 bytes: keep the name short (the id's random suffix).
+            targetPath = vmmDirectory + "/target-\(id.split(separator: "-").last ?? "vmm").sock"
             targetProcess = try spawnVMM(
                 socket: targetPath, backend: spawnBackend, name: "\(id)/target", logFile: vmmDirectory + "/\(id)-target.log")
         }

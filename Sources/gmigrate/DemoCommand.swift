@@ -94,13 +94,14 @@ struct Demo: ParsableCommand {
         guard let validPlan = report.plan, let resolved = report.strategy?.chosen else {
             throw CommandFailure(code: .checkFailed, message: "the plan is invalid here:\n" + report.diagnostics.map { $0.rendered(file: planFile) }.joined(separator: "\n"))
         }
-        guard case .socket(let sourceSocket) = validPlan.source else {
-            throw CommandFailure(code: .badInput, message: "the demo starts the source at the plan's source socket: spec.source.vmm must be a socket path")
+        guard case .socket = validPlan.source else {
+            throw CommandFailure(code: .badInput, message: "the demo starts a source VMM process: spec.source.vmm must be a socket path")
         }
+        // The demo's own source listens in the demo's directory, so that demos never collide.
+        let sourceSocket = directory + "/source.sock"
         // The source tinyvmm, running the plan's VM.
         let planCopy = directory + "/plan.yaml"
         try planText.write(toFile: planCopy, atomically: true, encoding: .utf8)
-        try FileManager.default.createDirectory(atPath: (sourceSocket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         let sourceProcess = try ProcessRun.spawnVMM(
             socket: sourceSocket, backend: kernelBackend, name: "demo/source", logFile: directory + "/source.log", plan: planCopy)
         defer { if sourceProcess.isRunning { sourceProcess.terminate() } }

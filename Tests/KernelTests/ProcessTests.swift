@@ -190,6 +190,23 @@ struct ProcessTests {
         if let other { #expect(waitUntil { !isAlive(other) }, "the other VMM exits") }
     }
 
+    /// kill -9 of the coordinator itself (not an injected exit) while it waits at a step.
+    @Test("the coordinator killed with SIGKILL, then recover", arguments: ["before:bind-memslots", "before:retire-source"])
+    func coordinatorSIGKILL(_ point: String) throws {
+        _ = try Backend.linux.make()
+        let fixture = try ProcessFixture(strategy: "share")
+        defer { fixture.finish() }
+        let result = try killDuring(fixture, point: point, killCoordinator: true) { _ in 0 }
+        #expect(result.status == 9 || result.status == -9 || result.status == 137 || result.status == SIGKILL, "killed: \(result.status)")
+        let started = try fixture.started()
+        let recover = try gmigrate(["recover", "--state-dir", fixture.directory])
+        #expect(recover.status == 0, "\(recover.stdout)\(recover.stderr)")
+        let contents = try fixture.journal()
+        checkJournal(contents, expect: point == "before:retire-source" ? .completed : .rolledBack)
+        let survivors = runningGuest([fixture.sourceSocket, started.targetSocket ?? ""])
+        #expect(survivors.count == 1, "exactly one running guest: \(survivors)")
+    }
+
     @Test("the source VMM killed mid-migration", arguments: [
         ("before:verify-bindings", TerminalState.lost), ("before:resume-target", TerminalState.completed),
     ])
@@ -229,7 +246,9 @@ struct ProcessTests {
     }
 
     /// Runs a migration that waits at `point`, SIGKILLs a VMM during the wait, lets it finish.
-    func killDuring(_ fixture: ProcessFixture, point: String, victim: (JournalEntry.Started) throws -> Int32) throws -> CommandResult {
+    func killDuring(
+        _ fixture: ProcessFixture, point: String, killCoordinator: Bool = false, victim: (JournalEntry.Started) throws -> Int32
+    ) throws -> CommandResult {
         let step = String(point.split(separator: ":")[1])
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try executable("gmigrate"))
@@ -244,10 +263,12 @@ struct ProcessTests {
             return contents.entries.contains { if case .intent(let s, .forward) = $0.event { s.rawValue == step } else { false } }
         }
         #expect(reached, "the migration reached \(point)")
-        let pid = try victim(try fixture.started())
-        if pid > 0 {
+        let pid = killCoordinator ? process.processIdentifier : try victim(try fixture.started())
+        if pid > 0 && !killCoordinator {
             kill(pid, SIGKILL)
             fixture.pids.append(pid)
+        } else if killCoordinator {
+            kill(pid, SIGKILL)
         }
         let output = out.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
@@ -365,5 +386,63 @@ struct HandoffDecoderTests {
         let garbage: [UInt8] = Array("XXXX\u{4}\0\0\0abcd".utf8)
         _ = garbage.withUnsafeBytes { write(pair[0], $0.baseAddress, $0.count) }
         #expect(throws: HandoffError.self) { _ = try receiver.receive() }
+    }
+}
+
+@Suite("Handoff peers")
+struct HandoffPeerTests {
+    /// A peer that accepts and never answers: the coordinator gives up at its timeout.
+    @Test func aStallingPeerTimesOut() throws {
+        let directory = temporaryDirectory("gmigrate-stall")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/stall.sock"
+        let listener = ckvm_listen_unix(socket, 1)
+        #expect(listener >= 0)
+        defer { close(listener) }
+        let started = ContinuousClock.now
+        #expect {
+            _ = try RemoteVMM(role: "target", socketPath: socket, timeout: .milliseconds(300))
+        } throws: { error in
+            (error as? HandoffError)?.kind == .timeout
+        }
+        #expect(ContinuousClock.now - started < .seconds(5))
+    }
+
+    /// SO_PEERCRED: a VMM running as another uid than the plan expects is refused.
+    @Test func credentialsAreChecked() throws {
+        let directory = temporaryDirectory("gmigrate-cred")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/vmm.sock"
+        let vmm = try ProcessRun.spawnVMMForTests(
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host.json", name: "cred",
+            logFile: directory + "/vmm.log", plan: nil)
+        defer {
+            (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
+            vmm.waitUntilExit()
+        }
+        #expect {
+            _ = try RemoteVMM(role: "target", socketPath: socket, timeout: .seconds(2), expectedUID: 4242)
+        } throws: { error in
+            (error as? HandoffError)?.kind == .credentials
+        }
+        #expect {
+            _ = try RemoteVMM(role: "target", socketPath: socket, timeout: .seconds(2), expectedPID: 1)
+        } throws: { error in
+            (error as? HandoffError)?.kind == .credentials
+        }
+        // The right peer is accepted.
+        let good = try RemoteVMM(role: "target", socketPath: socket, timeout: .seconds(2), expectedPID: vmm.processIdentifier)
+        #expect(good.peer.pid == vmm.processIdentifier)
+    }
+
+    @Test("gmigrate demo on the model says so first")
+    func demoOnTheModel() throws {
+        let state = temporaryDirectory("gmigrate-demo-model")
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        let result = try gmigrate(["demo", "--backend", "model", "--strategy", "link", "--state-dir", state])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.hasPrefix("gmigrate demo: on the model"))
+        #expect(result.stdout.contains("strategy link"))
+        #expect(result.stdout.contains("continued, no write lost"))
     }
 }
