@@ -65,7 +65,11 @@ final class ProcessFixture {
 
     var sourceSocket: String { directory + "/source.sock" }
 
+    /// The guest's counter in the source right before the migration started.
+    var counterBefore: UInt32 = 0
+
     func migrate(_ extra: [String] = []) throws -> CommandResult {
+        counterBefore = (try? RemoteVMM(role: "test", socketPath: sourceSocket, timeout: .seconds(2)).status().counter).flatMap { $0 } ?? 0
         var arguments = ["migrate", plan, "--state-dir", directory, "--json"]
         if backend == "model" { arguments += ["--backend", "model", "--model-host", directory + "/host.json"] }
         return try gmigrate(arguments + extra)
@@ -181,10 +185,9 @@ struct ProcessTests {
         #expect(survivors.count == 1, "exactly one running guest: \(survivors)")
         let expected = finished.state == .completed ? started.targetSocket : fixture.sourceSocket
         #expect(survivors.first?.socket == expected)
-        // The counter is intact: at least what it was when the source paused.
-        if let paused = pausedCounter(contents), let survivor = survivors.first {
-            #expect(survivor.counter >= paused)
-        }
+        // The counter is intact: never below what the guest had counted before the migration.
+        #expect(fixture.counterBefore > 0)
+        if let survivor = survivors.first { #expect(survivor.counter >= fixture.counterBefore, "no reset") }
         // The other VMM is gone.
         let other = finished.state == .completed ? started.sourcePID : started.targetPID
         if let other { #expect(waitUntil { !isAlive(other) }, "the other VMM exits") }
@@ -205,6 +208,7 @@ struct ProcessTests {
         checkJournal(contents, expect: point == "before:retire-source" ? .completed : .rolledBack)
         let survivors = runningGuest([fixture.sourceSocket, started.targetSocket ?? ""])
         #expect(survivors.count == 1, "exactly one running guest: \(survivors)")
+        if let survivor = survivors.first { #expect(survivor.counter >= fixture.counterBefore, "no reset") }
     }
 
     @Test("the source VMM killed mid-migration", arguments: [
@@ -250,6 +254,8 @@ struct ProcessTests {
         _ fixture: ProcessFixture, point: String, killCoordinator: Bool = false, victim: (JournalEntry.Started) throws -> Int32
     ) throws -> CommandResult {
         let step = String(point.split(separator: ":")[1])
+        fixture.counterBefore = (try? RemoteVMM(role: "test", socketPath: fixture.sourceSocket, timeout: .seconds(2)).status().counter).flatMap { $0 } ?? 0
+        #expect(fixture.counterBefore > 0, "the guest counts before the migration")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try executable("gmigrate"))
         process.arguments = ["migrate", fixture.plan, "--state-dir", fixture.directory, "--inject", "\(point)=delay:1500ms"]
@@ -274,8 +280,6 @@ struct ProcessTests {
         process.waitUntilExit()
         return CommandResult(status: process.terminationStatus, stdout: String(decoding: output, as: UTF8.self), stderr: "")
     }
-
-    func pausedCounter(_ contents: JournalContents) -> UInt32? { nil }
 
     @Test("gmigrate demo: the first README command")
     func demo() throws {
