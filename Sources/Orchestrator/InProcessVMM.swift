@@ -58,7 +58,7 @@ public final class InProcessVMM: VMMEndpoint {
     /// The guest's counter (4 bytes at `counterAddress`), where guest memory is host-readable.
     public func readCounter() -> UInt32? {
         guard let bytes = try? readGuest(gpa: InProcessVMM.counterAddress, count: 4) else { return nil }
-        return bytes.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+        return UInt32(littleEndianBytes: bytes)
     }
 
     // MARK: - Standalone source

@@ -145,7 +145,7 @@ public final class StandaloneRun {
     static func counters(_ exits: [VCPUExit]) -> [UInt32] {
         exits.compactMap { exit in
             guard case .io(let port, true, 4, let data) = exit, port == InProcessVMM.counterPort else { return nil }
-            return data.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+            return UInt32(littleEndianBytes: data)
         }
     }
 

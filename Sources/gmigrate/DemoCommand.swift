@@ -117,11 +117,7 @@ struct Demo: ParsableCommand {
             run = try ProcessRun.run(
                 plan: validPlan, planFile: planFile, strategy: resolved, journal: journal, faults: [], sourceSocket: sourceSocket,
                 targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory
-            ) { step in
-                guard !json else { return }
-                print("  \((step.direction == .undo ? "undo " : "") + step.step.rawValue)".padding(toLength: 26, withPad: " ", startingAt: 0)
-                    + " \((step.ok ? "ok" : "FAILED").padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
-            }
+            ) { step in if !json { printStep(step) } }
         } catch {
             throw CommandFailure(code: .kernelFailed, message: "the demo could not run: \(error)")
         }

@@ -25,6 +25,13 @@ func openStateDirectory(_ path: String) throws -> Journal {
 
 func milliseconds(_ nanoseconds: Int64) -> String { String(format: "%.2f ms", Double(nanoseconds) / 1e6) }
 
+/// One line of the step timeline: `  bind-memslots            ok      0.05 ms`.
+func printStep(_ step: StepReport) {
+    let name = (step.direction == .undo ? "undo " : "") + step.step.rawValue
+    let mark = step.ok ? "ok" : "FAILED"
+    print("  \(name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(mark.padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
+}
+
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Migrate the VM a plan describes, with in-process VMMs, journaled step by step.",
@@ -118,12 +125,7 @@ struct Migrate: ParsableCommand {
         do {
             run = try StandaloneRun.run(
                 plan: validPlan, planFile: plan, strategy: resolved, backend: standaloneBackend, journal: journal, faults: specs
-            ) { step in
-                guard !json else { return }
-                let mark = step.ok ? "ok" : "FAILED"
-                let name = (step.direction == .undo ? "undo " : "") + step.step.rawValue
-                print("  \(name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(mark.padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
-            }
+            ) { step in if !json { printStep(step) } }
         } catch let error as JournalError {
             throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
         } catch let error as EndpointError {
@@ -161,11 +163,7 @@ struct Migrate: ParsableCommand {
             run = try ProcessRun.run(
                 plan: validPlan, planFile: plan, strategy: resolved, journal: journal, faults: specs, sourceSocket: sourceSocket,
                 targetSocket: targetSocket, spawnBackend: spawnBackend, vmmDirectory: state.stateDir + "/vmm"
-            ) { step in
-                guard !json else { return }
-                print("  \((step.direction == .undo ? "undo " : "") + step.step.rawValue)".padding(toLength: 26, withPad: " ", startingAt: 0)
-                    + " \((step.ok ? "ok" : "FAILED").padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
-            }
+            ) { step in if !json { printStep(step) } }
         } catch let error as JournalError {
             throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
         } catch {

@@ -136,7 +136,7 @@ final class VCPUThread: @unchecked Sendable {
             }
             switch exit {
             case .io(InProcessVMM.counterPort, true, _, let data):
-                let value = data.enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+                let value = UInt32(littleEndianBytes: data)
                 condition.withLock { reported = value }
             case .io, .mmio, .interrupted:
                 continue
