@@ -92,9 +92,10 @@ public final class ProcessRun {
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, journal store: Journal, faults specs: [FaultSpec],
         sourceSocket: String, targetSocket: String?, spawnBackend: String, vmmDirectory: String,
-        progress: @escaping (StepReport) -> Void = { _ in }
+        progress: @escaping (StepReport) -> Void = { _ in }, shouldCancel: @escaping () -> Bool = { false },
+        idempotencyKey: String? = nil, id chosen: String? = nil
     ) throws -> ProcessRun {
-        let id = StandaloneRun.newID(plan.name)
+        let id = chosen ?? StandaloneRun.newID(plan.name)
         let timeout = plan.policy.stepTimeout
         let source = try RemoteVMM(role: "source", socketPath: sourceSocket, timeout: timeout)
         var targetProcess: Process? = nil
@@ -111,13 +112,16 @@ public final class ProcessRun {
         let target = try RemoteVMM(
             role: "target", socketPath: targetPath, timeout: timeout, expectedPID: targetProcess?.processIdentifier)
         let journal = try store.create(id: id)
-        try journal.append(.started(.init(
+        var started = JournalEntry.Started(
             id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + source.backend, coordinatorPID: getpid(),
             faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath, sourcePID: source.peer.pid,
-            targetPID: target.peer.pid)))
+            targetPID: target.peer.pid)
+        started.idempotencyKey = idempotencyKey
+        try journal.append(.started(started))
         let injector = FaultInjector(specs)
         let migration = Migration(
-            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress)
+            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
+            shouldCancel: shouldCancel)
         let summary = try migration.run()
         var verification: ProcessVerification? = nil
         if summary.state == .completed || summary.state == .rolledBack {

@@ -36,6 +36,8 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         public var targetSocket: String?
         public var sourcePID: Int32?
         public var targetPID: Int32?
+        /// The daemon's Idempotency-Key of the submission, if any.
+        public var idempotencyKey: String?
 
         public init(
             id: String, planFile: String, plan: MigrationPlan, strategy: Strategy, backend: String, coordinatorPID: Int32, faults: [String],

@@ -59,6 +59,8 @@ public final class Migration {
     let target: any VMMEndpoint
     let faults: FaultInjector
     let progress: (StepReport) -> Void
+    /// Asked before every step up to the point of no return: true cancels (and rolls back).
+    let shouldCancel: () -> Bool
     let clock = ContinuousClock()
 
     private var description: VMDescription?
@@ -72,7 +74,8 @@ public final class Migration {
 
     public init(
         id: String, plan: MigrationPlan, strategy: Strategy, journal: MigrationJournal, source: any VMMEndpoint,
-        target: any VMMEndpoint, faults: FaultInjector, progress: @escaping (StepReport) -> Void = { _ in }
+        target: any VMMEndpoint, faults: FaultInjector, progress: @escaping (StepReport) -> Void = { _ in },
+        shouldCancel: @escaping () -> Bool = { false }
     ) {
         precondition(strategy != .auto, "the strategy is resolved before a migration starts")
         self.id = id
@@ -83,6 +86,7 @@ public final class Migration {
         self.target = target
         self.faults = faults
         self.progress = progress
+        self.shouldCancel = shouldCancel
     }
 
     var isConfidential: Bool { plan.vm.type.hasEncryptionContext }
@@ -101,6 +105,11 @@ public final class Migration {
         var failure: (MigrationStep, EndpointError)? = nil
         var passedPointOfNoReturn = false
         for step in steps {
+            if !passedPointOfNoReturn && shouldCancel() {
+                try journal.append(.note("cancelled by request before \(step)"))
+                failure = (step, EndpointError("cancelled by request"))
+                break
+            }
             if step == pointOfNoReturn {
                 try journal.append(.pointOfNoReturn)
                 passedPointOfNoReturn = true

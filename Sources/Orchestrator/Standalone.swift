@@ -66,9 +66,10 @@ public final class StandaloneRun {
     /// - Parameter faults: armed once the source is set up, so that they fire in the migration.
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, backend: StandaloneBackend, journal store: Journal,
-        faults specs: [FaultSpec], linux: LinuxKVM? = nil, progress: @escaping (StepReport) -> Void = { _ in }
+        faults specs: [FaultSpec], linux: LinuxKVM? = nil, progress: @escaping (StepReport) -> Void = { _ in }, shouldCancel: @escaping () -> Bool = { false },
+        idempotencyKey: String? = nil, id chosen: String? = nil
     ) throws -> StandaloneRun {
-        let id = newID(plan.name)
+        let id = chosen ?? newID(plan.name)
         let injector = FaultInjector()
         let sourceBackend: any KernelBackend
         let targetBackend: any KernelBackend
@@ -107,12 +108,15 @@ public final class StandaloneRun {
         }
 
         let journal = try store.create(id: id)
-        try journal.append(.started(.init(
+        var started = JournalEntry.Started(
             id: id, planFile: planFile, plan: plan, strategy: strategy, backend: backendName, coordinatorPID: getpid(),
-            faults: specs.map(\.description))))
+            faults: specs.map(\.description))
+        started.idempotencyKey = idempotencyKey
+        try journal.append(.started(started))
         injector.arm(specs)
         let migration = Migration(
-            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress)
+            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
+            shouldCancel: shouldCancel)
         let summary = try migration.run()
         let unfired = injector.remaining
         injector.disarm()
