@@ -12,6 +12,10 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
         .package(url: "https://github.com/jpsim/Yams", exact: "6.2.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", exact: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", exact: "2.101.3"),
     ],
     targets: [
         // Layer 0: the KVM uAPI newer than this host's headers, and non-variadic wrappers.
@@ -28,11 +32,24 @@ let package = Package(
         .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
         // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).
         .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator"]),
+        // The coordinator daemon: HTTP on a UNIX socket, authorization, events, metrics.
+        .target(
+            name: "Coordinator",
+            dependencies: [
+                "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "CKVM",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "gmigrate",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff",
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // A minimal real VMM that speaks the handoff protocol.

@@ -10,6 +10,14 @@ public struct StepReport: Codable, Sendable, Equatable {
     public var ok: Bool
     public var durationNanoseconds: Int64
     public var error: String?
+
+    public init(step: MigrationStep, direction: JournalEntry.Direction, ok: Bool, durationNanoseconds: Int64, error: String?) {
+        self.step = step
+        self.direction = direction
+        self.ok = ok
+        self.durationNanoseconds = durationNanoseconds
+        self.error = error
+    }
 }
 
 /// How a migration ended, as `gmigrate migrate` reports it.

@@ -24,6 +24,10 @@ enum GmigrateExitCode: Int32, CaseIterable {
     case journalCorrupt = 9
     /// The journal could not be written.
     case journalFailed = 10
+    /// The daemon refused the request (its problem document is printed).
+    case daemonRefused = 11
+    /// The daemon cannot be reached at its socket.
+    case daemonUnreachable = 12
 
     var exitCode: ExitCode { ExitCode(rawValue) }
 }

@@ -1,0 +1,359 @@
+import Foundation
+import Handoff
+import Journal
+import Kernel
+import Logging
+import Orchestrator
+import Plans
+import Prometheus
+
+/// One event of a migration, as the event stream sends it.
+public struct MigrationEvent: Codable, Sendable, Equatable {
+    /// `state`, `step` or `finished`.
+    public var kind: String
+    public var state: String
+    public var step: StepReport?
+    public var reason: String?
+}
+
+/// What the API shows of one migration.
+public struct MigrationView: Codable, Sendable, Equatable {
+    public var id: String
+    public var plan: String
+    public var vm: String
+    /// queued, running, completed, rolled-back, stuck, lost.
+    public var state: String
+    public var strategy: String?
+    public var steps: [StepReport]
+    public var blackoutNanoseconds: Int64?
+    public var blackoutBreach: Bool?
+    public var reason: String?
+    public var pointOfNoReturnPassed: Bool
+    public var cancelRequested: Bool
+}
+
+/// One migration the daemon knows: its live state, its events, and its subscribers.
+final class MigrationRecord: @unchecked Sendable {
+    // @unchecked: every mutable field is guarded by `lock`.
+    private let lock = NSLock()
+    private var view: MigrationView
+    private var events: [MigrationEvent] = []
+    private var subscribers: [UUID: AsyncStream<MigrationEvent>.Continuation] = [:]
+    /// Keeps in-process VMMs (and the surviving VM) alive after the migration.
+    var keepAlive: AnyObject?
+
+    init(view: MigrationView) { self.view = view }
+
+    var snapshot: MigrationView { lock.withLock { view } }
+    var id: String { snapshot.id }
+    var isFinished: Bool { ["completed", "rolled-back", "stuck", "lost"].contains(snapshot.state) }
+
+    func update(_ change: (inout MigrationView) -> MigrationEvent?) {
+        let (event, targets) = lock.withLock { () -> (MigrationEvent?, [AsyncStream<MigrationEvent>.Continuation]) in
+            let event = change(&view)
+            if let event { events.append(event) }
+            return (event, Array(subscribers.values))
+        }
+        guard let event else { return }
+        for continuation in targets { continuation.yield(event) }
+        if event.kind == "finished" {
+            let all = lock.withLock { () -> [AsyncStream<MigrationEvent>.Continuation] in
+                defer { subscribers.removeAll() }
+                return Array(subscribers.values)
+            }
+            for continuation in all { continuation.finish() }
+        }
+    }
+
+    /// Every event so far, then the live ones until the migration finishes.
+    func subscribe() -> AsyncStream<MigrationEvent> {
+        AsyncStream { continuation in
+            let (past, finished) = lock.withLock { () -> ([MigrationEvent], Bool) in
+                let finished = ["completed", "rolled-back", "stuck", "lost"].contains(view.state)
+                if !finished { subscribers[UUID()] = continuation }
+                return (events, finished)
+            }
+            for event in past { continuation.yield(event) }
+            if finished { continuation.finish() }
+        }
+    }
+}
+
+/// Why the daemon refused a request: an HTTP status and a problem document.
+public struct CoordinatorProblem: Error, Sendable {
+    public var status: Int
+    public var code: String
+    public var title: String
+    public var detail: String
+    public var diagnostics: [PlanDiagnostic] = []
+}
+
+/// The daemon's one owner of state: the journal (and its lock), the migrations, the backends,
+/// the metrics. The HTTP layer never touches the kernel or the journal.
+public final class CoordinatorCore: @unchecked Sendable {
+    // @unchecked: mutable state is guarded by `lock`.
+    public let config: DaemonConfig
+    public let stateDirectory: String
+    let journal: Journal
+    let logger: Logger
+    public let metrics = PrometheusCollectorRegistry()
+    private let lock = NSLock()
+    private var records: [String: MigrationRecord] = [:]
+    private var idempotency: [String: String] = [:]
+    private var threads = 0
+    private var accepting = true
+    let backendChoice: String  // linux | model
+    let modelHostFile: String
+    let capabilities: HostCapabilities
+
+    public init(stateDirectory: String, config: DaemonConfig, logger: Logger) throws {
+        self.config = config
+        self.stateDirectory = stateDirectory
+        self.logger = logger
+        journal = try Journal(stateDirectory: stateDirectory)
+        modelHostFile = stateDirectory + "/model-host.json"
+        switch config.backend {
+        case "linux": backendChoice = "linux"
+        case "model": backendChoice = "model"
+        default:
+            if case .success = LinuxKVM.availability() { backendChoice = "linux" } else { backendChoice = "model" }
+        }
+        capabilities = try (backendChoice == "linux" ? LinuxKVM().probe() : KernelModel().probe())
+    }
+
+    // MARK: - Start: recover, then load the history
+
+    /// Brings every unfinished migration to a terminal state, then loads every journal.
+    public func recoverAndLoad() -> [RecoveryReport] {
+        let reports = Recovery.recoverAll(journal, processes: ProcessRecovery.recover)
+        let recoveries = metrics.makeCounter(descriptor: .init(
+            namespace: "gmigrate", metricName: "recoveries", unitName: "total", helpText: "Migrations recovered at daemon start"))
+        for report in reports {
+            recoveries.increment()
+            logger.info("recovered", metadata: ["migration": "\(report.id)", "state": "\(report.state?.rawValue ?? "none")", "problem": "\(report.problem ?? "")"])
+        }
+        for id in journal.ids() {
+            guard let contents = try? Journal.read(stateDirectory: stateDirectory, id: id),
+                case .started(let started)? = contents.entries.first?.event
+            else { continue }
+            var view = MigrationView(
+                id: id, plan: started.plan.name, vm: CoordinatorCore.vmKey(started.plan), state: "lost",
+                strategy: started.strategy.rawValue, steps: [], pointOfNoReturnPassed: false, cancelRequested: false)
+            for entry in contents.entries {
+                switch entry.event {
+                case .outcome(let outcome):
+                    view.steps.append(StepReport(
+                        step: outcome.step, direction: outcome.direction, ok: outcome.ok, durationNanoseconds: outcome.durationNanoseconds,
+                        error: outcome.error))
+                case .pointOfNoReturn: view.pointOfNoReturnPassed = true
+                case .finished(let finished):
+                    view.state = finished.state.rawValue
+                    view.reason = finished.reason
+                    view.blackoutNanoseconds = finished.blackoutNanoseconds
+                    view.blackoutBreach = finished.blackoutBreach
+                default: break
+                }
+            }
+            let record = MigrationRecord(view: view)
+            record.update { view in MigrationEvent(kind: "finished", state: view.state, reason: view.reason) }
+            lock.withLock {
+                records[id] = record
+                if let key = started.idempotencyKey { idempotency[key] = id }
+            }
+        }
+        return reports
+    }
+
+    /// A VM's identity, for "already migrating": its source VMM's socket, or the plan's name in-process.
+    static func vmKey(_ plan: MigrationPlan) -> String {
+        if case .socket(let path) = plan.source { return path }
+        return "in-process:" + plan.name
+    }
+
+    // MARK: - Requests
+
+    public func list(state: String?) -> [MigrationView] {
+        let all = lock.withLock { Array(records.values) }.map(\.snapshot).sorted { $0.id < $1.id }
+        return state.map { wanted in all.filter { $0.state == wanted } } ?? all
+    }
+
+    public func view(_ id: String) -> MigrationView? { lock.withLock { records[id] }?.snapshot }
+
+    func record(_ id: String) -> MigrationRecord? { lock.withLock { records[id] } }
+
+    public func host() -> HostCapabilities { capabilities }
+
+    /// Validates a plan exactly as `gmigrate plan validate --host` does.
+    public func validate(_ text: String) -> PlanReport {
+        PlanLoader.load(text: text, file: "request", host: capabilities)
+    }
+
+    /// Accepts a migration: validates, refuses a VM already migrating (409), starts it.
+    /// Returns the migration and whether it is new (an idempotent resubmission is not).
+    public func submit(_ text: String, idempotencyKey: String?) throws(CoordinatorProblem) -> (MigrationView, Bool) {
+        if let key = idempotencyKey, let id = lock.withLock({ idempotency[key] }), let existing = view(id) {
+            return (existing, false)
+        }
+        let report = validate(text)
+        guard report.parsed else {
+            throw CoordinatorProblem(status: 400, code: "syntax-error", title: "The plan is not YAML or JSON",
+                detail: report.diagnostics.first?.message ?? "unparseable", diagnostics: report.diagnostics)
+        }
+        guard let plan = report.plan, let strategy = report.strategy?.chosen else {
+            throw CoordinatorProblem(status: 422, code: report.diagnostics.first { $0.severity == .error }?.code ?? "invalid-plan",
+                title: "The plan is invalid", detail: "\(report.errorCount) problem(s); see diagnostics", diagnostics: report.diagnostics)
+        }
+        for path in [plan.source, plan.target].compactMap({ endpoint -> String? in
+            if case .socket(let path) = endpoint { return path }
+            return nil
+        }) where !config.vmmSocketDirectories.contains(where: { path.hasPrefix(($0.hasSuffix("/") ? $0 : $0 + "/")) }) {
+            throw CoordinatorProblem(status: 403, code: "path-outside-directories", title: "A VMM socket outside the configured directories",
+                detail: "\(path) is not under \(config.vmmSocketDirectories.joined(separator: ", ")) (vmmSocketDirectories)")
+        }
+        if plan.source == .inProcess && plan.target != .inProcess || plan.source != .inProcess && plan.target == .inProcess {
+            throw CoordinatorProblem(status: 422, code: "invalid-endpoint", title: "Mixed endpoints",
+                detail: "an in-process source needs an in-process target, and a VMM process a VMM process")
+        }
+        let vm = CoordinatorCore.vmKey(plan)
+        let id = StandaloneRun.newID(plan.name)
+        lock.lock()
+        let record = try { () throws(CoordinatorProblem) -> MigrationRecord in
+            defer { lock.unlock() }
+            guard accepting else {
+                throw CoordinatorProblem(status: 503, code: "shutting-down", title: "The daemon is shutting down", detail: "no new migrations")
+            }
+            if let busy = records.values.first(where: { $0.snapshot.vm == vm && !$0.isFinished }) {
+                throw CoordinatorProblem(status: 409, code: "vm-migrating", title: "The VM is already migrating",
+                    detail: "migration \(busy.id) of \(vm) is still \(busy.snapshot.state)")
+            }
+            let record = MigrationRecord(view: MigrationView(
+                id: id, plan: plan.name, vm: vm, state: "queued", strategy: strategy.rawValue, steps: [], pointOfNoReturnPassed: false,
+                cancelRequested: false))
+            records[id] = record
+            if let idempotencyKey { idempotency[idempotencyKey] = id }
+            threads += 1
+            return record
+        }()
+        let faults = config.allowFaults ? plan.faults : []
+        let thread = Thread { [self] in
+            execute(record, plan: plan, strategy: strategy, faults: faults, idempotencyKey: idempotencyKey)
+            lock.withLock { threads -= 1 }
+        }
+        thread.name = "migration \(id)"
+        thread.start()
+        return (record.snapshot, true)
+    }
+
+    /// Cancels before the point of no return; refuses after it.
+    public func cancel(_ id: String) throws(CoordinatorProblem) -> MigrationView {
+        guard let record = record(id) else {
+            throw CoordinatorProblem(status: 404, code: "not-found", title: "No such migration", detail: id)
+        }
+        let view = record.snapshot
+        if record.isFinished {
+            throw CoordinatorProblem(status: 409, code: "finished", title: "The migration has finished", detail: "it is \(view.state)")
+        }
+        if view.pointOfNoReturnPassed {
+            throw CoordinatorProblem(status: 409, code: "past-point-of-no-return", title: "Too late to cancel",
+                detail: "the migration passed its point of no return; it can only complete")
+        }
+        record.update { view in
+            view.cancelRequested = true
+            return MigrationEvent(kind: "state", state: view.state, reason: "cancel requested")
+        }
+        return record.snapshot
+    }
+
+    /// Stops accepting, cancels what has not passed its point of no return, waits for the rest.
+    public func drain() {
+        let running = lock.withLock { () -> [MigrationRecord] in
+            accepting = false
+            return records.values.filter { !$0.isFinished }
+        }
+        for record in running where !record.snapshot.pointOfNoReturnPassed { _ = try? cancel(record.id) }
+        while lock.withLock({ threads }) > 0 { Thread.sleep(forTimeInterval: 0.02) }
+    }
+
+    // MARK: - Running one migration
+
+    private func execute(_ record: MigrationRecord, plan: MigrationPlan, strategy: Strategy, faults: [FaultSpec], idempotencyKey: String?) {
+        var log = logger
+        log[metadataKey: "migration"] = "\(record.id)"
+        log.info("started", metadata: ["plan": "\(plan.name)", "strategy": "\(strategy.rawValue)"])
+        record.update { view in
+            view.state = "running"
+            return MigrationEvent(kind: "state", state: "running")
+        }
+        let stepHistogram = metrics.makeDurationHistogram(
+            descriptor: .init(namespace: "gmigrate", metricName: "step_duration", unitName: "seconds", helpText: "Duration of migration steps"),
+            labels: [], buckets: [.microseconds(100), .milliseconds(1), .milliseconds(10), .milliseconds(100), .seconds(1), .seconds(10)])
+        let progress: (StepReport) -> Void = { step in
+            stepHistogram.recordNanoseconds(step.durationNanoseconds)
+            log.info("step", metadata: ["step": "\(step.step.rawValue)", "direction": "\(step.direction.rawValue)", "ok": "\(step.ok)"])
+            record.update { view in
+                view.steps.append(step)
+                if step.direction == .forward && step.ok && step.step == Migration.pointOfNoReturn(confidential: plan.vm.type.hasEncryptionContext) {
+                    view.pointOfNoReturnPassed = true
+                }
+                return MigrationEvent(kind: "step", state: view.state, step: step)
+            }
+        }
+        // The point of no return is journaled right before its step starts: mark it then.
+        let pointOfNoReturn = Migration.pointOfNoReturn(confidential: plan.vm.type.hasEncryptionContext)
+        let trackingProgress: (StepReport) -> Void = { step in
+            progress(step)
+            if let index = MigrationStep.allCases.firstIndex(of: step.step), step.ok, step.direction == .forward,
+                index + 1 < MigrationStep.allCases.count, MigrationStep.allCases[index + 1] == pointOfNoReturn
+            {
+                record.update { view in
+                    view.pointOfNoReturnPassed = true
+                    return nil
+                }
+            }
+        }
+        let shouldCancel: () -> Bool = { record.snapshot.cancelRequested }
+        var summary: MigrationSummary? = nil
+        var failure: String? = nil
+        do {
+            if plan.source == .inProcess {
+                let backend: StandaloneBackend = backendChoice == "linux" ? .linux : .model(hostFile: modelHostFile)
+                let run = try StandaloneRun.run(
+                    plan: plan, planFile: "(submitted)", strategy: strategy, backend: backend, journal: journal, faults: faults,
+                    progress: trackingProgress, shouldCancel: shouldCancel, idempotencyKey: idempotencyKey, id: record.id)
+                record.keepAlive = run
+                summary = run.summary
+            } else if case .socket(let sourceSocket) = plan.source {
+                var targetSocket: String? = nil
+                if case .socket(let path) = plan.target { targetSocket = path }
+                let run = try ProcessRun.run(
+                    plan: plan, planFile: "(submitted)", strategy: strategy, journal: journal, faults: faults, sourceSocket: sourceSocket,
+                    targetSocket: targetSocket, spawnBackend: backendChoice == "linux" ? "linux" : "model:" + modelHostFile,
+                    vmmDirectory: stateDirectory + "/vmm", progress: trackingProgress, shouldCancel: shouldCancel,
+                    idempotencyKey: idempotencyKey, id: record.id)
+                record.keepAlive = run
+                summary = run.summary
+            }
+        } catch {
+            failure = "\(error)"
+        }
+        let outcome = summary?.state.rawValue ?? "lost"
+        metrics.makeCounter(
+            descriptor: .init(namespace: "gmigrate", metricName: "migrations", unitName: "total", helpText: "Migrations by outcome"),
+            labels: [("outcome", outcome)]
+        ).increment()
+        if let blackout = summary?.blackoutNanoseconds {
+            metrics.makeDurationHistogram(
+                descriptor: .init(namespace: "gmigrate", metricName: "blackout", unitName: "seconds", helpText: "Source paused to target running"),
+                labels: [], buckets: [.microseconds(100), .milliseconds(1), .milliseconds(10), .milliseconds(50), .milliseconds(100), .seconds(1)]
+            ).recordNanoseconds(blackout)
+        }
+        log.info("finished", metadata: ["state": "\(outcome)", "reason": "\(summary?.reason ?? failure ?? "")"])
+        record.update { view in
+            view.state = outcome
+            view.reason = summary?.reason ?? failure
+            view.blackoutNanoseconds = summary?.blackoutNanoseconds
+            view.blackoutBreach = summary?.blackoutBreach
+            return MigrationEvent(kind: "finished", state: outcome, reason: view.reason)
+        }
+    }
+}

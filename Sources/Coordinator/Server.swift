@@ -1,0 +1,199 @@
+import Foundation
+import Hummingbird
+import Journal
+import Kernel
+import Logging
+import NIOCore
+import Orchestrator
+import Plans
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `struct ucred`, as SO_PEERCRED returns it.
+struct PeerCredential: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+}
+
+/// The request context: the connection's channel, for its peer's credentials.
+struct DaemonContext: RequestContext {
+    var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+    var peer: PeerCredential?
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+
+    /// Request bodies are bounded (the daemon also enforces the configured limit).
+    var maxUploadSize: Int { 16 << 20 }
+}
+
+/// A problem document (RFC 9457 style), with the validator's codes where they apply.
+struct ProblemDocument: Codable, Sendable {
+    var type: String
+    var title: String
+    var status: Int
+    var detail: String
+    var code: String
+    var diagnostics: [PlanDiagnostic]?
+}
+
+func problemResponse(_ problem: CoordinatorProblem) -> Response {
+    let document = ProblemDocument(
+        type: "urn:gmigrate:problem:\(problem.code)", title: problem.title, status: problem.status, detail: problem.detail,
+        code: problem.code, diagnostics: problem.diagnostics.isEmpty ? nil : problem.diagnostics)
+    return jsonResponse(document, status: HTTPResponse.Status(code: problem.status), contentType: "application/problem+json")
+}
+
+func jsonResponse<T: Encodable>(_ value: T, status: HTTPResponse.Status = .ok, contentType: String = "application/json") -> Response {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
+    var headers = HTTPFields()
+    headers[.contentType] = contentType
+    return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
+}
+
+/// SO_PEERCRED on every request: only the configured uids and gids pass; others get 403.
+struct AuthorizationMiddleware: RouterMiddleware {
+    typealias Context = DaemonContext
+    let allowedUIDs: Set<UInt32>
+    let allowedGIDs: Set<UInt32>
+    let logger: Logger
+
+    func handle(_ request: Request, context: DaemonContext, next: (Request, DaemonContext) async throws -> Response) async throws -> Response {
+        var context = context
+        guard let provider = context.channel as? any SocketOptionProvider,
+            let credential: PeerCredential = try? await provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
+            ).get()
+        else {
+            return problemResponse(CoordinatorProblem(status: 403, code: "forbidden", title: "Forbidden", detail: "the peer's credentials cannot be read"))
+        }
+        guard allowedUIDs.contains(credential.uid) || allowedGIDs.contains(credential.gid) else {
+            logger.warning("refused", metadata: ["pid": "\(credential.pid)", "uid": "\(credential.uid)", "gid": "\(credential.gid)", "path": "\(request.uri.path)"])
+            return problemResponse(CoordinatorProblem(
+                status: 403, code: "forbidden", title: "Forbidden",
+                detail: "uid \(credential.uid) (gid \(credential.gid)) is not allowed to use this daemon (allowedUIDs, allowedGIDs)"))
+        }
+        context.peer = credential
+        return try await next(request, context)
+    }
+}
+
+/// The HTTP API (docs/openapi.yaml) in front of the coordinator core.
+public enum DaemonServer {
+    /// Builds the router: every route parses its request and asks the core.
+    static func router(core: CoordinatorCore, logger: Logger) -> Router<DaemonContext> {
+        let router = Router(context: DaemonContext.self)
+        router.add(middleware: AuthorizationMiddleware(
+            allowedUIDs: Set(core.config.allowedUIDs), allowedGIDs: Set(core.config.allowedGIDs), logger: logger))
+        let limit = core.config.maxBodyBytes
+
+        @Sendable func body(_ request: Request, _ context: DaemonContext) async throws(CoordinatorProblem) -> String {
+            var request = request
+            let buffer: ByteBuffer
+            do {
+                buffer = try await request.collectBody(upTo: limit)
+            } catch {
+                throw CoordinatorProblem(status: 413, code: "body-too-large", title: "The request body is too large", detail: "at most \(limit) bytes")
+            }
+            return String(buffer: buffer)
+        }
+
+        router.get("/healthz") { _, _ in jsonResponse(["status": "ok"]) }
+        router.get("/v1/host") { _, _ in jsonResponse(core.host()) }
+        router.get("/metrics") { _, _ in
+            var headers = HTTPFields()
+            headers[.contentType] = "text/plain; version=0.0.4"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: core.metrics.emitToBuffer())))
+        }
+        router.post("/v1/plans/validate") { request, context in
+            do {
+                let report = core.validate(try await body(request, context))
+                return jsonResponse(report, status: report.parsed ? .ok : .badRequest)
+            } catch let problem as CoordinatorProblem {
+                return problemResponse(problem)
+            }
+        }
+        router.post("/v1/migrations") { request, context in
+            do {
+                let key = request.headers.first { $0.name.canonicalName == "idempotency-key" }?.value
+                let (view, created) = try core.submit(try await body(request, context), idempotencyKey: key)
+                var response = jsonResponse(view, status: created ? .accepted : .ok)
+                response.headers[.location] = "/v1/migrations/\(view.id)"
+                return response
+            } catch let problem as CoordinatorProblem {
+                return problemResponse(problem)
+            }
+        }
+        router.get("/v1/migrations") { request, _ in
+            jsonResponse(core.list(state: request.uri.queryParameters.get("state")))
+        }
+        router.get("/v1/migrations/:id") { _, context in
+            let id = context.parameters.get("id") ?? ""
+            guard let view = core.view(id) else {
+                return problemResponse(CoordinatorProblem(status: 404, code: "not-found", title: "No such migration", detail: id))
+            }
+            return jsonResponse(view)
+        }
+        router.post("/v1/migrations/:id/cancel") { _, context in
+            do {
+                return jsonResponse(try core.cancel(context.parameters.get("id") ?? ""), status: .accepted)
+            } catch let problem as CoordinatorProblem {
+                return problemResponse(problem)
+            }
+        }
+        router.get("/v1/migrations/:id/events") { _, context in
+            let id = context.parameters.get("id") ?? ""
+            guard let record = core.record(id) else {
+                return problemResponse(CoordinatorProblem(status: 404, code: "not-found", title: "No such migration", detail: id))
+            }
+            var headers = HTTPFields()
+            headers[.contentType] = "text/event-stream"
+            headers[.cacheControl] = "no-cache"
+            let events = record.subscribe()
+            return Response(status: .ok, headers: headers, body: ResponseBody { writer in
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.sortedKeys]
+                for await event in events {
+                    let data = (try? encoder.encode(event)) ?? Data("{}".utf8)
+                    try await writer.write(ByteBuffer(string: "event: \(event.kind)\ndata: \(String(decoding: data, as: UTF8.self))\n\n"))
+                }
+                try await writer.finish(nil)
+            })
+        }
+        return router
+    }
+
+    /// Runs the daemon until SIGTERM or SIGINT: recover, serve, then drain.
+    public static func run(socket: String, core: CoordinatorCore, logger: Logger) async throws {
+        // One daemon per socket: a second would unlink the first one's live socket.
+        let lockFD = open(socket + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
+            throw ConfigError(message: "\(socket) is in use by another daemon")
+        }
+        defer { close(lockFD) }
+        let reports = core.recoverAndLoad()
+        logger.info("recovered \(reports.count) unfinished migration(s); serving on \(socket)")
+        let group = core.config.socketGroup
+        let app = Application(
+            router: router(core: core, logger: logger),
+            configuration: .init(address: .unixDomainSocket(path: socket), serverName: "gmigrate"),
+            onServerRunning: { _ in
+                _ = chmod(socket, 0o660)
+                if let group { _ = chown(socket, getuid(), group) }
+                logger.info("ready")
+            },
+            logger: logger)
+        try await app.runService()
+        logger.info("stopping: draining running migrations")
+        core.drain()
+        logger.info("stopped")
+    }
+}
