@@ -65,7 +65,7 @@ let package = Package(
         .testTarget(
             name: "KernelTests",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
             ]
         ),
     ],

@@ -12,8 +12,9 @@ if ! command -v swift >/dev/null 2>&1; then
     exit 1
 fi
 
-# Debian packages: util-linux's setpriv runs a probe as an unprivileged user in the tests.
-packages=(util-linux)
+# Debian packages: util-linux's setpriv runs clients as an unprivileged user in the tests; curl
+# for the README's API examples.
+packages=(util-linux curl)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

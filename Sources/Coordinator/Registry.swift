@@ -330,7 +330,8 @@ public final class CoordinatorCore: @unchecked Sendable {
                     targetSocket: targetSocket, spawnBackend: backendChoice == "linux" ? "linux" : "model:" + modelHostFile,
                     vmmDirectory: stateDirectory + "/vmm", progress: trackingProgress, shouldCancel: shouldCancel,
                     idempotencyKey: idempotencyKey, id: record.id)
-                record.keepAlive = run
+                // The VMMs run on by themselves: let go of their connections, so that a VMM can
+                // take its next coordinator (each serves one connection at a time).
                 summary = run.summary
             }
         } catch {

@@ -51,7 +51,7 @@ public enum Fault: Hashable, Sendable, CustomStringConvertible {
         switch self {
         case .errno(let errno): "errno:\(errno.name)"
         case .crash: "crash"
-        case .delay(let duration): "delay:\(duration)"
+        case .delay(let duration): "delay:\(duration.text)"
         }
     }
 }

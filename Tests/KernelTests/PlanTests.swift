@@ -176,3 +176,17 @@ struct PlanTests {
         #expect(brokenReport.diagnostics.map(\.code) == ["gpa-overlap"])
     }
 }
+
+@Suite("Fault specs")
+struct FaultSpecTests {
+    @Test("a fault spec reads back from its own text", arguments: [
+        "before:bind-memslots=errno:ENOMEM", "kernel:set-memslot=errno:EIO*3", "after:prepare=crash", "before:retire-source=delay:2s",
+        "kernel:run-vcpu=delay:250ms*", "after:pause-source=delay:1500us",
+    ])
+    func roundTrip(_ text: String) throws {
+        let spec = try FaultSpec(parsing: text)
+        #expect(try FaultSpec(parsing: spec.description) == spec)
+        let encoded = try JSONEncoder().encode(spec)
+        #expect(try JSONDecoder().decode(FaultSpec.self, from: encoded) == spec)
+    }
+}

@@ -54,6 +54,7 @@ final class ProcessFixture {
         let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
             .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
             .replacingOccurrences(of: "strategy: auto", with: "strategy: \(strategy)")
+            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
         plan = directory + "/plan.yaml"
         try text.write(toFile: plan, atomically: true, encoding: .utf8)
         source = try ProcessRun.spawnVMMForTests(
