@@ -188,6 +188,17 @@ public final class CoordinatorCore: @unchecked Sendable {
         PlanLoader.load(text: text, file: "request", host: capabilities)
     }
 
+    /// The dry run of `gmigrate migrate --dry-run`: the whole state machine rehearsed on an
+    /// in-memory model with the strategy this host would use; no VM of this host is touched.
+    public func rehearse(_ plan: MigrationPlan, strategy: Strategy) -> MigrationSummary? {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gmigrate-rehearsal-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        guard plan.source == .inProcess, let journal = try? Journal(stateDirectory: directory) else { return nil }
+        return try? StandaloneRun.run(
+            plan: plan, planFile: "(rehearsal)", strategy: strategy, backend: .model(hostFile: nil), journal: journal, faults: []
+        ).summary
+    }
+
     /// Accepts a migration: validates, refuses a VM already migrating (409), starts it.
     /// Returns the migration and whether it is new (an idempotent resubmission is not).
     public func submit(_ text: String, idempotencyKey: String?) throws(CoordinatorProblem) -> (MigrationView, Bool) {

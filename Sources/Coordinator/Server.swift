@@ -116,6 +116,13 @@ public enum DaemonServer {
         router.post("/v1/plans/validate") { request, context in
             do {
                 let report = core.validate(try await body(request, context))
+                if request.uri.queryParameters.get("rehearse") == "true", let plan = report.plan, let strategy = report.strategy?.chosen {
+                    struct Rehearsed: Encodable {
+                        var report: PlanReport
+                        var rehearsal: MigrationSummary?
+                    }
+                    return jsonResponse(Rehearsed(report: report, rehearsal: core.rehearse(plan, strategy: strategy)))
+                }
                 return jsonResponse(report, status: report.parsed ? .ok : .badRequest)
             } catch let problem as CoordinatorProblem {
                 return problemResponse(problem)

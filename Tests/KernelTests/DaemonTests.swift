@@ -186,6 +186,9 @@ struct DaemonTests {
         #expect(report.status == 200)
         #expect(daemon.json(report)["valid"] as? Bool == true)
         #expect((daemon.json(report)["strategy"] as? [String: Any])?["chosen"] as? String == "link")
+        let rehearsed = try daemon.call("POST", "/v1/plans/validate?rehearse=true", body: try demoPlan())
+        #expect(rehearsed.status == 200)
+        #expect((daemon.json(rehearsed)["rehearsal"] as? [String: Any])?["state"] as? String == "completed")
         // A VMM socket outside the configured directories is refused.
         let outside = try String(contentsOfFile: repositoryRoot + "/migration-plans/web-vmm-upgrade.yaml", encoding: .utf8)
         let forbidden = try daemon.call("POST", "/v1/migrations", body: outside)
