@@ -20,6 +20,12 @@ let package = Package(
     targets: [
         // Layer 0: the KVM uAPI newer than this host's headers, and non-variadic wrappers.
         .target(name: "CKVM"),
+        // libnl-3 and libnl-route-3, found through pkg-config (Debian: libnl-3-dev, libnl-route-3-dev).
+        .systemLibrary(
+            name: "CNetlink", pkgConfig: "libnl-route-3.0",
+            providers: [.apt(["libnl-3-dev", "libnl-route-3-dev"])]),
+        // Netlink: KVM's VM lifecycle uevents, and network interface checks (rtnetlink).
+        .target(name: "HostNet", dependencies: ["CNetlink"]),
         // The kernel boundary: one protocol, LinuxKVM (real ioctls) and KernelModel (reference model).
         .target(name: "Kernel", dependencies: ["CKVM"]),
         // The `gmigrate kernel run` script language: parser and runner, on either backend.
@@ -31,12 +37,12 @@ let package = Package(
         // The migration: journaled state machine, VMM endpoints, recovery, fault points.
         .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
         // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).
-        .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator"]),
+        .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "HostNet"]),
         // The coordinator daemon: HTTP on a UNIX socket, authorization, events, metrics.
         .target(
             name: "Coordinator",
             dependencies: [
-                "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "CKVM",
+                "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "HostNet", "CKVM",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
@@ -47,7 +53,7 @@ let package = Package(
         .executableTarget(
             name: "gmigrate",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator",
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "HostNet",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -65,7 +71,7 @@ let package = Package(
         .testTarget(
             name: "KernelTests",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
+                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "HostNet", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
             ]
         ),
     ],

@@ -1,5 +1,6 @@
 import Foundation
 import Handoff
+import HostNet
 import Journal
 import Kernel
 import Logging
@@ -105,6 +106,8 @@ public final class CoordinatorCore: @unchecked Sendable {
     let backendChoice: String  // linux | model
     let modelHostFile: String
     let capabilities: HostCapabilities
+    /// KVM's VM lifecycle uevents, for every process migration (nil where netlink is unavailable).
+    let watcher = try? KVMEventWatcher()
 
     public init(stateDirectory: String, config: DaemonConfig, logger: Logger) throws {
         self.config = config
@@ -340,7 +343,11 @@ public final class CoordinatorCore: @unchecked Sendable {
                     plan: plan, planFile: "(submitted)", strategy: strategy, journal: journal, faults: faults, sourceSocket: sourceSocket,
                     targetSocket: targetSocket, spawnBackend: backendChoice == "linux" ? "linux" : "model:" + modelHostFile,
                     vmmDirectory: stateDirectory + "/vmm", progress: trackingProgress, shouldCancel: shouldCancel,
-                    idempotencyKey: idempotencyKey, id: record.id)
+                    idempotencyKey: idempotencyKey, id: record.id, watcher: watcher,
+                    onVMEvent: { [log] reason in
+                        log.warning("vm-event", metadata: ["event": "\(reason)"])
+                        record.update { view in MigrationEvent(kind: "vm-event", state: view.state, reason: reason) }
+                    })
                 // The VMMs run on by themselves: let go of their connections, so that a VMM can
                 // take its next coordinator (each serves one connection at a time).
                 summary = run.summary

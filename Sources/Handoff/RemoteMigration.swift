@@ -1,4 +1,5 @@
 import Foundation
+import HostNet
 import Journal
 import Kernel
 import Orchestrator
@@ -93,7 +94,8 @@ public final class ProcessRun {
         plan: MigrationPlan, planFile: String, strategy: Strategy, journal store: Journal, faults specs: [FaultSpec],
         sourceSocket: String, targetSocket: String?, spawnBackend: String, vmmDirectory: String,
         progress: @escaping (StepReport) -> Void = { _ in }, shouldCancel: @escaping () -> Bool = { false },
-        idempotencyKey: String? = nil, id chosen: String? = nil
+        idempotencyKey: String? = nil, id chosen: String? = nil, watcher: KVMEventWatcher? = nil,
+        onVMEvent: @escaping @Sendable (String) -> Void = { _ in }
     ) throws -> ProcessRun {
         let id = chosen ?? StandaloneRun.newID(plan.name)
         let timeout = plan.policy.stepTimeout
@@ -119,9 +121,22 @@ public final class ProcessRun {
         started.idempotencyKey = idempotencyKey
         try journal.append(.started(started))
         let injector = FaultInjector(specs)
+        // A VMM whose VM KVM destroys (its process died, or it closed the VM) stops the migration
+        // at once, without waiting for a request to fail or time out.
+        let abort = AbortFlag()
+        let pids = [source.peer.pid: "source", target.peer.pid: "target"]
+        let token = watcher?.subscribe { event in
+            guard event.kind == .destroy, let role = pids[event.pid], abort.reason == nil else { return }
+            let reason = "the \(role) VMM's VM (pid \(event.pid)) was destroyed (KVM uevent)"
+            abort.set(reason)
+            _ = try? journal.append(.note("uevent: destroy of the VM of pid \(event.pid), the \(role) VMM"))
+            onVMEvent(reason)
+        }
+        defer { if let token { watcher?.unsubscribe(token) } }
+        injector.interruptDelays { abort.reason != nil }
         let migration = Migration(
             id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
-            shouldCancel: shouldCancel)
+            shouldCancel: shouldCancel, abortReason: { abort.reason })
         let summary = try migration.run()
         var verification: ProcessVerification? = nil
         if summary.state == .completed || summary.state == .rolledBack {
@@ -152,4 +167,13 @@ func ckvm_connect_probe(_ path: String) -> Bool {
     guard let connection = try? HandoffConnection.connect(path: path) else { return false }
     withExtendedLifetime(connection) {}
     return true
+}
+
+/// A reason, set once, read from any thread.
+final class AbortFlag: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var value: String?
+    var reason: String? { lock.withLock { value } }
+    func set(_ reason: String) { lock.withLock { if value == nil { value = reason } } }
 }

@@ -16,6 +16,12 @@ public final class FaultInjector: Sendable {
     public static let crashStatus: Int32 = 86
 
     private let armed: Mutex<[FaultSpec]>
+    /// Ends an injected delay early (a VMM died meanwhile: the migration must react at once).
+    private let interruption = Mutex<(@Sendable () -> Bool)?>(nil)
+
+    public func interruptDelays(when condition: @escaping @Sendable () -> Bool) {
+        interruption.withLock { $0 = condition }
+    }
     /// Called right before an injected crash exits (tests of the injector itself replace it).
     private let onCrash: @Sendable (FaultPoint) -> Void
 
@@ -57,7 +63,12 @@ public final class FaultInjector: Sendable {
             onCrash(point)
             return nil
         case .delay(let duration):
-            Thread.sleep(forTimeInterval: Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
+            let end = Date().addingTimeInterval(Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
+            let interrupted = interruption.withLock { $0 }
+            while Date() < end {
+                if interrupted?() == true { break }
+                Thread.sleep(forTimeInterval: min(0.01, max(0, end.timeIntervalSinceNow)))
+            }
             return nil
         }
     }

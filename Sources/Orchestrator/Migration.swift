@@ -69,6 +69,8 @@ public final class Migration {
     let progress: (StepReport) -> Void
     /// Asked before every step up to the point of no return: true cancels (and rolls back).
     let shouldCancel: () -> Bool
+    /// Asked before every step: a reason stops the migration at once (a VMM's VM was destroyed).
+    let abortReason: () -> String?
     let clock = ContinuousClock()
 
     private var description: VMDescription?
@@ -83,7 +85,7 @@ public final class Migration {
     public init(
         id: String, plan: MigrationPlan, strategy: Strategy, journal: MigrationJournal, source: any VMMEndpoint,
         target: any VMMEndpoint, faults: FaultInjector, progress: @escaping (StepReport) -> Void = { _ in },
-        shouldCancel: @escaping () -> Bool = { false }
+        shouldCancel: @escaping () -> Bool = { false }, abortReason: @escaping () -> String? = { nil }
     ) {
         precondition(strategy != .auto, "the strategy is resolved before a migration starts")
         self.id = id
@@ -95,6 +97,7 @@ public final class Migration {
         self.faults = faults
         self.progress = progress
         self.shouldCancel = shouldCancel
+        self.abortReason = abortReason
     }
 
     var isConfidential: Bool { plan.vm.type.hasEncryptionContext }
@@ -113,6 +116,11 @@ public final class Migration {
         var failure: (MigrationStep, EndpointError)? = nil
         var passedPointOfNoReturn = false
         for step in steps {
+            if let reason = abortReason() {
+                try journal.append(.note("aborted before \(step): \(reason)"))
+                failure = (step, EndpointError("aborted: \(reason)"))
+                break
+            }
             if !passedPointOfNoReturn && shouldCancel() {
                 try journal.append(.note("cancelled by request before \(step)"))
                 failure = (step, EndpointError("cancelled by request"))
@@ -186,6 +194,10 @@ public final class Migration {
         var result: Result<[String: String], EndpointError>
         if let errno = faults.hit(.before(step)) {
             result = .failure(EndpointError("injected fault before:\(step): \(errno.name)", errno: errno))
+        } else if direction == .forward, let reason = abortReason() {
+            // The event came while this step waited: react now, before its effect.
+            try journal.append(.note("aborted before \(step): \(reason)"))
+            result = .failure(EndpointError("aborted: \(reason)"))
         } else {
             do {
                 result = .success(try (direction == .forward ? action(step) : undo(step)))

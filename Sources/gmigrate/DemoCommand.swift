@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Handoff
+import HostNet
 import Journal
 import Kernel
 import Orchestrator
@@ -116,8 +117,8 @@ struct Demo: ParsableCommand {
         do {
             run = try ProcessRun.run(
                 plan: validPlan, planFile: planFile, strategy: resolved, journal: journal, faults: [], sourceSocket: sourceSocket,
-                targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory
-            ) { step in if !json { printStep(step) } }
+                targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory,
+                progress: { step in if !json { printStep(step) } }, watcher: try? KVMEventWatcher())
         } catch {
             throw CommandFailure(code: .kernelFailed, message: "the demo could not run: \(error)")
         }

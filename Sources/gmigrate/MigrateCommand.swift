@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Handoff
+import HostNet
 import Journal
 import Kernel
 import Orchestrator
@@ -162,8 +163,8 @@ struct Migrate: ParsableCommand {
         do {
             run = try ProcessRun.run(
                 plan: validPlan, planFile: plan, strategy: resolved, journal: journal, faults: specs, sourceSocket: sourceSocket,
-                targetSocket: targetSocket, spawnBackend: spawnBackend, vmmDirectory: state.stateDir + "/vmm"
-            ) { step in if !json { printStep(step) } }
+                targetSocket: targetSocket, spawnBackend: spawnBackend, vmmDirectory: state.stateDir + "/vmm",
+                progress: { step in if !json { printStep(step) } }, watcher: try? KVMEventWatcher())
         } catch let error as JournalError {
             throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
         } catch {

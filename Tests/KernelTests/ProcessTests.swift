@@ -254,12 +254,13 @@ struct ProcessTests {
     func killDuring(
         _ fixture: ProcessFixture, point: String, killCoordinator: Bool = false, victim: (JournalEntry.Started) throws -> Int32
     ) throws -> CommandResult {
-        let step = String(point.split(separator: ":")[1])
+        let spec = point.contains("=") ? point : "\(point)=delay:1500ms"
+        let step = String(point.split(separator: "=")[0].split(separator: ":")[1])
         fixture.counterBefore = (try? RemoteVMM(role: "test", socketPath: fixture.sourceSocket, timeout: .seconds(2)).status().counter).flatMap { $0 } ?? 0
         #expect(fixture.counterBefore > 0, "the guest counts before the migration")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try executable("gmigrate"))
-        process.arguments = ["migrate", fixture.plan, "--state-dir", fixture.directory, "--inject", "\(point)=delay:1500ms"]
+        process.arguments = ["migrate", fixture.plan, "--state-dir", fixture.directory, "--inject", spec]
         process.currentDirectoryURL = URL(fileURLWithPath: repositoryRoot)
         let out = Pipe()
         process.standardOutput = out
