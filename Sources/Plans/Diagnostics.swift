@@ -80,6 +80,11 @@ public enum PlanRule: String, Sendable, CaseIterable, Codable {
     case vmTypeUnavailable = "vm-type-unavailable"
     case flagUnsupportedOnHost = "flag-unsupported-on-host"
     case strategyUnavailable = "strategy-unavailable"
+    case nicMissing = "nic-missing"
+    case nicNotTap = "nic-not-tap"
+    case nicDown = "nic-down"
+    case nicMTUMismatch = "nic-mtu-mismatch"
+    case nicWrongBridge = "nic-wrong-bridge"
 }
 
 /// What validating one file found.

@@ -111,3 +111,24 @@ extension Duration {
         return "\(nanoseconds)ns"
     }
 }
+
+/// This host's network interfaces, as rtnetlink shows them (filled by HostNet), for `--host`
+/// checks of `spec.vm.nics`.
+public struct HostNetwork: Sendable, Equatable {
+    public struct Link: Sendable, Equatable {
+        public var isUp: Bool
+        public var mtu: UInt32
+        public var master: String?
+        /// IFLA_INFO_KIND: `tun` for a tap.
+        public var kind: String?
+        public init(isUp: Bool, mtu: UInt32, master: String?, kind: String?) {
+            self.isUp = isUp
+            self.mtu = mtu
+            self.master = master
+            self.kind = kind
+        }
+    }
+
+    public var links: [String: Link]
+    public init(links: [String: Link]) { self.links = links }
+}

@@ -33,7 +33,9 @@ public enum PlanLoader {
     /// Parses and validates one plan text (YAML or JSON).
     /// - Parameter host: this host's probed capabilities, for `--host` checks; nil for the plan alone.
     /// - Parameter strategy: overrides the plan's strategy (`gmigrate migrate --strategy`), checked by the same rules.
-    public static func load(text: String, file: String, host: HostCapabilities? = nil, strategy override: Strategy? = nil) -> PlanReport {
+    public static func load(
+        text: String, file: String, host: HostCapabilities? = nil, strategy override: Strategy? = nil, network: HostNetwork? = nil
+    ) -> PlanReport {
         guard text.utf8.count <= maxBytes else {
             return PlanReport(
                 file: file, parsed: false,
@@ -67,6 +69,7 @@ public enum PlanLoader {
         if let host, let strategy = draft.strategy, let type = draft.type {
             choice = validator.checkHost(draft, type: type, strategy: strategy, host: host)
         }
+        if let network { validator.checkNetwork(draft, network) }
         let diagnostics = validator.parser.diagnostics.sorted {
             ($0.line ?? Int.max, $0.column ?? Int.max, $0.path) < ($1.line ?? Int.max, $1.column ?? Int.max, $1.path)
         }
@@ -77,7 +80,7 @@ public enum PlanLoader {
     }
 
     /// Reads and validates a plan file; an unreadable file is reported, not thrown.
-    public static func load(path: String, host: HostCapabilities? = nil, strategy: Strategy? = nil) -> PlanReport {
+    public static func load(path: String, host: HostCapabilities? = nil, strategy: Strategy? = nil, network: HostNetwork? = nil) -> PlanReport {
         guard let data = FileManager.default.contents(atPath: path) else {
             return PlanReport(
                 file: path, parsed: false,
@@ -90,7 +93,7 @@ public enum PlanLoader {
                 diagnostics: [PlanDiagnostic(code: .syntaxError, path: "", message: "the file is not UTF-8 text")],
                 strategy: nil, plan: nil)
         }
-        return load(text: text, file: path, host: host, strategy: strategy)
+        return load(text: text, file: path, host: host, strategy: strategy, network: network)
     }
 
     static func syntaxDiagnostic(_ error: any Error) -> PlanDiagnostic {
@@ -396,6 +399,28 @@ struct PlanValidator {
                 return .init(requested: strategy, chosen: nil, reason: whyNot)
             }
             return .init(requested: strategy, chosen: strategy, reason: "\(strategy.rawValue) is possible here")
+        }
+    }
+
+    /// `--host`: each NIC exists here, is a tap, is up, has the plan's MTU and bridge (rtnetlink).
+    mutating func checkNetwork(_ draft: PlanDraft, _ network: HostNetwork) {
+        for nic in draft.nics {
+            guard let name = nic.name else { continue }
+            guard let link = network.links[name] else {
+                report(.nicMissing, nic.path + ".name", "no interface '\(name)' on this host")
+                continue
+            }
+            if link.kind != "tun" {
+                report(.nicNotTap, nic.path + ".name", "'\(name)' is \(link.kind.map { "a \($0)" } ?? "not a tap") interface, not a tap")
+            }
+            if !link.isUp { report(.nicDown, nic.path + ".name", "'\(name)' is down") }
+            if let mtu = nic.mtu, UInt32(clamping: mtu) != link.mtu {
+                report(.nicMTUMismatch, nic.path + ".mtu", "'\(name)' has MTU \(link.mtu), the plan says \(mtu)")
+            }
+            if let bridge = nic.bridge, link.master != bridge {
+                report(.nicWrongBridge, nic.path + ".bridge",
+                    "'\(name)' is attached to \(link.master.map { "'\($0)'" } ?? "no bridge"), the plan says '\(bridge)'")
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import HostNet
 import Kernel
 import Plans
 
@@ -43,7 +44,14 @@ struct Plan: ParsableCommand {
                     throw CommandFailure(code: .kernelFailed, message: "probing failed: \(error)")
                 }
             }
-            let reports = plans.map { PlanLoader.load(path: $0, host: capabilities) }
+            // --host also reads this network namespace's interfaces, for spec.vm.nics.
+            var network: HostNetwork? = nil
+            if host, let links = try? readLinks() {
+                network = HostNetwork(links: Dictionary(links.map {
+                    ($0.name, HostNetwork.Link(isUp: $0.isUp, mtu: $0.mtu, master: $0.master, kind: $0.kind))
+                }, uniquingKeysWith: { first, _ in first }))
+            }
+            let reports = plans.map { PlanLoader.load(path: $0, host: capabilities, network: network) }
             let errors = reports.reduce(0) { $0 + $1.errorCount }
             let warnings = reports.reduce(0) { $0 + $1.warningCount }
             if output.json {

@@ -74,3 +74,68 @@ final class Locked<Value: Sendable>: @unchecked Sendable {
     var value: Value { lock.withLock { stored } }
     func mutate(_ body: (inout Value) -> Void) { lock.withLock { body(&stored) } }
 }
+
+/// The validator's NIC checks through rtnetlink, in a network namespace the test makes and
+/// removes (never the host's own interfaces).
+@Suite("NIC checks in a network namespace")
+struct NICValidationTests {
+    func ip(_ arguments: [String]) throws -> Int32 {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = arguments
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    @Test func missingDownWrongMTUWrongBridgeAndNotATap() throws {
+        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else {
+            try Test.cancel("needs root and iproute2 to make a network namespace")
+        }
+        let namespace = "gmt-\(UInt16.random(in: 0...UInt16.max))"
+        #expect(try ip(["netns", "add", namespace]) == 0)
+        defer { _ = try? ip(["netns", "del", namespace]) }
+        let setup: [[String]] = [
+            ["link", "add", "br-gm", "type", "bridge"], ["link", "set", "br-gm", "up"],
+            ["link", "add", "br-other", "type", "bridge"], ["link", "set", "br-other", "up"],
+            ["tuntap", "add", "dev", "tapok", "mode", "tap", "multi_queue"], ["link", "set", "tapok", "mtu", "1400", "master", "br-gm", "up"],
+            ["tuntap", "add", "dev", "tapdown", "mode", "tap"],
+            ["tuntap", "add", "dev", "tapmtu", "mode", "tap"], ["link", "set", "tapmtu", "mtu", "9000", "up"],
+            ["tuntap", "add", "dev", "tapbr", "mode", "tap"], ["link", "set", "tapbr", "master", "br-other", "up"],
+            ["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"], ["link", "set", "veth0", "up"],
+        ]
+        for command in setup { #expect(try ip(["-n", namespace] + command) == 0, "ip \(command.joined(separator: " "))") }
+        var plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo.yaml", encoding: .utf8)
+        plan = plan.replacingOccurrences(of: "    nics: []\n", with: """
+                nics:
+                  - {name: tapok, mtu: 1400, bridge: br-gm, queues: 2}
+                  - {name: tapdown}
+                  - {name: tapmtu, mtu: 1500}
+                  - {name: tapbr, bridge: br-gm}
+                  - {name: veth0}
+                  - {name: tapnone}
+
+            """)
+        let file = try temporaryFile(plan, name: "nics.yaml")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = ["netns", "exec", namespace, try executable("gmigrate"), "plan", "validate", "--host", "--json", file]
+        let out = Pipe()
+        process.standardOutput = out
+        try process.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 1)
+        let report = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let diagnostics = ((report["files"] as? [[String: Any]])?.first?["diagnostics"] as? [[String: Any]]) ?? []
+        let found = Set(diagnostics.map { "\($0["path"] as? String ?? "") \($0["code"] as? String ?? "")" })
+        #expect(found == [
+            "spec.vm.nics[1].name nic-down",
+            "spec.vm.nics[2].mtu nic-mtu-mismatch",
+            "spec.vm.nics[3].bridge nic-wrong-bridge",
+            "spec.vm.nics[4].name nic-not-tap",
+            "spec.vm.nics[5].name nic-missing",
+        ], "\(diagnostics)")
+    }
+}

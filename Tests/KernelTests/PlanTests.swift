@@ -80,7 +80,9 @@ struct PlanTests {
         })
         // flag-unsupported-on-host cannot fail on this host (it has every flag): tested below
         // against an older kernel's capabilities.
-        for rule in PlanRule.allCases where rule != .flagUnsupportedOnHost {
+        // The other NIC rules need taps: NICValidationTests makes them in a network namespace.
+        let elsewhere: Set<PlanRule> = [.flagUnsupportedOnHost, .nicNotTap, .nicDown, .nicMTUMismatch, .nicWrongBridge]
+        for rule in PlanRule.allCases where !elsewhere.contains(rule) {
             #expect(files.contains(rule.rawValue), "no example for \(rule.rawValue)")
         }
     }
