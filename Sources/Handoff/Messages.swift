@@ -10,7 +10,7 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
-        "hello", "describe", "create-vm", "receive-memory", "sync-copy", "bind", "bindings", "probe-mapping", "pause", "resume",
+        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "sync-copy", "bind", "bindings", "probe-mapping", "pause", "resume",
         "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "shutdown",
     ]
     public static let knownTypes: Set<String> = requestTypes.union(["ok", "error"])
@@ -37,6 +37,8 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     public var inode: InodeIdentity?
     // bind, unbind
     public var slots: [VMDescription.Slot]?
+    // receive-nics
+    public var nics: [VMDescription.NIC]?
     // bindings (reply)
     public var bindings: [BindingReport]?
     // probe-mapping, read-guest

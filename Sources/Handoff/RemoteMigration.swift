@@ -138,6 +138,16 @@ public final class ProcessRun {
             id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
             shouldCancel: shouldCancel, abortReason: { abort.reason })
         let summary = try migration.run()
+        // After the switch-over each NIC must still be up and attached (rtnetlink), journaled.
+        if summary.state == .completed, !plan.vm.nics.isEmpty {
+            let links = (try? readLinks()) ?? []
+            for nic in plan.vm.nics {
+                let link = links.first { $0.name == nic.name }
+                let text = link.map { "nic \(nic.name): \($0.isUp ? "up" : "DOWN"), mtu \($0.mtu), attached to \($0.master ?? "no bridge")" }
+                    ?? "nic \(nic.name): MISSING"
+                _ = try? journal.append(.note(text + " (after the switch-over)"))
+            }
+        }
         var verification: ProcessVerification? = nil
         if summary.state == .completed || summary.state == .rolledBack {
             let survivor = summary.state == .completed ? target : source

@@ -24,6 +24,7 @@ public final class RemoteVMM: VMMEndpoint {
     private var nextID = 1
     private var memory: [String: Int32] = [:]
     private var vm: Int32?
+    private var taps: [Int32] = []
     public private(set) var isRunning = false
     /// The guest's counter as the VMM last reported it.
     public private(set) var lastCounter: UInt32?
@@ -67,8 +68,10 @@ public final class RemoteVMM: VMMEndpoint {
     private func closeHeld() {
         guard !isModel else { return }
         for descriptor in memory.values { Glibc.close(descriptor) }
+        for descriptor in taps { Glibc.close(descriptor) }
         if let vm { Glibc.close(vm) }
         memory.removeAll()
+        taps.removeAll()
         vm = nil
     }
 
@@ -122,7 +125,9 @@ public final class RemoteVMM: VMMEndpoint {
             throw EndpointError("\(role) VMM: describe: \(reply.message ?? "no description")", errno: reply.errno.map(Errno.init(rawValue:)))
         }
         let confidential = description.type.hasEncryptionContext
+        let queues = (description.nics ?? []).reduce(0) { $0 + $1.queues }
         let expected = description.guestMemfds.map { _ in "kvm-gmem" } + (confidential ? ["kvm-vm"] : [])
+            + Array(repeating: "net/tun", count: queues)
         if isModel {
             for descriptor in received { Glibc.close(descriptor) }
             received = reply.handles ?? []
@@ -138,7 +143,8 @@ public final class RemoteVMM: VMMEndpoint {
         }
         closeHeld()
         for (gmem, descriptor) in zip(description.guestMemfds, received) { memory[gmem.name] = descriptor }
-        if confidential { vm = received.last }
+        if confidential { vm = received[description.guestMemfds.count] }
+        taps = Array(received.suffix(queues))
         isRunning = reply.running ?? isRunning
         lastCounter = reply.counter ?? lastCounter
         return description
@@ -147,6 +153,14 @@ public final class RemoteVMM: VMMEndpoint {
     public func memoryHandle(_ gmem: String) -> KernelHandle? { memory[gmem].map(KernelHandle.init(raw:)) }
 
     public var vmHandle: KernelHandle? { vm.map(KernelHandle.init(raw:)) }
+
+    public func nicHandles() -> [KernelHandle] { taps.map(KernelHandle.init(raw:)) }
+
+    public func receiveNICs(_ nics: [VMDescription.NIC], from handles: [KernelHandle]) throws(EndpointError) {
+        var message = HandoffMessage(type: "receive-nics", id: 0)
+        message.nics = nics
+        try request(message, descriptors: handles.map(\.raw))
+    }
 
     public func pause() throws(EndpointError) -> [VCPUState] {
         let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))

@@ -19,10 +19,22 @@ public struct VMDescription: Codable, Equatable, Sendable {
         public var offset: UInt64
     }
 
+    /// A network interface whose tap queues travel with the VM.
+    public struct NIC: Codable, Equatable, Sendable {
+        public var name: String
+        public var queues: Int
+        public init(name: String, queues: Int) {
+            self.name = name
+            self.queues = queues
+        }
+    }
+
     public var type: VMType
     public var vcpus: Int
     public var guestMemfds: [Gmem]
     public var memslots: [Slot]
+    /// Tap interfaces, whose queue descriptors follow the memory's in `describe`.
+    public var nics: [NIC]?
 }
 
 /// One memslot as the target VMM has bound it, for the verification step.
@@ -75,6 +87,8 @@ public protocol VMMEndpoint: AnyObject {
     func memoryHandle(_ gmem: String) -> KernelHandle?
     /// The VM's handle, for the move of the encryption context.
     var vmHandle: KernelHandle? { get }
+    /// The tap queue descriptors of the VM's NICs, in `describe`'s order.
+    func nicHandles() -> [KernelHandle]
     /// Stops the vcpus and returns their state. Idempotent: a paused VM answers its saved state.
     func pause() throws(EndpointError) -> [VCPUState]
     func resume() throws(EndpointError)
@@ -88,6 +102,8 @@ public protocol VMMEndpoint: AnyObject {
     /// For copy: copies the source's memory again, once the source is paused (the first copy
     /// was made while it ran). Part of the blackout: O(memory), the baseline's cost.
     func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError)
+    /// Takes the source's tap queues (the network goes with the guest).
+    func receiveNICs(_ nics: [VMDescription.NIC], from handles: [KernelHandle]) throws(EndpointError)
     func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError)
     func bindings() throws(EndpointError) -> [BindingReport]
     /// Tries to map one guest page, as a guest access would; nil if it mapped.

@@ -52,6 +52,13 @@ public final class InProcessVMM: VMMEndpoint {
 
     public func isAlive() -> Bool { vm != nil }
 
+    /// In-process VMMs drive no tap devices.
+    public func nicHandles() -> [KernelHandle] { [] }
+
+    public func receiveNICs(_ nics: [VMDescription.NIC], from handles: [KernelHandle]) throws(EndpointError) {
+        guard nics.isEmpty else { throw EndpointError("\(role): an in-process VMM drives no tap devices") }
+    }
+
     /// The vcpus' handles, for a VMM that runs them on its own threads.
     public var vcpuHandles: [KernelHandle] { vcpus.map { $0.value.handle } }
 
@@ -132,7 +139,7 @@ public final class InProcessVMM: VMMEndpoint {
     public func describe() throws(EndpointError) -> VMDescription {
         VMDescription(
             type: type, vcpus: vcpus.count, guestMemfds: gmems.values.sorted { $0.name < $1.name },
-            memslots: slots.values.map(\.slot).sorted { $0.slot < $1.slot })
+            memslots: slots.values.map(\.slot).sorted { $0.slot < $1.slot }, nics: nil)
     }
 
     public func memoryHandle(_ gmem: String) -> KernelHandle? { files[gmem]?.value.handle }

@@ -272,6 +272,10 @@ public final class Migration {
                 let inode = try target.receiveMemory(gmem, from: handle, strategy: strategy)
                 details["inode.\(gmem.name)"] = inode.description
             }
+            if let nics = description.nics, !nics.isEmpty {
+                try target.receiveNICs(nics, from: source.nicHandles())
+                details["nics"] = nics.map { "\($0.name)x\($0.queues)" }.joined(separator: ",")
+            }
             return details
         case .bindMemslots:
             try target.bind(try described().memslots, strategy: strategy)

@@ -19,6 +19,8 @@ final class TinyVMM: HandoffHandler {
     let vmm: InProcessVMM
     private var thread: VCPUThread?
     private(set) var exitRequested = false
+    /// The VM's tap interfaces and their open queues (the network goes with the guest).
+    private var taps: [(nic: VMDescription.NIC, queues: [Int32])] = []
 
     init(kernel: any KernelBackend, backendText: String, process: String, log: Log) {
         self.kernel = kernel
@@ -33,6 +35,19 @@ final class TinyVMM: HandoffHandler {
 
     func startSource(_ spec: VMSpec) throws {
         try vmm.createSource(spec, program: InProcessVMM.quietCounterProgram)
+        for nic in spec.nics {
+            let count = max(1, nic.queues ?? 1)
+            var queues: [Int32] = []
+            for _ in 0..<count {
+                let fd = ckvm_open_tap_queue(nic.name, count > 1 ? 1 : 0)
+                guard fd >= 0 else {
+                    throw EndpointError("opening tap \(nic.name): \(String(cString: strerror(errno)))", errno: .current)
+                }
+                queues.append(fd)
+            }
+            taps.append((VMDescription.NIC(name: nic.name, queues: count), queues))
+            log.say("opened tap \(nic.name) with \(count) queue\(count == 1 ? "" : "s")")
+        }
         log.say("created a \(spec.type.name) VM: \(spec.vcpus) vcpus, \(spec.guestMemfds.count) gmem files, \(spec.memslots.count) memslots; the guest runs")
         startGuest()
     }
@@ -49,7 +64,13 @@ final class TinyVMM: HandoffHandler {
         thread = nil
     }
 
+    private func closeTaps() {
+        for (_, queues) in taps { for fd in queues { close(fd) } }
+        taps.removeAll()
+    }
+
     func shutdown() {
+        closeTaps()
         stopGuest()
         vmm.destroy()
         if case let model as KernelModel = kernel { model.host.exit(process: process) }
@@ -72,15 +93,17 @@ final class TinyVMM: HandoffHandler {
                 reply.running = vmm.isRunning
             case "describe":
                 try expectNone(descriptors)
-                let description = try vmm.describe()
+                var description = try vmm.describe()
+                description.nics = taps.isEmpty ? nil : taps.map(\.nic)
                 reply.vm = description
                 reply.running = vmm.isRunning
                 reply.counter = counter
                 var handles = description.guestMemfds.compactMap { vmm.memoryHandle($0.name)?.raw }
                 if description.type.hasEncryptionContext, let vm = vmm.vmHandle { handles.append(vm.raw) }
+                let tapQueues = taps.flatMap(\.queues)
                 log.say("describe: \(description.guestMemfds.count) gmem files handed over")
                 // The descriptors stay open here: SCM_RIGHTS gives the peer its own.
-                if isModel { reply.handles = handles } else { return (reply, handles) }
+                if isModel { reply.handles = handles } else { return (reply, handles + tapQueues) }
             case "pause":
                 try expectNone(descriptors)
                 stopGuest()
@@ -96,6 +119,7 @@ final class TinyVMM: HandoffHandler {
                 log.say("resumed")
             case "retire":
                 try expectNone(descriptors)
+                closeTaps()
                 stopGuest()
                 vmm.retire()
                 exitRequested = true
@@ -111,6 +135,23 @@ final class TinyVMM: HandoffHandler {
                 defer { if !isModel { close(handle.raw) } }
                 reply.inode = try vmm.receiveMemory(gmem, from: handle, strategy: strategy)
                 log.say("received '\(gmem.name)' by \(strategy.rawValue): inode \(reply.inode?.description ?? "?")")
+            case "receive-nics":
+                guard let nics = request.nics else {
+                    for fd in descriptors { close(fd) }
+                    throw EndpointError("receive-nics needs nics")
+                }
+                let expected = nics.reduce(0) { $0 + $1.queues }
+                do {
+                    try HandoffConnection.check(descriptors, expected: Array(repeating: "net/tun", count: expected))
+                } catch {
+                    throw EndpointError("receive-nics: \(error.message)")
+                }
+                var rest = descriptors[...]
+                for nic in nics {
+                    taps.append((nic, Array(rest.prefix(nic.queues))))
+                    rest = rest.dropFirst(nic.queues)
+                }
+                log.say("took over \(nics.map { "\($0.name) (\($0.queues) queues)" }.joined(separator: ", "))")
             case "sync-copy":
                 guard let gmem = request.gmem else { throw EndpointError("sync-copy needs gmem") }
                 let handle = try single(descriptors, request, kind: "kvm-gmem")
@@ -149,6 +190,7 @@ final class TinyVMM: HandoffHandler {
                 log.say("restored \(states.count) vcpus; the guest runs")
             case "destroy":
                 try expectNone(descriptors)
+                closeTaps()
                 stopGuest()
                 vmm.destroy()
                 exitRequested = true

@@ -139,3 +139,75 @@ struct NICValidationTests {
         ], "\(diagnostics)")
     }
 }
+
+@Suite("Tap handover")
+struct TapHandoverTests {
+    /// A tinyvmm with a two-queue tap, migrated in a test network namespace: the queues travel
+    /// to the target by SCM_RIGHTS, and the tap stays up and attached, checked through rtnetlink.
+    @Test func tapQueuesGoWithTheGuest() throws {
+        _ = try Backend.linux.make()
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else { try Test.cancel("needs iproute2") }
+        let validation = NICValidationTests()
+        let namespace = "gmm-\(UInt16.random(in: 0...UInt16.max))"
+        #expect(try validation.ip(["netns", "add", namespace]) == 0)
+        defer { _ = try? validation.ip(["netns", "del", namespace]) }
+        for command in [
+            ["link", "add", "br-gm", "type", "bridge"], ["link", "set", "br-gm", "up"],
+            ["tuntap", "add", "dev", "tap0", "mode", "tap", "multi_queue"], ["link", "set", "tap0", "mtu", "1400", "master", "br-gm", "up"],
+        ] {
+            #expect(try validation.ip(["-n", namespace] + command) == 0)
+        }
+        let directory = temporaryDirectory("gmtap")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/source.sock"
+        let plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
+            .replacingOccurrences(of: "  strategy: auto", with: "    nics:\n      - {name: tap0, mtu: 1400, bridge: br-gm, queues: 2}\n  strategy: share")
+            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+        let planFile = directory + "/plan.yaml"
+        try plan.write(toFile: planFile, atomically: true, encoding: .utf8)
+        func inNamespace(_ arguments: [String], wait: Bool = true) throws -> (Process, String) {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+            process.arguments = ["netns", "exec", namespace] + arguments
+            let out = Pipe()
+            process.standardOutput = out
+            process.standardError = wait ? out : FileHandle.nullDevice
+            try process.run()
+            guard wait else { return (process, "") }
+            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            return (process, text)
+        }
+        // The plan's NICs check out on this (namespaced) host.
+        let (validate, validateOutput) = try inNamespace([try executable("gmigrate"), "plan", "validate", "--host", planFile])
+        #expect(validate.terminationStatus == 0, "\(validateOutput)")
+        let (source, _) = try inNamespace([try executable("tinyvmm"), "--socket", socket, "--plan", planFile, "--name", "tap-source"], wait: false)
+        #expect(waitUntil(10) { FileManager.default.fileExists(atPath: socket) })
+        Thread.sleep(forTimeInterval: 0.2)
+        setenv("GMIGRATE_TINYVMM", try executable("tinyvmm"), 1)
+        let (migrate, output) = try inNamespace([try executable("gmigrate"), "migrate", planFile, "--state-dir", directory, "--json"])
+        #expect(migrate.terminationStatus == 0, "\(output)")
+        let fixtureJournal = try Journal(stateDirectory: directory)
+        let id = try #require(fixtureJournal.ids().first)
+        let contents = try Journal.read(stateDirectory: directory, id: id)
+        checkJournal(contents, expect: .completed)
+        let notes = contents.entries.compactMap { entry -> String? in
+            if case .note(let text) = entry.event { return text }
+            return nil
+        }
+        #expect(notes.contains("nic tap0: up, mtu 1400, attached to br-gm (after the switch-over)"), "\(notes)")
+        guard case .started(let started)? = contents.entries.first?.event, let targetPID = started.targetPID, let targetSocket = started.targetSocket else {
+            Issue.record("no target in the journal")
+            return
+        }
+        // The target holds both queues; the source retired and exited.
+        let descriptors = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(targetPID)/fd")) ?? []).compactMap {
+            try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(targetPID)/fd/\($0)")
+        }
+        #expect(descriptors.filter { $0.hasSuffix("net/tun") }.count == 2, "\(descriptors)")
+        #expect(waitUntil(10) { !source.isRunning })
+        try RemoteVMMHelper.shutdown(targetSocket)
+        #expect(waitUntil(10) { !isAlive(targetPID) })
+    }
+}

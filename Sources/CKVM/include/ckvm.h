@@ -194,3 +194,7 @@ int ckvm_install_kick_handler(int signo);
 /** The calling thread's id, and a signal sent to a thread. */
 unsigned long ckvm_thread_self(void);
 int ckvm_kick_thread(unsigned long thread, int signo);
+
+/** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and
+ *  IFF_MULTI_QUEUE when multi_queue), CLOEXEC. Returns the fd, or -1/errno. */
+int ckvm_open_tap_queue(const char *name, int multi_queue);
