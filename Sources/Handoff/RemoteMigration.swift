@@ -47,6 +47,15 @@ public final class ProcessRun {
         self.journalPath = journalPath
     }
 
+    /// Whether a process exists and is not a zombie.
+    static func isAlive(_ pid: Int32) -> Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = stat.lastIndex(of: ")")
+        else { return true }
+        return stat[stat.index(after: close)...].dropFirst().first != "Z"
+    }
+
     /// The tinyvmm executable: `GMIGRATE_TINYVMM`, or the one next to this executable.
     public static func tinyvmmPath() -> String {
         if let path = ProcessInfo.processInfo.environment["GMIGRATE_TINYVMM"], FileManager.default.isExecutableFile(atPath: path) {
@@ -133,6 +142,21 @@ public final class ProcessRun {
             onVMEvent(reason)
         }
         defer { if let token { watcher?.unsubscribe(token) } }
+        // A VMM process that dies while it still shares its VM with the coordinator (which holds
+        // the source's gmem files, so KVM sends no destroy) is noticed by its pid.
+        let watching = AbortFlag()
+        let processWatch = Thread {
+            while watching.reason == nil && abort.reason == nil {
+                for (pid, role) in pids where !ProcessRun.isAlive(pid) {
+                    abort.set("the \(role) VMM (pid \(pid)) died")
+                    _ = try? journal.append(.note("the \(role) VMM process (pid \(pid)) died"))
+                    onVMEvent("the \(role) VMM (pid \(pid)) died")
+                }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+        }
+        processWatch.start()
+        defer { watching.set("done") }
         injector.interruptDelays { abort.reason != nil }
         let migration = Migration(
             id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,

@@ -69,7 +69,8 @@ public final class Migration {
     let progress: (StepReport) -> Void
     /// Asked before every step up to the point of no return: true cancels (and rolls back).
     let shouldCancel: () -> Bool
-    /// Asked before every step: a reason stops the migration at once (a VMM's VM was destroyed).
+    /// Asked before every step up to the point of no return: a reason stops the migration at once
+    /// (a VMM's VM was destroyed, or its process died). Past it, a dead target shows at its next request.
     let abortReason: () -> String?
     let clock = ContinuousClock()
 
@@ -79,6 +80,8 @@ public final class Migration {
     private var reports: [StepReport] = []
     private var pausedAt: ContinuousClock.Instant?
     private var blackout: Duration?
+    /// Set once the point of no return is journaled: from then on only the target matters.
+    private var pastPointOfNoReturn = false
     /// Attempts of a step past the point of no return before the migration is `stuck`.
     static let forwardAttempts = 3
 
@@ -116,7 +119,7 @@ public final class Migration {
         var failure: (MigrationStep, EndpointError)? = nil
         var passedPointOfNoReturn = false
         for step in steps {
-            if let reason = abortReason() {
+            if !passedPointOfNoReturn, let reason = abortReason() {
                 try journal.append(.note("aborted before \(step): \(reason)"))
                 failure = (step, EndpointError("aborted: \(reason)"))
                 break
@@ -129,6 +132,7 @@ public final class Migration {
             if step == pointOfNoReturn {
                 try journal.append(.pointOfNoReturn)
                 passedPointOfNoReturn = true
+                pastPointOfNoReturn = true
             }
             var result = try perform(step, direction: .forward)
             if passedPointOfNoReturn {
@@ -194,7 +198,7 @@ public final class Migration {
         var result: Result<[String: String], EndpointError>
         if let errno = faults.hit(.before(step)) {
             result = .failure(EndpointError("injected fault before:\(step): \(errno.name)", errno: errno))
-        } else if direction == .forward, let reason = abortReason() {
+        } else if direction == .forward, !pastPointOfNoReturn, let reason = abortReason() {
             // The event came while this step waited: react now, before its effect.
             try journal.append(.note("aborted before \(step): \(reason)"))
             result = .failure(EndpointError("aborted: \(reason)"))
