@@ -148,6 +148,9 @@ public final class ProcessRun {
         let processWatch = Thread {
             while watching.reason == nil && abort.reason == nil {
                 for (pid, role) in pids where !ProcessRun.isAlive(pid) {
+                    // KVM's own destroy uevent, when it comes, says more: give it a moment.
+                    Thread.sleep(forTimeInterval: 0.2)
+                    guard abort.reason == nil else { break }
                     abort.set("the \(role) VMM (pid \(pid)) died")
                     _ = try? journal.append(.note("the \(role) VMM process (pid \(pid)) died"))
                     onVMEvent("the \(role) VMM (pid \(pid)) died")
