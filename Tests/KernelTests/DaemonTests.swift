@@ -320,6 +320,50 @@ struct DaemonTests {
     }
 }
 
+@Suite("Daemon VM events", .serialized)
+struct DaemonVMEventTests {
+    /// A VMM killed mid-migration: the daemon's event stream carries the VM event, and the
+    /// migration rolls back at once.
+    @Test func aKilledTargetShowsOnTheEventStream() throws {
+        _ = try Backend.linux.make()
+        let daemon = try DaemonFixture(backend: "linux")
+        defer { daemon.stop() }
+        let socket = daemon.directory + "/src.sock"
+        let plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
+            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+            + "  faults:\n    - before:bind-memslots=delay:20s\n"
+        let file = daemon.directory + "/plan.yaml"
+        try plan.write(toFile: file, atomically: true, encoding: .utf8)
+        let source = try ProcessRunHelper.spawn(socket: socket, plan: file, log: daemon.directory + "/src.log")
+        defer { if source.isRunning { source.terminate() } }
+        let id = try #require(daemon.json(try daemon.call("POST", "/v1/migrations", body: plan))["id"] as? String)
+        // Wait for the target, then kill it.
+        var targetPID: Int32 = 0
+        #expect(waitUntil(10) {
+            guard let contents = try? Journal.read(stateDirectory: daemon.directory + "/state", id: id),
+                case .started(let started)? = contents.entries.first?.event, let pid = started.targetPID
+            else { return false }
+            targetPID = pid
+            return contents.entries.contains { if case .intent(.bindMemslots, .forward) = $0.event { true } else { false } }
+        })
+        kill(targetPID, SIGKILL)
+        var kinds: [String] = []
+        var reasons: [String] = []
+        _ = try UnixHTTPClient.events(socket: daemon.socket, path: "/v1/migrations/\(id)/events") { kind, data in
+            kinds.append(kind)
+            if let object = try? JSONSerialization.jsonObject(with: Data(data.utf8)) as? [String: Any], let reason = object["reason"] as? String {
+                reasons.append(reason)
+            }
+        }
+        #expect(kinds.contains("vm-event"), "\(kinds)")
+        #expect(reasons.contains { $0.contains("target VMM") }, "\(reasons)")
+        #expect(try daemon.waitFinished(id)["state"] as? String == "rolled-back")
+        try RemoteVMMHelper.shutdown(socket)
+        #expect(waitUntil(10) { !source.isRunning })
+    }
+}
+
 /// README's curl examples, run as written, against a daemon on the socket they name.
 @Suite("README")
 struct ReadmeCurlTests {
