@@ -16,10 +16,7 @@ public enum ProcessRecovery {
         let timeout = started.plan.policy.stepTimeout
         let source = started.sourceSocket.flatMap { try? RemoteVMM(role: "source", socketPath: $0, timeout: timeout) }
         let target = started.targetSocket.flatMap { try? RemoteVMM(role: "target", socketPath: $0, timeout: timeout) }
-        let outcomes = contents.entries.compactMap { entry -> JournalEntry.Outcome? in
-            if case .outcome(let outcome) = entry.event { return outcome }
-            return nil
-        }
+        let outcomes = contents.entries.outcomes
         func succeeded(_ step: MigrationStep) -> Bool { outcomes.contains { $0.step == step && $0.direction == .forward && $0.ok } }
         let passed = contents.entries.contains { $0.event == .pointOfNoReturn }
         func finish(_ state: TerminalState, _ reason: String) throws -> RecoveryReport {

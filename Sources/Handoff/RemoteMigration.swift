@@ -91,8 +91,7 @@ public final class ProcessRun {
         let deadline = Date().addingTimeInterval(10)
         while Date() < deadline {
             if !process.isRunning { throw EndpointError("the VMM (\(name)) exited at start: see \(logFile)") }
-            let fd = ckvm_connect_probe(socket)
-            if fd { break }
+            if socketAnswers(socket) { break }
             Thread.sleep(forTimeInterval: 0.01)
         }
         return process
@@ -182,16 +181,9 @@ public final class ProcessRun {
             let atResume = summary.state == .completed ? target.counterAtRestore : nil
             Thread.sleep(forTimeInterval: 0.2)
             let after = try? survivor.status().counter
-            let outcomes = journal.entries.compactMap { entry -> JournalEntry.Outcome? in
-                if case .outcome(let outcome) = entry.event, outcome.ok, outcome.direction == .forward { return outcome }
-                return nil
-            }
-            func inodes(_ step: MigrationStep) -> [String: String] {
-                let found = outcomes.last { $0.step == step }?.details ?? [:]
-                return Dictionary(uniqueKeysWithValues: found.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
-            }
             verification = ProcessVerification(
-                counterAtPause: atPause, counterAtResume: atResume, counterAfter: after, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory))
+                counterAtPause: atPause, counterAtResume: atResume, counterAfter: after, sourceInodes: journal.entries.inodes(recordedBy: .prepare),
+                targetInodes: journal.entries.inodes(recordedBy: .handOverMemory))
         }
         return ProcessRun(
             summary: summary, verification: verification, source: source, target: target, targetProcess: targetProcess,
@@ -200,7 +192,7 @@ public final class ProcessRun {
 }
 
 /// Whether something accepts connections at a UNIX socket path.
-func ckvm_connect_probe(_ path: String) -> Bool {
+func socketAnswers(_ path: String) -> Bool {
     guard let connection = try? HandoffConnection.connect(path: path) else { return false }
     withExtendedLifetime(connection) {}
     return true

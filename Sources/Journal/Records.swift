@@ -120,3 +120,20 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         self.event = event
     }
 }
+
+extension Array where Element == JournalEntry {
+    /// Every step outcome, in order.
+    public var outcomes: [JournalEntry.Outcome] {
+        compactMap { entry in
+            if case .outcome(let outcome) = entry.event { return outcome }
+            return nil
+        }
+    }
+
+    /// The gmem inodes (`name: device:inode`) the last successful forward `step` recorded
+    /// (prepare: the source's; hand-over-memory: the target's).
+    public func inodes(recordedBy step: MigrationStep) -> [String: String] {
+        let details = outcomes.last { $0.step == step && $0.ok && $0.direction == .forward }?.details ?? [:]
+        return Dictionary(uniqueKeysWithValues: details.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
+    }
+}

@@ -1,11 +1,5 @@
 import Kernel
 
-/// Holds one owned kernel object for the runner; dropping the holder closes the object.
-final class Held<Value: ~Copyable> {
-    let value: Value
-    init(_ value: consuming Value) { self.value = value }
-}
-
 /// What one line did.
 public struct LineResult: Sendable, Equatable, Codable {
     public enum Status: String, Sendable, Codable {
@@ -27,10 +21,10 @@ public struct LineResult: Sendable, Equatable, Codable {
 /// Runs a parsed script on one backend, line by line; every line prints one result.
 public final class ScriptRunner {
     public let backend: any KernelBackend
-    private var vms: [String: Held<VirtualMachine>] = [:]
-    private var vcpus: [String: [UInt32: Held<VCPU>]] = [:]
-    private var files: [String: Held<GuestMemfd>] = [:]
-    private var mappings: [String: Held<GuestMapping>] = [:]
+    private var vms: [String: Owned<VirtualMachine>] = [:]
+    private var vcpus: [String: [UInt32: Owned<VCPU>]] = [:]
+    private var files: [String: Owned<GuestMemfd>] = [:]
+    private var mappings: [String: Owned<GuestMapping>] = [:]
     /// Objects whose creation failed or was skipped, or whose memory a skipped line would have
     /// changed: lines naming them are `skipped`, since their state is no longer the script's.
     private var missing: Set<String> = []
@@ -98,16 +92,16 @@ public final class ScriptRunner {
     private func perform(_ command: Script.Command) throws(KernelError) -> String {
         switch command {
         case .vm(let name, let type):
-            vms[name] = Held(try backend.createVirtualMachine(type: type))
+            vms[name] = Owned(try backend.createVirtualMachine(type: type))
             vcpus[name] = [:]
         case .vcpus(let name, let count):
             let vm = vms[name]!
             let first = UInt32(vcpus[name]!.count)
             for id in first..<first + count {
-                vcpus[name]![id] = Held(try vm.value.createVCPU(id: id))
+                vcpus[name]![id] = Owned(try vm.value.createVCPU(id: id))
             }
         case .gmem(let file, let vm, let size, let flags):
-            files[file] = Held(try vms[vm]!.value.createGuestMemfd(size: size, flags: flags))
+            files[file] = Owned(try vms[vm]!.value.createGuestMemfd(size: size, flags: flags))
         case .slot(let vm, let slot, let gpa, let size, let backing, let flags):
             var region = MemslotRegion(slot: slot, flags: flags, guestPhysicalAddress: gpa, size: size)
             switch backing {
@@ -126,7 +120,7 @@ public final class ScriptRunner {
             }
             try vms[vm]!.value.setMemslot(region)
         case .link(let file, let from, let vm):
-            files[file] = Held(try vms[vm]!.value.link(files[from]!.value))
+            files[file] = Owned(try vms[vm]!.value.link(files[from]!.value))
         case .launch(let vm):
             try vms[vm]!.value.launch()
         case .moveEncryptionContext(let destination, let source):
@@ -177,9 +171,9 @@ public final class ScriptRunner {
     }
 
     /// The runner's mapping of a whole file (made on first use, unmapped when the file closes).
-    private func mapping(of file: String) throws(KernelError) -> Held<GuestMapping> {
+    private func mapping(of file: String) throws(KernelError) -> Owned<GuestMapping> {
         if let existing = mappings[file] { return existing }
-        let made = Held(try files[file]!.value.map())
+        let made = Owned(try files[file]!.value.map())
         mappings[file] = made
         return made
     }

@@ -67,6 +67,15 @@ public struct EndpointError: Error, Equatable, Sendable, CustomStringConvertible
         self.init(kernel.description, kernel: kernel)
     }
     public var description: String { message }
+
+    /// An endpoint error as it is, a kernel error wrapped (its errno kept), anything else described.
+    public static func from(_ error: any Error) -> EndpointError {
+        switch error {
+        case let error as EndpointError: error
+        case let error as KernelError: EndpointError(error)
+        default: EndpointError("\(error)")
+        }
+    }
 }
 
 /// What the coordinator asks of a VMM, in either role. The in-process endpoint

@@ -2,12 +2,6 @@ import Foundation
 import Kernel
 import Plans
 
-/// Holds one owned kernel object; dropping the holder closes it.
-final class Owned<Value: ~Copyable> {
-    let value: Value
-    init(_ value: consuming Value) { self.value = value }
-}
-
 /// A VMM living in the coordinator's own process (`vmm: in-process` in a plan): both VMs of a
 /// migration in one process, which KVM allows since that process creates them. It drives its
 /// VM with the kernel boundary directly, and acts as source or target.
@@ -20,7 +14,8 @@ public final class InProcessVMM: VMMEndpoint {
     public let backend: any KernelBackend
     /// Where the VMM's running state is kept so that it outlives a crash (a model host), if anywhere.
     let statusHost: ModelHost?
-    let process: String
+    /// The simulated process this VMM is on a model host (the owner of its handles there).
+    public let process: String
 
     private var type: VMType = .default
     private var vm: Owned<VirtualMachine>?
@@ -118,12 +113,8 @@ public final class InProcessVMM: VMMEndpoint {
                 }
             }
             isRunning = true
-        } catch let error as EndpointError {
-            throw error
-        } catch let error as KernelError {
-            throw EndpointError(error)
         } catch {
-            throw EndpointError("\(error)")
+            throw EndpointError.from(error)
         }
     }
 
@@ -214,12 +205,8 @@ public final class InProcessVMM: VMMEndpoint {
             case .auto:
                 throw EndpointError("the strategy must be resolved before memory is handed over")
             }
-        } catch let error as EndpointError {
-            throw error
-        } catch let error as KernelError {
-            throw EndpointError(error)
         } catch {
-            throw EndpointError("\(error)")
+            throw EndpointError.from(error)
         }
     }
 
@@ -261,12 +248,8 @@ public final class InProcessVMM: VMMEndpoint {
                 default:
                     try bindGuestMemfd(slot, file: slot.guestMemfd)
                 }
-            } catch let error as EndpointError {
-                throw error
-            } catch let error as KernelError {
-                throw EndpointError(error)
             } catch {
-                throw EndpointError("\(error)")
+                throw EndpointError.from(error)
             }
             slots[slot.slot] = (slot, strategy)
         }

@@ -50,10 +50,7 @@ public enum Recovery {
             return RecoveryReport(id: id, state: .lost, action: "nothing to recover\(torn)", problem: nil)
         }
         let passed = contents.entries.contains { $0.event == .pointOfNoReturn }
-        let outcomes = contents.entries.compactMap { entry -> JournalEntry.Outcome? in
-            if case .outcome(let outcome) = entry.event { return outcome }
-            return nil
-        }
+        let outcomes = contents.entries.outcomes
         func succeeded(_ step: MigrationStep) -> Bool { outcomes.contains { $0.step == step && $0.direction == .forward && $0.ok } }
 
         if started.backend.hasPrefix("processes:") {

@@ -128,17 +128,10 @@ public final class StandaloneRun {
             var intact = true
             for (gpa, bytes) in marks where (try? survivor.readGuest(gpa: gpa, count: bytes.count)) != bytes { intact = false }
             let after = guestRuns ? counters(try survivor.runGuest(exits: guestExits)) : []
-            let details = journal.entries.compactMap { entry -> JournalEntry.Outcome? in
-                if case .outcome(let outcome) = entry.event, outcome.ok, outcome.direction == .forward { return outcome }
-                return nil
-            }
-            func inodes(_ step: MigrationStep) -> [String: String] {
-                let found = details.last { $0.step == step }?.details ?? [:]
-                return Dictionary(uniqueKeysWithValues: found.filter { $0.key.hasPrefix("inode.") }.map { (String($0.key.dropFirst(6)), $0.value) })
-            }
             verification = Verification(
                 counterBefore: counterBefore, counterAfter: after, bytesChecked: marks.reduce(0) { $0 + $1.1.count },
-                bytesIntact: intact, sourceInodes: inodes(.prepare), targetInodes: inodes(.handOverMemory),
+                bytesIntact: intact, sourceInodes: journal.entries.inodes(recordedBy: .prepare),
+                targetInodes: journal.entries.inodes(recordedBy: .handOverMemory),
                 note: guestRuns ? nil : "guest memory is private (no init-shared): the guest program cannot be loaded from the host; verified by inode identity")
         }
         return StandaloneRun(

@@ -178,6 +178,3 @@ struct MigrationTests {
     }
 }
 
-extension InProcessVMM {
-    var process: String { Mirror(reflecting: self).children.first { $0.label == "process" }?.value as? String ?? "" }
-}
