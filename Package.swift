@@ -16,6 +16,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", exact: "2.4.1"),
         .package(url: "https://github.com/apple/swift-log", exact: "1.16.2"),
         .package(url: "https://github.com/apple/swift-nio", exact: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-extras", exact: "1.35.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", exact: "2.13.0"),
     ],
     targets: [
         // Layer 0: the KVM uAPI newer than this host's headers, and non-variadic wrappers.
@@ -38,16 +40,22 @@ let package = Package(
         .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
         // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).
         .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "HostNet"]),
-        // The coordinator daemon: HTTP on a UNIX socket, authorization, events, metrics.
+        // The coordinator daemon: HTTP on a UNIX socket (bound or socket-activated) and optionally
+        // loopback TCP, authorization, events, metrics.
         .target(
             name: "Coordinator",
             dependencies: [
                 "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "HostNet", "CKVM",
                 .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOExtras", package: "swift-nio-extras"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .executableTarget(

@@ -67,6 +67,8 @@ long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length) 
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <stddef.h>
+#include <sys/stat.h>
 
 static int unix_address(const char *path, struct sockaddr_un *address) {
     memset(address, 0, sizeof *address);
@@ -126,6 +128,32 @@ int ckvm_peer_credentials(int fd, int *pid, unsigned *uid, unsigned *gid) {
     *pid = credentials.pid;
     *uid = credentials.uid;
     *gid = credentials.gid;
+    return 0;
+}
+
+int ckvm_listening_unix_path(int fd, char *path, unsigned long length) {
+    struct stat status;
+    if (fstat(fd, &status) < 0) return -1;
+    if (!S_ISSOCK(status.st_mode)) { errno = ENOTSOCK; return -1; }
+    int value = 0;
+    socklen_t size = sizeof value;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &value, &size) < 0) return -1;
+    if (value != SOCK_STREAM) { errno = ESOCKTNOSUPPORT; return -1; }
+    size = sizeof value;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &size) < 0) return -1;
+    if (!value) { errno = EINVAL; return -1; }
+    struct sockaddr_un address;
+    socklen_t addressLength = sizeof address;
+    memset(&address, 0, sizeof address);
+    if (getsockname(fd, (struct sockaddr *)&address, &addressLength) < 0) return -1;
+    if (address.sun_family != AF_UNIX) { errno = EAFNOSUPPORT; return -1; }
+    if (addressLength <= offsetof(struct sockaddr_un, sun_path) || address.sun_path[0] == '\0') { errno = EDESTADDRREQ; return -1; }
+    size_t pathLength = strnlen(address.sun_path, addressLength - offsetof(struct sockaddr_un, sun_path));
+    if (pathLength + 1 > length) { errno = ENAMETOOLONG; return -1; }
+    memcpy(path, address.sun_path, pathLength);
+    path[pathLength] = '\0';
+    int flags = fcntl(fd, F_GETFD);
+    if (flags < 0 || fcntl(fd, F_SETFD, flags | FD_CLOEXEC) < 0) return -1;
     return 0;
 }
 

@@ -1,11 +1,15 @@
 import Foundation
 import Hummingbird
+import HummingbirdCore
 import Journal
 import Kernel
 import Logging
 import NIOCore
+import NIOHTTP1
+import NIOPosix
 import Orchestrator
 import Plans
+import ServiceLifecycle
 
 #if canImport(Glibc)
 import Glibc
@@ -59,15 +63,35 @@ func jsonResponse<T: Encodable>(_ value: T, status: HTTPResponse.Status = .ok, c
     return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
 }
 
-/// SO_PEERCRED on every request: only the configured uids and gids pass; others get 403.
+/// Who may call: on the UNIX socket, SO_PEERCRED against the configured uids and gids (403
+/// otherwise); on the loopback TCP listener, the bearer token (401 otherwise). Refusals are logged.
 struct AuthorizationMiddleware: RouterMiddleware {
     typealias Context = DaemonContext
     let allowedUIDs: Set<UInt32>
     let allowedGIDs: Set<UInt32>
+    let token: BearerToken?
     let logger: Logger
 
     func handle(_ request: Request, context: DaemonContext, next: (Request, DaemonContext) async throws -> Response) async throws -> Response {
         var context = context
+        switch context.channel.localAddress {
+        case .unixDomainSocket?:
+            break
+        case let address?:
+            // TCP: only the loopback listener exists, and it needs the token.
+            guard let token, token.accepts(authorization: request.headers[.authorization]) else {
+                let offered = request.headers[.authorization] != nil
+                logger.warning("refused", metadata: ["remote": "\(context.channel.remoteAddress?.ipAddress ?? "?"):\(context.channel.remoteAddress?.port ?? 0)", "local": "\(address.ipAddress ?? "?"):\(address.port ?? 0)", "path": "\(request.uri.path)", "reason": "\(offered ? "wrong" : "no") bearer token"])
+                var response = problemResponse(CoordinatorProblem(
+                    status: 401, code: "unauthorized", title: "Unauthorized",
+                    detail: offered ? "the bearer token is not the one in the daemon's tcp.tokenFile" : "the TCP listener needs `Authorization: Bearer <token>` (tcp.tokenFile)"))
+                response.headers[.wwwAuthenticate] = offered ? "Bearer realm=\"gmigrate\", error=\"invalid_token\"" : "Bearer realm=\"gmigrate\""
+                return response
+            }
+            return try await next(request, context)
+        case nil:
+            return problemResponse(CoordinatorProblem(status: 403, code: "forbidden", title: "Forbidden", detail: "the connection has no local address"))
+        }
         guard let provider = context.channel as? any SocketOptionProvider,
             let credential: PeerCredential = try? await provider.unsafeGetSocketOption(
                 level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
@@ -89,10 +113,10 @@ struct AuthorizationMiddleware: RouterMiddleware {
 /// The HTTP API (docs/openapi.yaml) in front of the coordinator core.
 public enum DaemonServer {
     /// Builds the router: every route parses its request and asks the core.
-    static func router(core: CoordinatorCore, logger: Logger) -> Router<DaemonContext> {
+    static func router(core: CoordinatorCore, token: BearerToken?, logger: Logger) -> Router<DaemonContext> {
         let router = Router(context: DaemonContext.self)
         router.add(middleware: AuthorizationMiddleware(
-            allowedUIDs: Set(core.config.allowedUIDs), allowedGIDs: Set(core.config.allowedGIDs), logger: logger))
+            allowedUIDs: Set(core.config.allowedUIDs), allowedGIDs: Set(core.config.allowedGIDs), token: token, logger: logger))
         let limit = core.config.maxBodyBytes
 
         @Sendable func body(_ request: Request, _ context: DaemonContext) async throws(CoordinatorProblem) -> String {
@@ -179,28 +203,91 @@ public enum DaemonServer {
     }
 
     /// Runs the daemon until SIGTERM or SIGINT: recover, serve, then drain.
-    public static func run(socket: String, core: CoordinatorCore, logger: Logger) async throws {
+    ///
+    /// It serves on `socket` (bound here, mode 0660), or on the socket systemd passed
+    /// (`activation`, which must be bound to `socket`), and on the loopback TCP listener when the
+    /// configuration has one. Everything that can be wrong with the listeners (token file,
+    /// activation) is checked before recovery starts.
+    public static func run(socket: String, activation: SocketActivation? = nil, core: CoordinatorCore, logger: Logger) async throws {
+        if let activation, activation.path != socket {
+            throw ConfigError(message: "socket activation: the socket systemd passed is bound to \(activation.path), but --socket is \(socket) (ListenStream= and --socket must agree)")
+        }
+        let token: BearerToken? = try core.config.tcp.map { tcp throws(ConfigError) in try BearerToken.load(path: tcp.tokenFile) }
         // One daemon per socket: a second would unlink the first one's live socket.
         let lockFD = open(socket + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {
-            throw ConfigError(message: "\(socket) is in use by another daemon")
+            throw SocketInUse(socket: socket)
         }
         defer { close(lockFD) }
         let reports = core.recoverAndLoad()
-        logger.info("recovered \(reports.count) unfinished migration(s); serving on \(socket)")
+        logger.info("recovered \(reports.count) unfinished migration(s); serving on \(socket)\(activation == nil ? "" : " (socket-activated, descriptor \(activation?.descriptor ?? -1))")")
+
+        let responder = router(core: core, token: token, logger: logger).buildResponder()
+        let channel = HTTP1Channel(responder: httpResponder(responder, logger: logger))
         let group = core.config.socketGroup
-        let app = Application(
-            router: router(core: core, logger: logger),
-            configuration: .init(address: .unixDomainSocket(path: socket), serverName: "gmigrate"),
-            onServerRunning: { _ in
-                _ = chmod(socket, 0o660)
-                if let group { _ = chown(socket, getuid(), group) }
-                logger.info("ready")
-            },
-            logger: logger)
-        try await app.runService()
+        let socketReady: @Sendable () async -> Void = {
+            _ = chmod(socket, 0o660)
+            if let group { _ = chown(socket, getuid(), group) }
+            logger.info("ready")
+        }
+        var services: [any Service] = []
+        if let activation {
+            services.append(InheritedSocketServer(descriptor: activation.descriptor, childChannel: channel, logger: logger, onServerRunning: socketReady))
+        } else {
+            services.append(channel.server(
+                configuration: .init(address: .unixDomainSocket(path: socket), serverName: "gmigrate"),
+                onServerRunning: { _ in await socketReady() }, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger))
+        }
+        if let tcp = core.config.tcp {
+            services.append(channel.server(
+                configuration: .init(address: .hostname(tcp.host, port: tcp.port), serverName: "gmigrate"),
+                onServerRunning: { server in
+                    logger.info("listening on tcp", metadata: ["address": "\(server.localAddress?.ipAddress ?? tcp.host)", "port": "\(server.localAddress?.port ?? tcp.port)"])
+                }, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger))
+        }
+        let serviceGroup = ServiceGroup(configuration: .init(
+            services: services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await serviceGroup.run()
         logger.info("stopping: draining running migrations")
         core.drain()
         logger.info("stopped")
+    }
+
+    /// What Hummingbird's `Application` does per request, for servers we build ourselves: a
+    /// context per request, the router, a 500 for anything unexpected, `Date` and `Server` headers.
+    static func httpResponder(_ responder: RouterResponder<DaemonContext>, logger: Logger) -> HTTPChannelHandler.Responder {
+        { request, writer, channel in
+            let context = DaemonContext(source: .init(channel: channel, logger: logger))
+            var response: Response
+            do {
+                response = try await responder.respond(to: request, context: context)
+            } catch let error as HTTPParserError {
+                throw error
+            } catch {
+                logger.error("unexpected error answering \(request.method) \(request.uri.path): \(error)")
+                response = problemResponse(CoordinatorProblem(status: 500, code: "internal", title: "Internal error", detail: "\(error)"))
+            }
+            response.headers[.date] = httpDate()
+            response.headers[.server] = "gmigrate"
+            do {
+                try await writer.write(response: response.head, body: response.body)
+            } catch is HTTPParserError {
+                // The request turned out malformed while we answered: close the connection
+                // rather than let the channel answer twice.
+                throw ResponseAbandoned()
+            }
+        }
+    }
+
+    struct ResponseAbandoned: Error {}
+
+    /// RFC 9110 IMF-fixdate, for the `Date` header.
+    static func httpDate() -> String {
+        var now = time(nil)
+        var parts = tm()
+        gmtime_r(&now, &parts)
+        var buffer = [CChar](repeating: 0, count: 40)
+        let length = strftime(&buffer, buffer.count, "%a, %d %b %Y %H:%M:%S GMT", &parts)
+        return String(decoding: buffer.prefix(length).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

@@ -6,10 +6,10 @@ import Logging
 struct Daemon: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve the coordinator's HTTP API on a UNIX socket (docs/openapi.yaml).",
-        discussion: "At start it recovers every unfinished migration from the journal, then accepts requests. SIGTERM stops accepting, cancels migrations that have not passed their point of no return, waits for the rest, and exits 0.")
+        discussion: "It binds --socket itself, or serves the socket systemd passes (LISTEN_FDS, dist/gmigrate.socket), and optionally a loopback TCP port with a bearer token (the configuration's tcp section). At start it recovers every unfinished migration from the journal, then accepts requests. SIGTERM stops accepting, cancels migrations that have not passed their point of no return, waits for the rest, and exits 0.")
 
-    @Option(help: "The UNIX socket to serve on (mode 0660).")
-    var socket: String = "/run/gmigrate/gmigrate.sock"
+    @Option(help: "The UNIX socket to serve on (mode 0660); under socket activation, the path of the socket systemd passes. (default: /run/gmigrate/gmigrate.sock)")
+    var socket: String?
 
     @Option(help: "The state directory: journals and the lock.")
     var stateDir: String = "/var/lib/gmigrate"
@@ -21,6 +21,9 @@ struct Daemon: AsyncParsableCommand {
     var logFormat: String?
 
     func run() async throws {
+        // First, before anything spawns a process: the socket systemd may have passed.
+        let activation: SocketActivation?
+        do { activation = try SocketActivation.fromEnvironment() } catch { throw CommandFailure(code: .badInput, message: "\(error)") }
         var settings = DaemonConfig()
         if let config {
             do { settings = try DaemonConfig.load(path: config) } catch { throw CommandFailure(code: .badInput, message: "\(error)") }
@@ -30,6 +33,7 @@ struct Daemon: AsyncParsableCommand {
             format == "json" ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
         }
         logger.logLevel = .info
+        let socket = socket ?? activation?.path ?? Daemon.defaultSocket
         try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         let core: CoordinatorCore
         do {
@@ -38,11 +42,15 @@ struct Daemon: AsyncParsableCommand {
             throw CommandFailure(code: .stateDirectoryLocked, message: "\(error)")
         }
         do {
-            try await DaemonServer.run(socket: socket, core: core, logger: logger)
+            try await DaemonServer.run(socket: socket, activation: activation, core: core, logger: logger)
+        } catch let error as SocketInUse {
+            throw CommandFailure(code: .stateDirectoryLocked, message: "\(error)")
         } catch let error as ConfigError {
-            throw CommandFailure(code: .stateDirectoryLocked, message: error.message)
+            throw CommandFailure(code: .badInput, message: error.message)
         }
     }
+
+    static let defaultSocket = "/run/gmigrate/gmigrate.sock"
 }
 
 /// Shared by the client commands.

@@ -181,6 +181,12 @@ int ckvm_connect_unix(const char *path);
 int ckvm_set_timeouts(int fd, long milliseconds);
 /** SO_PEERCRED of a connected UNIX socket. */
 int ckvm_peer_credentials(int fd, int *pid, unsigned *uid, unsigned *gid);
+/** Checks that fd is a listening SOCK_STREAM AF_UNIX socket bound to a path (what a systemd
+ *  socket unit's ListenStream=/path hands over), copies the path (NUL-terminated) and sets
+ *  FD_CLOEXEC. Returns 0, or -1 with errno: EBADF (no such descriptor), ENOTSOCK (not a socket),
+ *  ESOCKTNOSUPPORT (not SOCK_STREAM), EINVAL (not listening), EAFNOSUPPORT (not AF_UNIX),
+ *  EDESTADDRREQ (unnamed or abstract), ENAMETOOLONG (path does not fit in length). */
+int ckvm_listening_unix_path(int fd, char *path, unsigned long length);
 /** sendmsg of the whole buffer with nfds descriptors attached (SCM_RIGHTS) to its first byte;
  *  retries EINTR and short writes. Returns 0, or -1/errno. */
 int ckvm_send_with_fds(int fd, const void *buffer, unsigned long length, const int *fds, int nfds);
