@@ -11,6 +11,27 @@ import ServiceLifecycle
 import Glibc
 #endif
 
+/// Where the daemon listens, checked before it touches its state directory: a mistake here
+/// (activation that disagrees with --socket, a bad token file) changes nothing.
+public struct DaemonListeners: Sendable {
+    /// The UNIX socket's path (also the name of its `.lock`).
+    public var socket: String
+    /// The socket systemd passed, bound to `socket`; nil: the daemon binds `socket` itself.
+    public var activation: SocketActivation?
+    /// The loopback TCP listener's token, when the configuration has a `tcp` section.
+    public var token: BearerToken?
+
+    /// `socket` nil: the activated socket's path, else the default.
+    public static func prepare(socket: String?, activation: SocketActivation?, config: DaemonConfig, defaultSocket: String) throws(ConfigError) -> DaemonListeners {
+        let path = socket ?? activation?.path ?? defaultSocket
+        if let activation, activation.path != path {
+            throw ConfigError(message: "socket activation: the socket systemd passed is bound to \(activation.path), but --socket is \(path) (ListenStream= and --socket must agree)")
+        }
+        let token = try config.tcp.map { tcp throws(ConfigError) in try BearerToken.load(path: tcp.tokenFile) }
+        return DaemonListeners(socket: path, activation: activation, token: token)
+    }
+}
+
 /// The listening socket systemd hands over when `gmigrate.socket` starts the daemon
 /// (sd_listen_fds(3): `LISTEN_PID`, `LISTEN_FDS`, descriptors from 3). With it the socket
 /// outlives the daemon: clients that connect while it restarts wait in the backlog instead of

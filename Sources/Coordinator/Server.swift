@@ -204,15 +204,12 @@ public enum DaemonServer {
 
     /// Runs the daemon until SIGTERM or SIGINT: recover, serve, then drain.
     ///
-    /// It serves on `socket` (bound here, mode 0660), or on the socket systemd passed
-    /// (`activation`, which must be bound to `socket`), and on the loopback TCP listener when the
-    /// configuration has one. Everything that can be wrong with the listeners (token file,
-    /// activation) is checked before recovery starts.
-    public static func run(socket: String, activation: SocketActivation? = nil, core: CoordinatorCore, logger: Logger) async throws {
-        if let activation, activation.path != socket {
-            throw ConfigError(message: "socket activation: the socket systemd passed is bound to \(activation.path), but --socket is \(socket) (ListenStream= and --socket must agree)")
-        }
-        let token: BearerToken? = try core.config.tcp.map { tcp throws(ConfigError) in try BearerToken.load(path: tcp.tokenFile) }
+    /// It serves on the UNIX socket (bound here, mode 0660, or the one systemd passed) and on the
+    /// loopback TCP listener when the configuration has one.
+    public static func run(listeners: DaemonListeners, core: CoordinatorCore, logger: Logger) async throws {
+        let socket = listeners.socket
+        let activation = listeners.activation
+        let token = listeners.token
         // One daemon per socket: a second would unlink the first one's live socket.
         let lockFD = open(socket + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard lockFD >= 0, flock(lockFD, LOCK_EX | LOCK_NB) == 0 else {

@@ -33,8 +33,13 @@ struct Daemon: AsyncParsableCommand {
             format == "json" ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
         }
         logger.logLevel = .info
-        let socket = socket ?? activation?.path ?? Daemon.defaultSocket
-        try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        let listeners: DaemonListeners
+        do {
+            listeners = try DaemonListeners.prepare(socket: socket, activation: activation, config: settings, defaultSocket: Daemon.defaultSocket)
+        } catch {
+            throw CommandFailure(code: .badInput, message: "\(error)")
+        }
+        try FileManager.default.createDirectory(atPath: (listeners.socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         let core: CoordinatorCore
         do {
             core = try CoordinatorCore(stateDirectory: stateDir, config: settings, logger: logger)
@@ -42,11 +47,9 @@ struct Daemon: AsyncParsableCommand {
             throw CommandFailure(code: .stateDirectoryLocked, message: "\(error)")
         }
         do {
-            try await DaemonServer.run(socket: socket, activation: activation, core: core, logger: logger)
+            try await DaemonServer.run(listeners: listeners, core: core, logger: logger)
         } catch let error as SocketInUse {
             throw CommandFailure(code: .stateDirectoryLocked, message: "\(error)")
-        } catch let error as ConfigError {
-            throw CommandFailure(code: .badInput, message: error.message)
         }
     }
 
