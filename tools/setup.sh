@@ -13,8 +13,9 @@ if ! command -v swift >/dev/null 2>&1; then
 fi
 
 # Debian packages: util-linux's setpriv runs clients as an unprivileged user in the tests; curl
-# for the README's API examples; libnl-3 (pkg-config) for netlink; iproute2 for the network tests.
-packages=(util-linux curl pkg-config libnl-3-dev libnl-route-3-dev iproute2)
+# for the README's API examples; libnl-3 (pkg-config) for netlink; iproute2 for the network tests;
+# systemd for systemd-socket-activate and systemd-analyze (the socket unit tests).
+packages=(util-linux curl pkg-config libnl-3-dev libnl-route-3-dev iproute2 systemd)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
