@@ -35,14 +35,12 @@ final class DaemonFixture {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try executable("gmigrate"))
         process.arguments = ["daemon", "--socket", socket, "--state-dir", state, "--config", config]
-        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
-        let handle = FileHandle(forWritingAtPath: log)
-        handle?.seekToEndOfFile()
+        let handle = appendingLog(log)
         process.standardOutput = handle
         process.standardError = handle
         setenv("GMIGRATE_TINYVMM", try executable("tinyvmm"), 1)
         try process.run()
-        let ready = waitUntil(20) { (try? UnixHTTPClient.request(socket: socket, method: "GET", path: "/healthz", timeout: 1))?.status == 200 }
+        let ready = waitUntil(20) { daemonIsHealthy(socket) }
         if !ready { process.terminate() }
         #expect(ready, "the daemon serves on \(socket)")
         return process
@@ -71,6 +69,19 @@ final class DaemonFixture {
         process.waitUntilExit()
         #expect(process.terminationStatus == 0, "a clean exit on SIGTERM", sourceLocation: sourceLocation)
     }
+}
+
+/// A handle that appends to `path` (created if missing), for a child process's output.
+func appendingLog(_ path: String) -> FileHandle? {
+    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+    let handle = FileHandle(forWritingAtPath: path)
+    handle?.seekToEndOfFile()
+    return handle
+}
+
+/// Whether a daemon answers /healthz on `socket`.
+func daemonIsHealthy(_ socket: String) -> Bool {
+    (try? UnixHTTPClient.request(socket: socket, method: "GET", path: "/healthz", timeout: 1))?.status == 200
 }
 
 func demoPlan(name: String = "demo", faults: [String] = []) throws -> String {

@@ -20,13 +20,6 @@ private func writeConfig(_ directory: String, _ extra: String = "") throws -> St
     return path
 }
 
-private func appendingLog(_ path: String) -> FileHandle? {
-    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
-    let handle = FileHandle(forWritingAtPath: path)
-    handle?.seekToEndOfFile()
-    return handle
-}
-
 /// Starts `gmigrate daemon` the way systemd starts a socket-activated service: `descriptor`
 /// becomes its fd 3, `LISTEN_FDS` and `LISTEN_PID` (its own pid, set by the shell that then
 /// execs it, unless `listenPID` says otherwise) in its environment.
@@ -50,10 +43,6 @@ private func startActivated(
     process.standardError = handle
     try process.run()
     return process
-}
-
-private func healthy(_ socket: String) -> Bool {
-    (try? UnixHTTPClient.request(socket: socket, method: "GET", path: "/healthz", timeout: 1))?.status == 200
 }
 
 private func jsonObject(_ data: Data) -> [String: Any] { ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any]) ?? [:] }
@@ -125,7 +114,7 @@ struct ListenerTests {
         let arguments = ["--socket", socket, "--state-dir", directory + "/state", "--config", try writeConfig(directory)]
 
         let first = try startActivated(descriptor: listener, arguments: arguments, log: log)
-        #expect(waitUntil(20) { healthy(socket) }, "the first daemon serves the passed socket")
+        #expect(waitUntil(20) { daemonIsHealthy(socket) }, "the first daemon serves the passed socket")
         let submitted = try UnixHTTPClient.request(socket: socket, method: "POST", path: "/v1/migrations", body: Data(try demoPlan(name: "before-restart").utf8))
         let id = try #require(jsonObject(submitted.body)["id"] as? String, "\(submitted.text)")
         #expect(waitUntil(60) {
@@ -200,7 +189,7 @@ struct ListenerTests {
             process.terminate()
             process.waitUntilExit()
         }
-        #expect(waitUntil(20) { healthy(own) }, "it serves on its own socket")
+        #expect(waitUntil(20) { daemonIsHealthy(own) }, "it serves on its own socket")
         let text = try String(contentsOfFile: log, encoding: .utf8)
         #expect(!text.contains("socket-activated"), "\(text)")
     }
