@@ -29,6 +29,9 @@ struct Daemon: AsyncParsableCommand {
             do { settings = try DaemonConfig.load(path: config) } catch { throw CommandFailure(code: .badInput, message: "\(error)") }
         }
         let format = logFormat ?? settings.logFormat
+        guard ["text", "json"].contains(format) else {
+            throw CommandFailure(code: .badInput, message: "--log-format: '\(format)' is none of text, json")
+        }
         var logger = Logger(label: "gmigrate.daemon") { label -> any LogHandler in
             format == "json" ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
         }

@@ -274,6 +274,8 @@ struct ListenerTests {
         _ = chmod(tokenFile, 0o600)
         try "short\n".write(toFile: tokenFile, atomically: false, encoding: .utf8)
         try start("at least 16 characters")
+        let bad = try gmigrate(["daemon", "--socket", directory + "/g.sock", "--state-dir", directory + "/state", "--log-format", "xml"])
+        #expect(bad.status == 2 && bad.stderr.contains("--log-format: 'xml' is none of text, json"), "\(bad.stderr)")
     }
 
     /// The configuration names the file, the line and column, and the field of a mistake.
