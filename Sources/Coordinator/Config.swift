@@ -99,7 +99,7 @@ public struct DaemonConfig: Codable, Sendable, Equatable {
         }
         let config: DaemonConfig
         do {
-            config = try YAMLDecoder().decode(DaemonConfig.self, from: text)
+            config = try YAMLDecoder().decode(DaemonConfig.self, from: root)
         } catch let DecodingError.typeMismatch(type, context) {
             throw ConfigError(message: "\(place(node(at: context.codingPath), fieldPath(context.codingPath))): expected \(typeName(type))")
         } catch let DecodingError.dataCorrupted(context) {

@@ -1,6 +1,7 @@
 import CKVM
 import Foundation
 import HummingbirdCore
+import Kernel
 import Logging
 import NIOCore
 import NIOExtras
@@ -79,7 +80,7 @@ public struct SocketActivation: Sendable, Equatable {
             case EINVAL: "is not listening"
             case EAFNOSUPPORT: "is not a UNIX socket (ListenStream= must name a path)"
             case EDESTADDRREQ: "has no path (abstract or unnamed)"
-            default: "cannot be inspected: \(String(cString: strerror(code))) (errno \(code))"
+            default: "cannot be inspected: \(Errno(rawValue: code).message) (\(Errno(rawValue: code).name))"
             }
             throw ConfigError(message: "socket activation: descriptor \(descriptor) \(what)")
         }
@@ -96,8 +97,8 @@ public struct BearerToken: Sendable {
     public static func load(path: String) throws(ConfigError) -> BearerToken {
         var status = stat()
         guard stat(path, &status) == 0 else {
-            let code = errno
-            throw ConfigError(message: "\(path) (tcp.tokenFile): \(String(cString: strerror(code))) (errno \(code))")
+            let error = Errno.current
+            throw ConfigError(message: "\(path) (tcp.tokenFile): \(error.message) (\(error.name))")
         }
         guard status.st_mode & S_IFMT == S_IFREG else {
             throw ConfigError(message: "\(path) (tcp.tokenFile): not a regular file")
@@ -142,8 +143,6 @@ struct InheritedSocketServer<ChildChannel: ServerChildChannel>: Service {
     func run() async throws {
         let group = MultiThreadedEventLoopGroup.singleton
         let quiescing = ServerQuiescingHelper(group: group)
-        let childChannel = childChannel
-        let logger = logger
         let server = try await ServerBootstrap(group: group)
             .serverChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
