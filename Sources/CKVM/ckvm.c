@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -62,6 +63,90 @@ long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length) 
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
+
+struct copy_run { unsigned long offset, length; };
+struct copy_work {
+    const char *source;
+    char *target;
+    const struct copy_run *runs;
+    unsigned long count;
+    unsigned long next;          /* the next run to take, under `lock` */
+    pthread_mutex_t lock;
+    int error;
+};
+
+static void *copy_worker(void *argument) {
+    struct copy_work *work = argument;
+    for (;;) {
+        pthread_mutex_lock(&work->lock);
+        unsigned long index = work->next++;
+        int failed = work->error;
+        pthread_mutex_unlock(&work->lock);
+        if (index >= work->count || failed) return NULL;
+        const struct copy_run *run = &work->runs[index];
+        unsigned long done = 0;
+        while (done < run->length) {
+            struct iovec local = { .iov_base = (void *)(work->source + run->offset + done), .iov_len = run->length - done };
+            struct iovec remote = { .iov_base = work->target + run->offset + done, .iov_len = run->length - done };
+            ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+            if (n <= 0) {
+                if (n < 0 && errno == EINTR) continue;
+                pthread_mutex_lock(&work->lock);
+                work->error = n < 0 ? errno : EFAULT;
+                pthread_mutex_unlock(&work->lock);
+                return NULL;
+            }
+            done += (unsigned long)n;
+        }
+    }
+}
+
+int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int threads, unsigned long *copied) {
+    const unsigned long page = 4096, chunk = 4ul << 20;
+    *copied = 0;
+    if (length == 0 || length % page != 0 || threads < 1) { errno = EINVAL; return -1; }
+    char *source = mmap(NULL, length, PROT_READ, MAP_SHARED, source_fd, 0);
+    if (source == MAP_FAILED) return -1;
+    unsigned long pages = length / page;
+    unsigned char *resident = malloc(pages);
+    struct copy_run *runs = malloc(sizeof *runs * (pages / (chunk / page) + pages / 2 + 2));
+    if (!resident || !runs) { free(resident); free(runs); munmap(source, length); errno = ENOMEM; return -1; }
+    if (mincore(source, length, resident) != 0) {
+        int saved = errno;
+        free(resident); free(runs); munmap(source, length);
+        errno = saved;
+        return -1;
+    }
+    /* Resident runs, cut into chunks so that the threads share the work evenly. */
+    unsigned long count = 0, total = 0;
+    for (unsigned long i = 0; i < pages;) {
+        if (!(resident[i] & 1)) { i++; continue; }
+        unsigned long start = i;
+        while (i < pages && (resident[i] & 1) && (i - start) * page < chunk) i++;
+        runs[count].offset = start * page;
+        runs[count].length = (i - start) * page;
+        total += runs[count].length;
+        count++;
+    }
+    struct copy_work work = { .source = source, .target = target, .runs = runs, .count = count, .next = 0, .error = 0 };
+    pthread_mutex_init(&work.lock, NULL);
+    pthread_t workers[16];
+    int started = 0;
+    if (threads > 16) threads = 16;
+    for (int t = 1; t < threads && (unsigned long)t < count; t++) {
+        if (pthread_create(&workers[started], NULL, copy_worker, &work) == 0) started++;
+    }
+    copy_worker(&work);
+    for (int t = 0; t < started; t++) pthread_join(workers[t], NULL);
+    pthread_mutex_destroy(&work.lock);
+    free(resident);
+    free(runs);
+    munmap(source, length);
+    if (work.error) { errno = work.error; return -1; }
+    *copied = total;
+    return 0;
+}
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -253,4 +338,25 @@ int ckvm_open_tap_queue(const char *name, int multi_queue) {
         return -1;
     }
     return fd;
+}
+
+#include <poll.h>
+#include <sys/syscall.h>
+
+int ckvm_pidfd_open(int pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int ckvm_poll_any(const int *fds, int count, int milliseconds) {
+    struct pollfd polls[64];
+    if (count < 0 || count > 64) { errno = EINVAL; return -2; }
+    for (int i = 0; i < count; i++) { polls[i].fd = fds[i]; polls[i].events = POLLIN; polls[i].revents = 0; }
+    for (;;) {
+        int n = poll(polls, (nfds_t)count, milliseconds);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return -2;
+        if (n == 0) return -1;
+        for (int i = 0; i < count; i++) if (polls[i].revents) return i;
+        return -1;
+    }
 }

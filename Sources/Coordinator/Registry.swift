@@ -128,7 +128,7 @@ public final class CoordinatorCore: @unchecked Sendable {
 
     /// Brings every unfinished migration to a terminal state, then loads every journal.
     public func recoverAndLoad() -> [RecoveryReport] {
-        let reports = Recovery.recoverAll(journal, processes: ProcessRecovery.recover)
+        let reports = MigrationRunner.recoverAll(journal, provider: recoveryProvider)
         let recoveries = metrics.makeCounter(descriptor: .init(
             namespace: "gmigrate", metricName: "recoveries", unitName: "total", helpText: "Migrations recovered at daemon start"))
         for report in reports {
@@ -139,24 +139,14 @@ public final class CoordinatorCore: @unchecked Sendable {
             guard let contents = try? Journal.read(stateDirectory: stateDirectory, id: id),
                 case .started(let started)? = contents.entries.first?.event
             else { continue }
+            let machine = MigrationMachine(replaying: contents.entries.map(\.event))
             var view = MigrationView(
-                id: id, plan: started.plan.name, vm: CoordinatorCore.vmKey(started.plan), state: "lost",
-                strategy: started.strategy.rawValue, steps: [], pointOfNoReturnPassed: false, cancelRequested: false)
-            for entry in contents.entries {
-                switch entry.event {
-                case .outcome(let outcome):
-                    view.steps.append(StepReport(
-                        step: outcome.step, direction: outcome.direction, ok: outcome.ok, durationNanoseconds: outcome.durationNanoseconds,
-                        error: outcome.error))
-                case .pointOfNoReturn: view.pointOfNoReturnPassed = true
-                case .finished(let finished):
-                    view.state = finished.state.rawValue
-                    view.reason = finished.reason
-                    view.blackoutNanoseconds = finished.blackoutNanoseconds
-                    view.blackoutBreach = finished.blackoutBreach
-                default: break
-                }
-            }
+                id: id, plan: started.plan.name, vm: CoordinatorCore.vmKey(started.plan),
+                state: machine.finished?.state.rawValue ?? (machine.halted != nil ? TerminalState.stuck.rawValue : "unfinished"),
+                strategy: started.strategy.rawValue, steps: contents.entries.outcomes.map(StepReport.init), reason: machine.finished?.reason ?? machine.halted,
+                pointOfNoReturnPassed: machine.pastPointOfNoReturn, cancelRequested: false)
+            view.blackoutNanoseconds = machine.finished?.blackoutNanoseconds
+            view.blackoutBreach = machine.finished?.blackoutBreach
             let record = MigrationRecord(view: view)
             record.update { view in MigrationEvent(kind: "finished", state: view.state, reason: view.reason) }
             lock.withLock {
@@ -192,14 +182,10 @@ public final class CoordinatorCore: @unchecked Sendable {
     }
 
     /// The dry run of `gmigrate migrate --dry-run`: the whole state machine rehearsed on an
-    /// in-memory model with the strategy this host would use; no VM of this host is touched.
+    /// in-memory model with the strategy this host would use; no VM of this host is touched (a
+    /// source VMM is only asked to describe its VM).
     public func rehearse(_ plan: MigrationPlan, strategy: Strategy) -> MigrationSummary? {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gmigrate-rehearsal-\(UUID().uuidString)").path
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        guard plan.source == .inProcess, let journal = try? Journal(stateDirectory: directory) else { return nil }
-        return try? StandaloneRun.run(
-            plan: plan, planFile: "(rehearsal)", strategy: strategy, backend: .model(hostFile: nil), journal: journal, faults: []
-        ).summary
+        try? Rehearsal.run(plan: plan, planFile: "(rehearsal)", strategy: strategy, faults: []).run.summary
     }
 
     /// Accepts a migration: validates, refuses a VM already migrating (409), starts it.
@@ -229,7 +215,7 @@ public final class CoordinatorCore: @unchecked Sendable {
                 detail: "an in-process source needs an in-process target, and a VMM process a VMM process")
         }
         let vm = CoordinatorCore.vmKey(plan)
-        let id = StandaloneRun.newID(plan.name)
+        let id = MigrationRunner.newID(plan.name)
         lock.lock()
         let record = try { () throws(CoordinatorProblem) -> MigrationRecord in
             defer { lock.unlock() }
@@ -306,34 +292,26 @@ public final class CoordinatorCore: @unchecked Sendable {
             log.info("step", metadata: ["step": "\(step.step.rawValue)", "direction": "\(step.direction.rawValue)", "ok": "\(step.ok)"])
             record.update { view in
                 view.steps.append(step)
-                if step.direction == .forward && step.ok && step.step == Migration.pointOfNoReturn(confidential: plan.vm.type.hasEncryptionContext) {
-                    view.pointOfNoReturnPassed = true
-                }
                 return MigrationEvent(kind: "step", state: view.state, step: step)
             }
         }
-        // The point of no return is journaled right before its step starts: mark it then.
-        let pointOfNoReturn = Migration.pointOfNoReturn(confidential: plan.vm.type.hasEncryptionContext)
-        let trackingProgress: (StepReport) -> Void = { step in
-            progress(step)
-            if let index = MigrationStep.allCases.firstIndex(of: step.step), step.ok, step.direction == .forward,
-                index + 1 < MigrationStep.allCases.count, MigrationStep.allCases[index + 1] == pointOfNoReturn
-            {
-                record.update { view in
-                    view.pointOfNoReturnPassed = true
-                    return nil
-                }
+        // The view passes the point of no return when the journal does: a cancel after it is refused.
+        let observer: (JournalEntry.Event) -> Void = { event in
+            guard event == .pointOfNoReturn else { return }
+            record.update { view in
+                view.pointOfNoReturnPassed = true
+                return nil
             }
         }
-        let shouldCancel: () -> Bool = { record.snapshot.cancelRequested }
+        let cancelReason: () -> String? = { record.snapshot.cancelRequested ? "cancelled through the API" : nil }
         var summary: MigrationSummary? = nil
         var failure: String? = nil
         do {
             if plan.source == .inProcess {
                 let backend: StandaloneBackend = backendChoice == "linux" ? .linux : .model(hostFile: modelHostFile)
-                let run = try StandaloneRun.run(
+                let run = try InProcessRun.run(
                     plan: plan, planFile: "(submitted)", strategy: strategy, backend: backend, journal: journal, faults: faults,
-                    progress: trackingProgress, shouldCancel: shouldCancel, idempotencyKey: idempotencyKey, id: record.id)
+                    progress: progress, cancelReason: cancelReason, observer: observer, idempotencyKey: idempotencyKey, id: record.id)
                 record.keepAlive = run
                 summary = run.summary
             } else if case .socket(let sourceSocket) = plan.source {
@@ -342,7 +320,7 @@ public final class CoordinatorCore: @unchecked Sendable {
                 let run = try ProcessRun.run(
                     plan: plan, planFile: "(submitted)", strategy: strategy, journal: journal, faults: faults, sourceSocket: sourceSocket,
                     targetSocket: targetSocket, spawnBackend: backendChoice == "linux" ? "linux" : "model:" + modelHostFile,
-                    vmmDirectory: stateDirectory + "/vmm", progress: trackingProgress, shouldCancel: shouldCancel,
+                    vmmDirectory: stateDirectory + "/vmm", progress: progress, cancelReason: cancelReason, observer: observer,
                     idempotencyKey: idempotencyKey, id: record.id, watcher: watcher,
                     onVMEvent: { [log] reason in
                         log.warning("vm-event", metadata: ["event": "\(reason)"])

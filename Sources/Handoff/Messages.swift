@@ -4,14 +4,16 @@ import Orchestrator
 import Plans
 
 /// One handoff message: a request from the coordinator or a VMM's reply (`ok` or `error`),
-/// with the fields its type uses. Version 1; docs/handoff.md lists every type and field.
+/// with the fields its type uses. Version 2; docs/handoff.md lists every type and field.
 public struct HandoffMessage: Codable, Equatable, Sendable {
-    public static let protocolVersion = 1
+    /// 2: copy-memory replaces sync-copy (only populated pages, once the source is paused);
+    /// arm-faults; every reply may carry the faults that fired.
+    public static let protocolVersion = 2
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
-        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "sync-copy", "bind", "bindings", "probe-mapping", "pause", "resume",
-        "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "shutdown",
+        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "pause", "resume",
+        "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "arm-faults", "shutdown",
     ]
     public static let knownTypes: Set<String> = requestTypes.union(["ok", "error"])
 
@@ -55,6 +57,12 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     // error (reply), probe-mapping (reply)
     public var message: String?
     public var errno: Int32?
+    // copy-memory (reply)
+    public var copy: CopyReport?
+    // arm-faults: `kernel:*` fault specs (honoured only by a VMM started with --allow-faults)
+    public var faults: [String]?
+    /// Any reply: the armed faults that fired while the VMM handled this request.
+    public var fired: [String]?
 
     public init(type: String, id: Int) {
         self.type = type

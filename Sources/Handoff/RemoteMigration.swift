@@ -9,51 +9,268 @@ import Plans
 import Glibc
 #endif
 
-/// What a migration between VMM processes checked: the guest's counter went on, the memory is
-/// the same pages (link, share) or a copy.
+/// The VMMs of a migration between processes: the source's handoff socket, and a target that
+/// create-target spawns (a tinyvmm) or connects to. A VMM whose VM KVM destroys (a uevent) or
+/// whose process dies (its pidfd) stops the migration at once, before the point of no return.
+public final class ProcessEndpoints: EndpointProvider {
+    /// How create-target starts a target VMM.
+    public struct Spawn: Sendable {
+        /// `linux`, or `model:HOSTFILE`.
+        public var backend: String
+        public var logFile: String
+        public init(backend: String, logFile: String) {
+            self.backend = backend
+            self.logFile = logFile
+        }
+    }
+
+    public let sourceSocket: String
+    public let targetSocket: String
+    let spawn: Spawn?
+    let timeout: Duration
+    public private(set) var sourceVMM: RemoteVMM?
+    public private(set) var targetVMM: RemoteVMM?
+    private var targetProcess: Process?
+    /// The pid of a target this coordinator (or, when recovering, the one before it) spawned.
+    private var spawnedPID: Int32?
+    /// Whether a target may exist (create-target was attempted): recovery reconnects to it.
+    private var targetMayExist: Bool
+    private var kernelFaults: [FaultSpec] = []
+    private let abort = AbortFlag()
+    private let roles = RolePIDs()
+    private let pids: PidWatcher
+    private let watcher: KVMEventWatcher?
+    private var token: UUID?
+    private let onVMEvent: @Sendable (String) -> Void
+    /// What went wrong arming `kernel:*` faults in a VMM (they then stay unfired).
+    public private(set) var armingProblems: [String] = []
+
+    public init(
+        sourceSocket: String, targetSocket: String, spawn: Spawn?, timeout: Duration, watcher: KVMEventWatcher? = nil,
+        onVMEvent: @escaping @Sendable (String) -> Void = { _ in }, recoveredTargetPID: Int32? = nil, targetMayExist: Bool = false
+    ) {
+        self.sourceSocket = sourceSocket
+        self.targetSocket = targetSocket
+        self.spawn = spawn
+        self.timeout = timeout
+        self.watcher = watcher
+        self.onVMEvent = onVMEvent
+        self.spawnedPID = recoveredTargetPID
+        self.targetMayExist = targetMayExist
+        let abort = self.abort
+        pids = PidWatcher { pid, role in
+            // A VMM process that died while the coordinator holds its gmem files: KVM sends no
+            // destroy (the files pin the VM), so its pid says it.
+            let reason = "the \(role) VMM (pid \(pid)) died"
+            abort.set(reason)
+            onVMEvent(reason)
+        }
+        let roles = self.roles
+        token = watcher?.subscribe { event in
+            guard event.kind == .destroy, let role = roles.role(of: event.pid), abort.reason == nil else { return }
+            let reason = "the \(role) VMM's VM (pid \(event.pid)) was destroyed (KVM uevent)"
+            abort.set(reason)
+            onVMEvent(reason)
+        }
+    }
+
+    /// The provider a recovering coordinator uses: the sockets from the started record, the
+    /// spawned target's pid from create-target's outcome; nothing is spawned again.
+    public static func recovering(_ started: JournalEntry.Started, _ machine: MigrationMachine) -> ProcessEndpoints {
+        ProcessEndpoints(
+            sourceSocket: started.sourceSocket ?? "", targetSocket: started.targetSocket ?? "", spawn: nil,
+            timeout: started.plan.policy.stepTimeout, recoveredTargetPID: machine.details[.createTarget]?["pid"].flatMap { Int32($0) },
+            targetMayExist: machine.attempted.contains(.createTarget))
+    }
+
+    deinit { close() }
+
+    /// Stops watching; lets go of the VMM connections (the VMMs run on by themselves).
+    public func close() {
+        pids.stop()
+        if let token { watcher?.unsubscribe(token) }
+        token = nil
+    }
+
+    public var abortReason: String? { abort.reason }
+
+    public func source() throws(EndpointError) -> any VMMEndpoint {
+        if let sourceVMM { return sourceVMM }
+        let vmm: RemoteVMM
+        do {
+            vmm = try RemoteVMM(role: "source", socketPath: sourceSocket, timeout: timeout)
+        } catch {
+            throw EndpointError("source VMM: \(error.message)", errno: error.errno)
+        }
+        sourceVMM = vmm
+        roles.set(vmm.peer.pid, "source")
+        pids.watch(vmm.peer.pid, name: "source")
+        arm(vmm)
+        return vmm
+    }
+
+    public func makeTarget() throws(EndpointError) -> any VMMEndpoint {
+        if let targetVMM { return targetVMM }
+        targetMayExist = true
+        if let spawn, spawnedPID == nil {
+            do {
+                let process = try ProcessRun.spawnVMM(
+                    socket: targetSocket, backend: spawn.backend, name: "target", logFile: spawn.logFile, allowFaults: !kernelFaults.isEmpty)
+                targetProcess = process
+                spawnedPID = process.processIdentifier
+            } catch {
+                throw EndpointError.from(error)
+            }
+        }
+        let vmm: RemoteVMM
+        do {
+            vmm = try RemoteVMM(role: "target", socketPath: targetSocket, timeout: timeout, expectedPID: spawnedPID)
+        } catch {
+            throw EndpointError("target VMM: \(error.message)", errno: error.errno)
+        }
+        targetVMM = vmm
+        roles.set(vmm.peer.pid, "target")
+        pids.watch(vmm.peer.pid, name: "target")
+        arm(vmm)
+        return vmm
+    }
+
+    public func existingTarget() -> (any VMMEndpoint)? {
+        if let targetVMM { return targetVMM }
+        // A coordinator that took over after a crash reaches the target again, if it answers.
+        guard targetMayExist, !targetSocket.isEmpty,
+            let vmm = try? RemoteVMM(role: "target", socketPath: targetSocket, timeout: timeout, expectedPID: spawnedPID)
+        else { return nil }
+        targetVMM = vmm
+        return vmm
+    }
+
+    public func disposeTarget() throws(EndpointError) {
+        defer {
+            targetVMM = nil
+            targetMayExist = false
+        }
+        guard let pid = spawnedPID else { return }
+        // Destroy made it exit; one that did not (or did not answer) is killed.
+        if !ProcessWatch.waitForExit(pid, timeout: .seconds(2)) {
+            kill(pid, SIGKILL)
+            guard ProcessWatch.waitForExit(pid, timeout: .seconds(5)) else {
+                throw EndpointError("the spawned target VMM (pid \(pid)) does not exit, even after SIGKILL")
+            }
+        }
+        targetProcess?.waitUntilExit()  // reaps our child
+        targetProcess = nil
+        spawnedPID = nil
+    }
+
+    public var targetDetails: [String: String] {
+        var details = ["socket": targetSocket]
+        if let pid = targetVMM?.peer.pid { details["pid"] = "\(pid)" }
+        details["spawned"] = spawnedPID == nil ? "no" : "yes"
+        return details
+    }
+
+    public func observe(_ role: JournalEntry.Role) -> JournalEntry.Observation {
+        switch role {
+        case .source:
+            do {
+                let (liveness, detail) = try source().observe()
+                return .init(role: role, liveness: liveness, detail: detail)
+            } catch {
+                return .init(role: role, liveness: .gone, detail: error.message)
+            }
+        case .target:
+            guard let target = existingTarget() else {
+                if let pid = spawnedPID, ProcessWatch.isAlive(pid) {
+                    return .init(role: role, liveness: .stopped, detail: "pid \(pid) is alive but does not answer at \(targetSocket)")
+                }
+                return .init(role: role, liveness: .gone, detail: targetMayExist ? "nothing answers at \(targetSocket)" : "it was never made")
+            }
+            var (liveness, detail) = target.observe()
+            if liveness == .running, let nics = (try? describedNICs()), !nics.isEmpty {
+                // The network went with the guest: each tap still up and attached (rtnetlink).
+                detail = [detail, nics].compactMap { $0 }.joined(separator: "; ")
+            }
+            return .init(role: role, liveness: liveness, detail: detail)
+        }
+    }
+
+    /// NIC states for the plan's taps, read through rtnetlink.
+    private var plannedNICs: [String] = []
+    public func expectNICs(_ names: [String]) { plannedNICs = names }
+
+    private func describedNICs() throws -> String? {
+        guard !plannedNICs.isEmpty else { return nil }
+        let links = (try? readLinks()) ?? []
+        return plannedNICs.map { name in
+            guard let link = links.first(where: { $0.name == name }) else { return "nic \(name): MISSING" }
+            return "nic \(name): \(link.isUp ? "up" : "DOWN"), mtu \(link.mtu), attached to \(link.master ?? "no bridge")"
+        }.joined(separator: "; ")
+    }
+
+    public func armKernelFaults(_ specs: [FaultSpec]) {
+        kernelFaults = specs
+        for vmm in [sourceVMM, targetVMM].compactMap({ $0 }) { arm(vmm) }
+    }
+
+    private func arm(_ vmm: RemoteVMM) {
+        guard !kernelFaults.isEmpty else { return }
+        do {
+            try vmm.armFaults(kernelFaults)
+        } catch {
+            armingProblems.append("\(vmm.role) VMM: \(error.message)")
+        }
+    }
+
+    public var firedKernelFaults: [FaultSpec] { (sourceVMM?.firedFaults ?? []) + (targetVMM?.firedFaults ?? []) }
+}
+
+/// What a migration between VMM processes checked: the guest's counter went on, its memory
+/// agreed with its registers at the switch-over, the memory is the same pages (link, share) or
+/// a copy.
 public struct ProcessVerification: Codable, Sendable, Equatable {
     /// The counter in guest memory when the source paused.
     public var counterAtPause: UInt32?
+    /// The counter guest's register copy of its count (eax) at the pause: memory and registers
+    /// agree when it is the memory's count or one less (paused between the increment and the load).
+    public var registerAtPause: UInt32?
     /// The counter in the target's memory when it was restored, before it ran: it must be the
     /// counter at the pause (no reset, no lost write).
     public var counterAtResume: UInt32?
-    /// The counter in the target a moment after it resumed.
+    /// The counter in the survivor once it counted on.
     public var counterAfter: UInt32?
     public var sourceInodes: [String: String]
     public var targetInodes: [String: String]
 
+    public var registersAgree: Bool {
+        guard let memory = counterAtPause, let register = registerAtPause else { return true }
+        return register == memory || register &+ 1 == memory
+    }
+
     public var counterContinued: Bool {
         guard let before = counterAtPause, let after = counterAfter else { return false }
-        return after > before && (counterAtResume.map { $0 == before } ?? true)
+        return after > before && (counterAtResume.map { $0 == before } ?? true) && registersAgree
     }
 }
 
-/// A migration between VMM processes: the source's handoff socket, and a target the coordinator
-/// spawns (a tinyvmm) or connects to.
+/// A migration between VMM processes, run by the one runner: the source's handoff socket, and
+/// a target the coordinator spawns (a tinyvmm) or connects to.
 public final class ProcessRun {
     public let summary: MigrationSummary
     public let verification: ProcessVerification?
-    public let source: RemoteVMM
-    public let target: RemoteVMM
-    public let targetProcess: Process?
     public let journalPath: String
+    public let targetSocket: String
+    public let targetPID: Int32?
+    /// Problems arming `kernel:*` faults in the VMMs (those faults stay unfired).
+    public let armingProblems: [String]
 
-    init(summary: MigrationSummary, verification: ProcessVerification?, source: RemoteVMM, target: RemoteVMM, targetProcess: Process?, journalPath: String) {
+    init(summary: MigrationSummary, verification: ProcessVerification?, journalPath: String, targetSocket: String, targetPID: Int32?, armingProblems: [String]) {
         self.summary = summary
         self.verification = verification
-        self.source = source
-        self.target = target
-        self.targetProcess = targetProcess
         self.journalPath = journalPath
-    }
-
-    /// Whether a process exists and is not a zombie.
-    static func isAlive(_ pid: Int32) -> Bool {
-        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-            let close = stat.lastIndex(of: ")")
-        else { return true }
-        return stat[stat.index(after: close)...].dropFirst().first != "Z"
+        self.targetSocket = targetSocket
+        self.targetPID = targetPID
+        self.armingProblems = armingProblems
     }
 
     /// The tinyvmm executable: `GMIGRATE_TINYVMM`, or the one next to this executable.
@@ -70,7 +287,9 @@ public final class ProcessRun {
     }
 
     /// Starts a tinyvmm and waits until its socket answers.
-    public static func spawnVMM(socket: String, backend: String, name: String, logFile: String, plan: String? = nil) throws -> Process {
+    public static func spawnVMM(
+        socket: String, backend: String, name: String, logFile: String, plan: String? = nil, allowFaults: Bool = false, extra: [String] = []
+    ) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: tinyvmmPath())
         var arguments = ["--socket", socket, "--name", name]
@@ -80,129 +299,83 @@ public final class ProcessRun {
             arguments += ["--backend", "linux"]
         }
         if let plan { arguments += ["--plan", plan] }
-        process.arguments = arguments
+        if allowFaults { arguments.append("--allow-faults") }
+        process.arguments = arguments + extra
         _ = FileManager.default.createFile(atPath: logFile, contents: nil)
         let log = FileHandle(forWritingAtPath: logFile)
         log?.seekToEndOfFile()
         process.standardOutput = log
         process.standardError = log
         try process.run()
-        // Ready when its socket accepts.
-        let deadline = Date().addingTimeInterval(10)
-        while Date() < deadline {
+        // Ready when its socket accepts (it listens before it serves).
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
             if !process.isRunning { throw EndpointError("the VMM (\(name)) exited at start: see \(logFile)") }
-            if socketAnswers(socket) { break }
-            Thread.sleep(forTimeInterval: 0.01)
+            if HandoffConnection.probe(path: socket) == 0 { return process }
+            _ = ProcessWatch.waitForExit(process.processIdentifier, timeout: .milliseconds(5))
         }
-        return process
+        process.terminate()
+        throw EndpointError("the VMM (\(name)) did not listen at \(socket) within 10 s: see \(logFile)")
     }
 
     /// Migrates the VM behind `sourceSocket` into the target, journaled; verifies the counter.
+    /// The journal is begun before any VMM is contacted, so a crash at any moment leaves a
+    /// migration that `gmigrate recover` finds.
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, journal store: Journal, faults specs: [FaultSpec],
         sourceSocket: String, targetSocket: String?, spawnBackend: String, vmmDirectory: String,
-        progress: @escaping (StepReport) -> Void = { _ in }, shouldCancel: @escaping () -> Bool = { false },
-        idempotencyKey: String? = nil, id chosen: String? = nil, watcher: KVMEventWatcher? = nil,
+        progress: @escaping (StepReport) -> Void = { _ in }, cancelReason: @escaping () -> String? = { nil },
+        observer: @escaping (JournalEntry.Event) -> Void = { _ in }, idempotencyKey: String? = nil, id chosen: String? = nil,
+        watcher: KVMEventWatcher? = nil,
         onVMEvent: @escaping @Sendable (String) -> Void = { _ in }
     ) throws -> ProcessRun {
-        let id = chosen ?? StandaloneRun.newID(plan.name)
-        let timeout = plan.policy.stepTimeout
-        let source = try RemoteVMM(role: "source", socketPath: sourceSocket, timeout: timeout)
-        var targetProcess: Process? = nil
-        let targetPath: String
-        if let targetSocket {
-            targetPath = targetSocket
-        } else {
+        let id = chosen ?? MigrationRunner.newID(plan.name)
+        // sun_path holds 108 bytes: keep the name short (the id's random suffix).
+        let suffix = String(id.split(separator: "-").last ?? "vmm").prefix(12)
+        let targetPath = targetSocket ?? vmmDirectory + "/t-\(suffix).sock"
+        if targetSocket == nil {
             try FileManager.default.createDirectory(atPath: vmmDirectory, withIntermediateDirectories: true)
-            // sun_path holds 108 bytes: keep the name short (the id's random suffix).
-            targetPath = vmmDirectory + "/target-\(id.split(separator: "-").last ?? "vmm").sock"
-            targetProcess = try spawnVMM(
-                socket: targetPath, backend: spawnBackend, name: "\(id)/target", logFile: vmmDirectory + "/\(id)-target.log")
         }
-        let target = try RemoteVMM(
-            role: "target", socketPath: targetPath, timeout: timeout, expectedPID: targetProcess?.processIdentifier)
-        let journal = try store.create(id: id)
         var started = JournalEntry.Started(
-            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + source.backend, coordinatorPID: getpid(),
-            faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath, sourcePID: source.peer.pid,
-            targetPID: target.peer.pid)
+            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + spawnBackend, coordinatorPID: getpid(),
+            faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath)
         started.idempotencyKey = idempotencyKey
-        try journal.append(.started(started))
-        let injector = FaultInjector(specs)
-        // A VMM whose VM KVM destroys (its process died, or it closed the VM) stops the migration
-        // at once, without waiting for a request to fail or time out.
-        let abort = AbortFlag()
-        let pids = [source.peer.pid: "source", target.peer.pid: "target"]
-        let token = watcher?.subscribe { event in
-            guard event.kind == .destroy, let role = pids[event.pid], abort.reason == nil else { return }
-            let reason = "the \(role) VMM's VM (pid \(event.pid)) was destroyed (KVM uevent)"
-            abort.set(reason)
-            _ = try? journal.append(.note("uevent: destroy of the VM of pid \(event.pid), the \(role) VMM"))
-            onVMEvent(reason)
-        }
-        defer { if let token { watcher?.unsubscribe(token) } }
-        // A VMM process that dies while it still shares its VM with the coordinator (which holds
-        // the source's gmem files, so KVM sends no destroy) is noticed by its pid.
-        let watching = AbortFlag()
-        let processWatch = Thread {
-            while watching.reason == nil && abort.reason == nil {
-                for (pid, role) in pids where !ProcessRun.isAlive(pid) {
-                    // KVM's own destroy uevent, when it comes, says more: give it a moment.
-                    Thread.sleep(forTimeInterval: 0.2)
-                    guard abort.reason == nil else { break }
-                    abort.set("the \(role) VMM (pid \(pid)) died")
-                    _ = try? journal.append(.note("the \(role) VMM process (pid \(pid)) died"))
-                    onVMEvent("the \(role) VMM (pid \(pid)) died")
-                }
-                Thread.sleep(forTimeInterval: 0.05)
-            }
-        }
-        processWatch.start()
-        defer { watching.set("done") }
-        injector.interruptDelays { abort.reason != nil }
-        let migration = Migration(
-            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
-            shouldCancel: shouldCancel, abortReason: { abort.reason })
-        let summary = try migration.run()
-        // After the switch-over each NIC must still be up and attached (rtnetlink), journaled.
-        if summary.state == .completed, !plan.vm.nics.isEmpty {
-            let links = (try? readLinks()) ?? []
-            for nic in plan.vm.nics {
-                let link = links.first { $0.name == nic.name }
-                let text = link.map { "nic \(nic.name): \($0.isUp ? "up" : "DOWN"), mtu \($0.mtu), attached to \($0.master ?? "no bridge")" }
-                    ?? "nic \(nic.name): MISSING"
-                _ = try? journal.append(.note(text + " (after the switch-over)"))
-            }
-        }
+        let journal = try MigrationRunner.begin(started, in: store)
+        let provider = ProcessEndpoints(
+            sourceSocket: sourceSocket, targetSocket: targetPath,
+            spawn: targetSocket == nil ? .init(backend: spawnBackend, logFile: vmmDirectory + "/\(id)-target.log") : nil,
+            timeout: plan.policy.stepTimeout, watcher: watcher, onVMEvent: onVMEvent)
+        defer { provider.close() }
+        provider.expectNICs(plan.vm.nics.map(\.name))
+        let summary = try MigrationRunner.run(
+            journal, provider: provider, faults: FaultInjector(), progress: progress, cancelReason: cancelReason, observer: observer)
         var verification: ProcessVerification? = nil
-        if summary.state == .completed || summary.state == .rolledBack {
-            let survivor = summary.state == .completed ? target : source
+        let survivor: RemoteVMM? = summary.state == .completed ? provider.targetVMM : summary.state == .rolledBack ? provider.sourceVMM : nil
+        if let survivor, let source = provider.sourceVMM {
             let atPause = source.lastCounter
-            let atResume = summary.state == .completed ? target.counterAtRestore : nil
-            Thread.sleep(forTimeInterval: 0.2)
-            let after = try? survivor.status().counter
+            // The guest counts on: wait (bounded) for the survivor's counter to pass the pause's.
+            var after: UInt32? = nil
+            let deadline = ContinuousClock.now + .seconds(5)
+            while ContinuousClock.now < deadline {
+                after = try? survivor.status().counter
+                if let after, let atPause, after > atPause { break }
+                if atPause == nil { break }
+                _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(10))
+            }
             verification = ProcessVerification(
-                counterAtPause: atPause, counterAtResume: atResume, counterAfter: after, sourceInodes: journal.entries.inodes(recordedBy: .prepare),
-                targetInodes: journal.entries.inodes(recordedBy: .handOverMemory))
+                counterAtPause: atPause, registerAtPause: source.pausedStates?.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) },
+                counterAtResume: summary.state == .completed ? provider.targetVMM?.counterAtRestore : nil, counterAfter: after,
+                sourceInodes: journal.entries.inodes(recordedBy: .prepare), targetInodes: journal.entries.inodes(recordedBy: .handOverMemory))
         }
         return ProcessRun(
-            summary: summary, verification: verification, source: source, target: target, targetProcess: targetProcess,
-            journalPath: journal.path)
+            summary: summary, verification: verification, journalPath: journal.path, targetSocket: targetPath,
+            targetPID: provider.targetVMM?.peer.pid, armingProblems: provider.armingProblems)
     }
 }
 
-/// Whether something accepts connections at a UNIX socket path.
-func socketAnswers(_ path: String) -> Bool {
-    guard let connection = try? HandoffConnection.connect(path: path) else { return false }
-    withExtendedLifetime(connection) {}
-    return true
-}
-
-/// A reason, set once, read from any thread.
-final class AbortFlag: @unchecked Sendable {
-    // @unchecked: guarded by `lock`.
-    private let lock = NSLock()
-    private var value: String?
-    var reason: String? { lock.withLock { value } }
-    func set(_ reason: String) { lock.withLock { if value == nil { value = reason } } }
+/// The provider recovery uses for a journal's migration: VMM processes are reached again
+/// through their sockets; in-process VMMs ended with the coordinator that held them.
+public func recoveryProvider(_ started: JournalEntry.Started, _ machine: MigrationMachine) -> any EndpointProvider {
+    if started.backend.hasPrefix("processes:") { return ProcessEndpoints.recovering(started, machine) }
+    return InProcessEndpoints.afterCrash(started)
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Journal
 import Kernel
 import Orchestrator
 import Plans
@@ -14,22 +15,32 @@ import Glibc
 /// Descriptors the source hands over (its gmem files, its VM for the move) are held here, in
 /// the coordinator, until they have been passed to the target; `retire` closes them, so that
 /// the source VM can go away.
+///
+/// A request whose answer does not come (a timeout, a connection that breaks) fails as
+/// *uncertain*, and the connection is dropped: the next request reconnects, so that a late
+/// answer can never be taken for the next request's.
 public final class RemoteVMM: VMMEndpoint {
     public let role: String
     public let socketPath: String
     public let peer: PeerCredentials
     /// The peer's kernel: `linux`, or `model:HOSTFILE`.
     public let backend: String
-    let connection: HandoffConnection
+    private var connection: HandoffConnection?
+    private var timeout: Duration
+    private let expectedUID: UInt32?
     private var nextID = 1
     private var memory: [String: Int32] = [:]
     private var vm: Int32?
     private var taps: [Int32] = []
+    /// Whether the VMM last said that its vcpus run the guest.
     public private(set) var isRunning = false
     /// The guest's counter as the VMM last reported it.
     public private(set) var lastCounter: UInt32?
     /// The counter in guest memory when the VMM restored the vcpus, before the guest ran there.
     public private(set) var counterAtRestore: UInt32?
+    /// The guest's registers (rax) when the VMM paused: the counter guest keeps its count there too.
+    public private(set) var pausedStates: [VCPUState]?
+    public private(set) var firedFaults: [FaultSpec] = []
 
     var isModel: Bool { backend.hasPrefix("model:") }
 
@@ -40,30 +51,39 @@ public final class RemoteVMM: VMMEndpoint {
     public init(role: String, socketPath: String, timeout: Duration, expectedUID: UInt32? = nil, expectedPID: Int32? = nil) throws(HandoffError) {
         self.role = role
         self.socketPath = socketPath
-        connection = try HandoffConnection.connect(path: socketPath)
+        self.timeout = timeout
+        self.expectedUID = expectedUID
+        let (connection, credentials, hello) = try RemoteVMM.connect(socketPath, timeout: timeout, expectedUID: expectedUID, expectedPID: expectedPID)
+        self.connection = connection
+        peer = credentials
+        guard let backend = hello.backend else { throw HandoffError(.malformed, "\(socketPath): the hello reply names no backend") }
+        self.backend = backend
+        isRunning = hello.running ?? false
+    }
+
+    deinit { closeHeld() }
+
+    private static func connect(_ path: String, timeout: Duration, expectedUID: UInt32?, expectedPID: Int32?) throws(HandoffError) -> (HandoffConnection, PeerCredentials, HandoffMessage) {
+        let connection = try HandoffConnection.connect(path: path)
         connection.setTimeout(timeout)
         let credentials = try connection.peerCredentials()
         let allowed: Set<UInt32> = expectedUID.map { [$0] } ?? [getuid(), 0]
         guard allowed.contains(credentials.uid) else {
-            throw HandoffError(.credentials, "\(socketPath): the VMM runs as uid \(credentials.uid), expected \(allowed.sorted().map(String.init).joined(separator: " or "))")
+            throw HandoffError(.credentials, "\(path): the VMM runs as uid \(credentials.uid), expected \(allowed.sorted().map(String.init).joined(separator: " or "))")
         }
         if let expectedPID, credentials.pid != expectedPID {
-            throw HandoffError(.credentials, "\(socketPath): answered by pid \(credentials.pid), not the VMM this coordinator started (pid \(expectedPID))")
+            throw HandoffError(.credentials, "\(path): answered by pid \(credentials.pid), not the VMM this coordinator started (pid \(expectedPID))")
         }
-        peer = credentials
         var hello = HandoffMessage(type: "hello", id: 0)
         hello.version = HandoffMessage.protocolVersion
         try connection.send(hello)
         let (reply, descriptors) = try connection.receive()
         try HandoffConnection.check(descriptors, expected: [])
-        guard reply.type == "ok", reply.version == HandoffMessage.protocolVersion, let backend = reply.backend else {
-            throw HandoffError(.version, "\(socketPath): the VMM speaks handoff version \(reply.version.map(String.init) ?? "?"), this coordinator \(HandoffMessage.protocolVersion)")
+        guard reply.type == "ok", reply.version == HandoffMessage.protocolVersion else {
+            throw HandoffError(.version, "\(path): the VMM speaks handoff version \(reply.version.map(String.init) ?? "?"), this coordinator \(HandoffMessage.protocolVersion)")
         }
-        self.backend = backend
-        isRunning = reply.running ?? false
+        return (connection, credentials, reply)
     }
-
-    deinit { closeHeld() }
 
     private func closeHeld() {
         guard !isModel else { return }
@@ -75,33 +95,96 @@ public final class RemoteVMM: VMMEndpoint {
         vm = nil
     }
 
+    public func setTimeout(_ timeout: Duration) {
+        self.timeout = timeout
+        connection?.setTimeout(timeout)
+    }
+
     /// One request and its reply; an `error` reply becomes an `EndpointError` with its errno.
+    /// A request that was sent and not answered is `uncertain`, and the connection is dropped.
     @discardableResult
-    func request(_ message: HandoffMessage, descriptors: [Int32] = [], expect kinds: [String] = []) throws(EndpointError) -> (HandoffMessage, [Int32]) {
+    func request(
+        _ message: HandoffMessage, descriptors: [Int32] = [], expect kinds: [String] = [], checkDescriptors: Bool = true
+    ) throws(EndpointError) -> (HandoffMessage, [Int32]) {
         var message = message
         message.id = nextID
         nextID += 1
+        let connection: HandoffConnection
+        if let existing = self.connection {
+            connection = existing
+        } else {
+            do {
+                (connection, _, _) = try RemoteVMM.connect(socketPath, timeout: timeout, expectedUID: expectedUID, expectedPID: peer.pid)
+            } catch {
+                throw EndpointError("\(role) VMM: \(message.type): reconnecting: \(error.message)", errno: error.errno)
+            }
+            self.connection = connection
+        }
         do {
             try connection.send(message, descriptors: descriptors)
-            let (reply, received) = try connection.receive()
-            guard reply.id == message.id else {
-                for descriptor in received { Glibc.close(descriptor) }
-                throw HandoffError(.malformed, "a reply to request \(reply.id) where \(message.id) was due")
-            }
-            if reply.type == "error" {
-                for descriptor in received { Glibc.close(descriptor) }
-                throw EndpointError("\(role) VMM: \(message.type): \(reply.message ?? "failed")", errno: reply.errno.map(Errno.init(rawValue:)))
-            }
-            try HandoffConnection.check(received, expected: isModel ? [] : kinds)
-            if let running = reply.running { isRunning = running }
-            if let counter = reply.counter { lastCounter = counter }
-            return (reply, received)
-        } catch let error as HandoffError {
-            throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
-        } catch let error as EndpointError {
-            throw error
         } catch {
-            throw EndpointError("\(role) VMM: \(message.type): \(error)")
+            // Not sent: the VMM did nothing.
+            self.connection = nil
+            throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
+        }
+        let reply: HandoffMessage
+        let received: [Int32]
+        do {
+            (reply, received) = try connection.receive()
+        } catch {
+            self.connection = nil
+            throw EndpointError("\(role) VMM: \(message.type): no answer: \(error.message)", errno: error.errno, uncertain: true)
+        }
+        guard reply.id == message.id else {
+            for descriptor in received { Glibc.close(descriptor) }
+            self.connection = nil
+            throw EndpointError("\(role) VMM: \(message.type): a reply to request \(reply.id) where \(message.id) was due", uncertain: true)
+        }
+        for text in reply.fired ?? [] {
+            if let spec = try? FaultSpec(parsing: text), !firedFaults.contains(spec) { firedFaults.append(spec) }
+        }
+        if reply.type == "error" {
+            for descriptor in received { Glibc.close(descriptor) }
+            throw EndpointError("\(role) VMM: \(message.type): \(reply.message ?? "failed")", errno: reply.errno.map(Errno.init(rawValue:)))
+        }
+        if checkDescriptors {
+            do {
+                try HandoffConnection.check(received, expected: isModel ? [] : kinds)
+            } catch {
+                throw EndpointError("\(role) VMM: \(message.type): \(error.message)")
+            }
+        }
+        if let running = reply.running { isRunning = running }
+        if let counter = reply.counter { lastCounter = counter }
+        return (reply, received)
+    }
+
+    /// Whether the VMM's process is certainly gone: its pid is dead (or a zombie), or nothing
+    /// listens at its socket any more. A VMM that is alive but does not answer is not gone.
+    public func isGone() -> Bool {
+        if !ProcessWatch.isAlive(peer.pid) { return true }
+        let fd = HandoffConnection.probe(path: socketPath)
+        return fd == ECONNREFUSED || fd == ENOENT
+    }
+
+    /// A request that undoes or ends something: a VMM that is gone has nothing left to undo.
+    private func undoRequest(_ message: HandoffMessage) throws(EndpointError) -> String? {
+        do {
+            try request(message)
+            return nil
+        } catch {
+            guard isGone() else { throw error }
+            return "the \(role) VMM is gone (pid \(peer.pid))"
+        }
+    }
+
+    public func observe() -> (liveness: JournalEntry.Observation.Liveness, detail: String?) {
+        do {
+            let (running, counter) = try status()
+            return (running ? .running : .stopped, "pid \(peer.pid)" + (counter.map { ", counter \($0)" } ?? ""))
+        } catch {
+            if isGone() { return (.gone, "pid \(peer.pid): \(error.message)") }
+            return (.stopped, "pid \(peer.pid) is alive but does not answer: \(error.message)")
         }
     }
 
@@ -109,44 +192,12 @@ public final class RemoteVMM: VMMEndpoint {
 
     public func describe() throws(EndpointError) -> VMDescription {
         // The reply's descriptors are checked by kind once the description says how many.
-        var message = HandoffMessage(type: "describe", id: 0)
-        message.id = nextID
-        nextID += 1
-        let reply: HandoffMessage
-        var received: [Int32]
-        do {
-            try connection.send(message)
-            (reply, received) = try connection.receive()
-        } catch {
-            throw EndpointError("\(role) VMM: describe: \(error.message)", errno: error.errno)
-        }
-        guard reply.type == "ok", reply.id == message.id, let description = reply.vm else {
+        let (reply, received) = try request(HandoffMessage(type: "describe", id: 0), checkDescriptors: false)
+        guard let description = reply.vm else {
             for descriptor in received { Glibc.close(descriptor) }
-            throw EndpointError("\(role) VMM: describe: \(reply.message ?? "no description")", errno: reply.errno.map(Errno.init(rawValue:)))
+            throw EndpointError("\(role) VMM: describe: no description in the reply")
         }
-        let confidential = description.type.hasEncryptionContext
-        let queues = (description.nics ?? []).reduce(0) { $0 + $1.queues }
-        let expected = description.guestMemfds.map { _ in "kvm-gmem" } + (confidential ? ["kvm-vm"] : [])
-            + Array(repeating: "net/tun", count: queues)
-        if isModel {
-            for descriptor in received { Glibc.close(descriptor) }
-            received = reply.handles ?? []
-            guard received.count == expected.count else {
-                throw EndpointError("\(role) VMM: describe: \(received.count) model handles for \(expected.count) objects")
-            }
-        } else {
-            do {
-                try HandoffConnection.check(received, expected: expected)
-            } catch {
-                throw EndpointError("\(role) VMM: describe: \(error.message)")
-            }
-        }
-        closeHeld()
-        for (gmem, descriptor) in zip(description.guestMemfds, received) { memory[gmem.name] = descriptor }
-        if confidential { vm = received[description.guestMemfds.count] }
-        taps = Array(received.suffix(queues))
-        isRunning = reply.running ?? isRunning
-        lastCounter = reply.counter ?? lastCounter
+        try adopt(description, reply, received)
         return description
     }
 
@@ -165,6 +216,7 @@ public final class RemoteVMM: VMMEndpoint {
     public func pause() throws(EndpointError) -> [VCPUState] {
         let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))
         guard let states = reply.states else { throw EndpointError("\(role) VMM: pause: no vcpu state in the reply") }
+        pausedStates = states
         return states
     }
 
@@ -172,10 +224,11 @@ public final class RemoteVMM: VMMEndpoint {
         try request(HandoffMessage(type: "resume", id: 0))
     }
 
-    public func retire() {
-        _ = try? request(HandoffMessage(type: "retire", id: 0))
+    public func retire() throws(EndpointError) -> String? {
+        let note = try undoRequest(HandoffMessage(type: "retire", id: 0))
         isRunning = false
         closeHeld()
+        return note
     }
 
     // MARK: - Target
@@ -197,11 +250,13 @@ public final class RemoteVMM: VMMEndpoint {
         return inode
     }
 
-    public func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) {
-        var message = HandoffMessage(type: "sync-copy", id: 0)
+    public func copyMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) -> CopyReport {
+        var message = HandoffMessage(type: "copy-memory", id: 0)
         message.gmem = gmem
         if isModel { message.handles = [handle.raw] }
-        try request(message, descriptors: isModel ? [] : [handle.raw])
+        let (reply, _) = try request(message, descriptors: isModel ? [] : [handle.raw])
+        guard let copy = reply.copy else { throw EndpointError("\(role) VMM: copy-memory: no report in the reply") }
+        return copy
     }
 
     public func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError) {
@@ -238,26 +293,29 @@ public final class RemoteVMM: VMMEndpoint {
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
-    public func destroy() {
-        _ = try? request(HandoffMessage(type: "destroy", id: 0))
+    public func destroy() throws(EndpointError) {
+        _ = try undoRequest(HandoffMessage(type: "destroy", id: 0))
         isRunning = false
     }
 
-    public func unbind(_ slots: [VMDescription.Slot]) {
+    public func unbind(_ slots: [VMDescription.Slot]) throws(EndpointError) {
         var message = HandoffMessage(type: "unbind", id: 0)
         message.slots = slots
-        _ = try? request(message)
+        _ = try undoRequest(message)
     }
 
-    public func releaseMemory() {
-        _ = try? request(HandoffMessage(type: "release-memory", id: 0))
+    public func releaseMemory() throws(EndpointError) {
+        _ = try undoRequest(HandoffMessage(type: "release-memory", id: 0))
+    }
+
+    public func armFaults(_ specs: [FaultSpec]) throws(EndpointError) {
+        guard !specs.isEmpty else { return }
+        var message = HandoffMessage(type: "arm-faults", id: 0)
+        message.faults = specs.map(\.description)
+        try request(message)
     }
 
     // MARK: - The guest
-
-    public func runGuest(exits: Int) throws(EndpointError) -> [VCPUExit] {
-        throw EndpointError("\(role) VMM: the guest runs on the VMM's own threads")
-    }
 
     public func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
         var message = HandoffMessage(type: "read-guest", id: 0)
@@ -268,8 +326,6 @@ public final class RemoteVMM: VMMEndpoint {
         return [UInt8](data)
     }
 
-    public func isAlive() -> Bool { (try? status()) != nil }
-
     /// Whether the VMM runs its guest, and the guest's counter.
     public func status() throws(EndpointError) -> (running: Bool, counter: UInt32?) {
         let (reply, _) = try request(HandoffMessage(type: "status", id: 0))
@@ -279,5 +335,31 @@ public final class RemoteVMM: VMMEndpoint {
     /// Asks the VMM to exit.
     public func shutdown() {
         _ = try? request(HandoffMessage(type: "shutdown", id: 0))
+    }
+
+    /// Takes the descriptors a describe reply brought, once their count is known.
+    private func adopt(_ description: VMDescription, _ reply: HandoffMessage, _ received: [Int32]) throws(EndpointError) {
+        var received = received
+        let confidential = description.type.hasEncryptionContext
+        let queues = (description.nics ?? []).reduce(0) { $0 + $1.queues }
+        let expected = description.guestMemfds.map { _ in "kvm-gmem" } + (confidential ? ["kvm-vm"] : [])
+            + Array(repeating: "net/tun", count: queues)
+        if isModel {
+            for descriptor in received { Glibc.close(descriptor) }
+            received = reply.handles ?? []
+            guard received.count == expected.count else {
+                throw EndpointError("\(role) VMM: describe: \(received.count) model handles for \(expected.count) objects")
+            }
+        } else {
+            do {
+                try HandoffConnection.check(received, expected: expected)
+            } catch {
+                throw EndpointError("\(role) VMM: describe: \(error.message)")
+            }
+        }
+        closeHeld()
+        for (gmem, descriptor) in zip(description.guestMemfds, received) { memory[gmem.name] = descriptor }
+        if confidential { vm = received[description.guestMemfds.count] }
+        taps = Array(received.suffix(queues))
     }
 }

@@ -71,10 +71,22 @@ public final class HandoffConnection: @unchecked Sendable {
         return HandoffConnection(fd: fd)
     }
 
+    /// Whether something accepts connections at `path`: 0 if it does, else the errno of the
+    /// attempt (ECONNREFUSED: a stale socket; ENOENT: no socket).
+    public static func probe(path: String) -> Int32 {
+        let fd = ckvm_connect_unix(path)
+        guard fd >= 0 else { return errno }
+        Glibc.close(fd)
+        return 0
+    }
+
     /// Bounds every later send and receive (0: none).
     public func setTimeout(_ duration: Duration) {
         let (seconds, attoseconds) = duration.components
-        _ = ckvm_set_timeouts(fd, max(1, Int(seconds * 1000 + attoseconds / 1_000_000_000_000_000)))
+        // Saturating: a plan's longest duration still gives a finite, positive bound.
+        let milliseconds = seconds.multipliedReportingOverflow(by: 1000)
+        let total = milliseconds.overflow ? Int64.max : milliseconds.partialValue.addingReportingOverflow(attoseconds / 1_000_000_000_000_000).partialValue
+        _ = ckvm_set_timeouts(fd, Int(clamping: max(1, min(total, Int64(Int32.max)))))
     }
 
     public func peerCredentials() throws(HandoffError) -> PeerCredentials {

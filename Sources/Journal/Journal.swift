@@ -43,6 +43,8 @@ public struct JournalError: Error, Equatable, Sendable, CustomStringConvertible 
         /// A record is corrupt: recovery must not act on this journal.
         case corrupt
         case notFound = "not-found"
+        /// The journal holds its `finished` record: nothing may follow it.
+        case finished
     }
 
     public var kind: Kind
@@ -97,11 +99,27 @@ public final class MigrationJournal: @unchecked Sendable {
 
     deinit { Glibc.close(fd) }
 
+    /// Whether the journal holds its `finished` record.
+    public var isFinished: Bool {
+        lock.withLock {
+            if case .finished? = entries.last?.event { return true }
+            return false
+        }
+    }
+
     /// Appends one event and returns only once it is on stable storage (`fdatasync`).
+    /// - Throws: `.finished` after the `finished` record (a finished journal stays finished),
+    ///   `.io` when the record cannot be written.
     @discardableResult
     public func append(_ event: JournalEntry.Event) throws(JournalError) -> JournalEntry {
         lock.lock()
         defer { lock.unlock() }
+        if case .finished? = entries.last?.event {
+            throw JournalError(.finished, "\(path): the migration has finished; nothing is appended after its finished record")
+        }
+        if case .finished(let finished) = event, !finished.state.isTerminal {
+            preconditionFailure("a finished record holds a terminal state, not \(finished.state)")
+        }
         let entry = JournalEntry(sequence: nextSequence, time: Date().timeIntervalSince1970, event: event)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]

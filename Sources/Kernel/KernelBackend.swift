@@ -36,6 +36,12 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// Copies bytes into a host mapping; a page the kernel refuses to fault in answers EFAULT.
     func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError)
 
+    /// Copies the populated pages of the gmem file `source` (its first `length` bytes) into the
+    /// host mapping at `address`; holes are neither read nor written, so a sparse guest stays
+    /// sparse. Returns the bytes copied. Linux finds the pages with mincore (guest_memfd answers
+    /// ESPIPE to SEEK_DATA) and copies them on two threads.
+    func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64
+
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a gmem file.
     func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError)
 

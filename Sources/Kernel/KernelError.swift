@@ -17,6 +17,8 @@ public enum KernelOperation: String, CaseIterable, Sendable, Codable, CustomStri
     case moveEncryptionContext = "move-enc-context"
     case linkGuestMemfd = "link-guest-memfd"
     case inodeIdentity = "inode-identity"
+    /// Copying the populated pages of one gmem file into another VM's memory (the copy strategy).
+    case copyMemory = "copy-memory"
 
     public var description: String { rawValue }
 }

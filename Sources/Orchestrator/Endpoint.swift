@@ -1,4 +1,5 @@
 import Foundation
+import Journal
 import Kernel
 import Plans
 
@@ -56,11 +57,15 @@ public struct EndpointError: Error, Equatable, Sendable, CustomStringConvertible
     public var kernel: KernelError?
     /// The errno of the failure: the kernel's, or an injected one.
     public var errno: Errno?
+    /// The request went out and its answer never came (a timeout, a peer that died while it
+    /// worked): its effect may have happened.
+    public var uncertain: Bool
 
-    public init(_ message: String, kernel: KernelError? = nil, errno: Errno? = nil) {
+    public init(_ message: String, kernel: KernelError? = nil, errno: Errno? = nil, uncertain: Bool = false) {
         self.message = message
         self.kernel = kernel
         self.errno = errno ?? kernel?.errno
+        self.uncertain = uncertain
     }
 
     public init(_ kernel: KernelError) {
@@ -78,21 +83,43 @@ public struct EndpointError: Error, Equatable, Sendable, CustomStringConvertible
     }
 }
 
+/// What a copy moved: only populated pages travel.
+public struct CopyReport: Codable, Equatable, Sendable {
+    /// The size of the file.
+    public var bytesTotal: UInt64
+    /// The bytes that were populated in the source, and copied.
+    public var bytesCopied: UInt64
+    /// How the populated ranges were found: `seek-data` (SEEK_DATA/SEEK_HOLE on the file),
+    /// `mincore` (page-cache residency through a mapping), or `all` (every byte).
+    public var method: String
+    public var durationNanoseconds: Int64
+
+    public init(bytesTotal: UInt64, bytesCopied: UInt64, method: String, durationNanoseconds: Int64) {
+        self.bytesTotal = bytesTotal
+        self.bytesCopied = bytesCopied
+        self.method = method
+        self.durationNanoseconds = durationNanoseconds
+    }
+}
+
 /// What the coordinator asks of a VMM, in either role. The in-process endpoint
 /// (`InProcessVMM`) implements it on the coordinator's own kernel objects; an out-of-process
-/// VMM implements it behind the handoff protocol. Every operation is idempotent: replaying it
-/// after a crash is safe.
+/// VMM implements it behind the handoff protocol. Every operation is idempotent (replaying it
+/// after a crash is safe), and every one reports its failure: an undo that did not happen
+/// throws, so that the journal never says `ok` for it.
 public protocol VMMEndpoint: AnyObject {
     /// `source` or `target`, for reports.
     var role: String { get }
-    var isRunning: Bool { get }
-    /// Whether the VMM still holds a VM (a VMM process that died holds nothing).
-    func isAlive() -> Bool
+    /// Whether the VMM answers and runs the guest, as it says itself; `gone` when it does not
+    /// answer or holds no VM. The machine's terminal states rest on this.
+    func observe() -> (liveness: JournalEntry.Observation.Liveness, detail: String?)
+    /// Bounds each later request (a VMM in another process; in-process calls are not bounded).
+    func setTimeout(_ timeout: Duration)
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription
     /// The kernel handle through which the target reaches a gmem file (in-process: the file
-    /// itself; out-of-process: the descriptor the coordinator received).
+    /// itself; out-of-process: the descriptor the coordinator received). Nil before `describe`.
     func memoryHandle(_ gmem: String) -> KernelHandle?
     /// The VM's handle, for the move of the encryption context.
     var vmHandle: KernelHandle? { get }
@@ -101,16 +128,17 @@ public protocol VMMEndpoint: AnyObject {
     /// Stops the vcpus and returns their state. Idempotent: a paused VM answers its saved state.
     func pause() throws(EndpointError) -> [VCPUState]
     func resume() throws(EndpointError)
-    /// Closes the VM; its memory lives on through the target's files. Idempotent.
-    func retire()
+    /// Closes the VM; its memory lives on through the target's files. Idempotent: a VMM that is
+    /// already gone is retired. Returns a note for the journal (nil when nothing is worth saying).
+    func retire() throws(EndpointError) -> String?
 
     // As a target.
     func createVM(type: VMType, vcpus: Int) throws(EndpointError)
     /// Gives the target its view of one source gmem file, by `strategy`; answers its inode.
+    /// For copy, the target's own (empty) gmem file: `copyMemory` fills it once the source is paused.
     func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity
-    /// For copy: copies the source's memory again, once the source is paused (the first copy
-    /// was made while it ran). Part of the blackout: O(memory), the baseline's cost.
-    func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError)
+    /// For copy: copies the populated pages of the paused source's file into the target's own.
+    func copyMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) -> CopyReport
     /// Takes the source's tap queues (the network goes with the guest).
     func receiveNICs(_ nics: [VMDescription.NIC], from handles: [KernelHandle]) throws(EndpointError)
     func bind(_ slots: [VMDescription.Slot], strategy: Strategy) throws(EndpointError)
@@ -119,12 +147,14 @@ public protocol VMMEndpoint: AnyObject {
     func probeGuestMapping(gpa: UInt64) -> KernelError?
     func moveEncryptionContext(from source: KernelHandle) throws(EndpointError)
     func restore(_ states: [VCPUState]) throws(EndpointError)
-    /// Undo of createVM, receiveMemory and bind: closes everything the target holds. Idempotent.
-    func destroy()
-    func unbind(_ slots: [VMDescription.Slot])
-    func releaseMemory()
+    /// Undo of createVM, receiveMemory and bind: closes everything the target holds. Idempotent:
+    /// a VMM that is already gone is destroyed.
+    func destroy() throws(EndpointError)
+    func unbind(_ slots: [VMDescription.Slot]) throws(EndpointError)
+    func releaseMemory() throws(EndpointError)
 
-    // The guest, for standalone runs and verification.
-    func runGuest(exits: Int) throws(EndpointError) -> [VCPUExit]
-    func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8]
+    // Fault points at the VMM's own kernel calls (`kernel:*`).
+    func armFaults(_ specs: [FaultSpec]) throws(EndpointError)
+    /// The armed faults that fired in this VMM so far.
+    var firedFaults: [FaultSpec] { get }
 }

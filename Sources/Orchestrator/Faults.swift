@@ -15,6 +15,13 @@ public final class FaultInjector: Sendable {
     /// The exit status of an injected crash.
     public static let crashStatus: Int32 = 86
 
+    /// An injected crash: what was printed reaches its pipe or file, then the process ends at
+    /// once, with no other cleanup (`_exit`).
+    public static let crash: @Sendable (FaultPoint) -> Void = { _ in
+        fflush(nil)
+        _exit(FaultInjector.crashStatus)
+    }
+
     private let armed: Mutex<[FaultSpec]>
     /// Ends an injected delay early (a VMM died meanwhile: the migration must react at once).
     private let interruption = Mutex<(@Sendable () -> Bool)?>(nil)
@@ -25,7 +32,7 @@ public final class FaultInjector: Sendable {
     /// Called right before an injected crash exits (tests of the injector itself replace it).
     private let onCrash: @Sendable (FaultPoint) -> Void
 
-    public init(_ specs: [FaultSpec] = [], onCrash: @escaping @Sendable (FaultPoint) -> Void = { _ in _exit(FaultInjector.crashStatus) }) {
+    public init(_ specs: [FaultSpec] = [], onCrash: @escaping @Sendable (FaultPoint) -> Void = FaultInjector.crash) {
         armed = Mutex(specs)
         self.onCrash = onCrash
     }
@@ -46,15 +53,21 @@ public final class FaultInjector: Sendable {
     /// The faults still armed (one that fired as many times as it was armed is gone).
     public var remaining: [FaultSpec] { armed.withLock { $0 } }
 
+    private let firedSpecs = Mutex<[FaultSpec]>([])
+
+    /// Every armed fault that fired at least once, as it was armed.
+    public var fired: [FaultSpec] { firedSpecs.withLock { $0 } }
+
     /// Fires the fault armed at `point`, if any: sleeps, exits, or returns the errno to fail with.
     public func hit(_ point: FaultPoint) -> Errno? {
         let fault = armed.withLock { specs -> Fault? in
             guard let index = specs.firstIndex(where: { $0.point == point }) else { return nil }
-            let fault = specs[index].fault
-            if let count = specs[index].count {
+            let spec = specs[index]
+            firedSpecs.withLock { if !$0.contains(spec) { $0.append(spec) } }
+            if let count = spec.count {
                 if count <= 1 { specs.remove(at: index) } else { specs[index].count = count - 1 }
             }
-            return fault
+            return spec.fault
         }
         switch fault {
         case nil: return nil
@@ -119,6 +132,10 @@ public final class FaultInjectingBackend: KernelBackend {
     public func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError) {
         try check(.accessMemory)
         try inner.writeMemory(address: address, bytes: bytes)
+    }
+    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+        try check(.copyMemory)
+        return try inner.copyPopulated(from: source, length: length, to: address)
     }
     public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
         try check(.punchHole)

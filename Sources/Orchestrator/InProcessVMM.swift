@@ -1,4 +1,5 @@
 import Foundation
+import Journal
 import Kernel
 import Plans
 
@@ -45,7 +46,25 @@ public final class InProcessVMM: VMMEndpoint {
 
     public var vmHandle: KernelHandle? { vm?.value.handle }
 
-    public func isAlive() -> Bool { vm != nil }
+    /// Whether this VMM holds a VM.
+    public var holdsVM: Bool { vm != nil }
+
+    public func observe() -> (liveness: JournalEntry.Observation.Liveness, detail: String?) {
+        guard vm != nil else { return (.gone, "it holds no VM") }
+        return (isRunning ? .running : .stopped, nil)
+    }
+
+    /// In-process calls are not bounded.
+    public func setTimeout(_ timeout: Duration) {}
+
+    public func armFaults(_ specs: [FaultSpec]) throws(EndpointError) {
+        guard let injector = (backend as? FaultInjectingBackend)?.faults else {
+            throw EndpointError("\(role): this VMM's kernel calls have no fault points (a VMM takes them only when started with --allow-faults)")
+        }
+        injector.arm(specs)
+    }
+
+    public var firedFaults: [FaultSpec] { (backend as? FaultInjectingBackend)?.faults.fired ?? [] }
 
     /// In-process VMMs drive no tap devices.
     public func nicHandles() -> [KernelHandle] { [] }
@@ -153,9 +172,10 @@ public final class InProcessVMM: VMMEndpoint {
         isRunning = true
     }
 
-    public func retire() {
+    public func retire() throws(EndpointError) -> String? {
         isRunning = false
         closeEverything()
+        return nil
     }
 
     // MARK: - Target role
@@ -194,9 +214,9 @@ public final class InProcessVMM: VMMEndpoint {
                 gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
                 return inode
             case .copy:
+                // The target's own memory, empty: copy-memory fills it once the source is paused.
                 let own = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
                 let target = try own.map()
-                try InProcessVMM.copy(from: handle, into: target, size: gmem.size, backend: backend)
                 let inode = try own.inodeIdentity()
                 mappings[gmem.name] = Owned(target)
                 files[gmem.name] = Owned(own)
@@ -210,25 +230,18 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
-    /// Copies every byte of the file behind `handle` into `target`: the copy strategy.
-    static func copy(from handle: KernelHandle, into target: borrowing GuestMapping, size: UInt64, backend: any KernelBackend) throws(KernelError) {
-        let address = try backend.mapGuestMemfd(handle, offset: 0, length: size)
-        let source = GuestMapping(adopting: address, length: size, backend: backend)
-        let chunk: UInt64 = 1 << 20
-        var offset: UInt64 = 0
-        while offset < size {
-            let count = Int(min(chunk, size - offset))
-            try target.write(offset: offset, bytes: try source.read(offset: offset, count: count))
-            offset += UInt64(count)
-        }
-    }
-
-    public func synchronizeCopy(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) {
+    public func copyMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle) throws(EndpointError) -> CopyReport {
         guard let target = mappings[gmem.name], files[gmem.name] != nil else {
-            throw EndpointError("\(role): no copy of '\(gmem.name)' to bring up to date")
+            throw EndpointError("\(role): no memory of its own for '\(gmem.name)' to copy into (hand-over-memory by copy makes it)")
         }
+        let clock = ContinuousClock()
+        let started = clock.now
         do {
-            try InProcessVMM.copy(from: handle, into: target.value, size: gmem.size, backend: backend)
+            let copied = try backend.copyPopulated(from: handle, length: gmem.size, to: target.value.address)
+            let elapsed = clock.now - started
+            return CopyReport(
+                bytesTotal: gmem.size, bytesCopied: copied, method: backend.name == "model" ? "model-pages" : "mincore",
+                durationNanoseconds: elapsed.components.seconds &* 1_000_000_000 &+ elapsed.components.attoseconds / 1_000_000_000)
         } catch {
             throw EndpointError(error)
         }
@@ -315,27 +328,36 @@ public final class InProcessVMM: VMMEndpoint {
         isRunning = true
     }
 
-    public func unbind(_ requested: [VMDescription.Slot]) {
+    public func unbind(_ requested: [VMDescription.Slot]) throws(EndpointError) {
         for slot in requested where slots[slot.slot] != nil {
-            if (try? vm?.value.deleteMemslot(slot: slot.slot)) != nil { slots[slot.slot] = nil }
+            guard let vm else { break }
+            do {
+                try vm.value.deleteMemslot(slot: slot.slot)
+            } catch {
+                throw EndpointError("\(role): deleting slot \(slot.slot): \(error)", kernel: error)
+            }
+            slots[slot.slot] = nil
         }
     }
 
-    public func releaseMemory() {
+    public func releaseMemory() throws(EndpointError) {
         mappings.removeAll()
         files.removeAll()
         gmems.removeAll()
         sharedInodes.removeAll()
     }
 
-    public func destroy() {
+    public func destroy() throws(EndpointError) {
         isRunning = false
         closeEverything()
     }
 
     private func closeEverything() {
         slots.removeAll()
-        releaseMemory()
+        mappings.removeAll()
+        files.removeAll()
+        gmems.removeAll()
+        sharedInodes.removeAll()
         vcpus.removeAll()
         vm = nil
         savedStates = nil

@@ -7,6 +7,8 @@ public enum MigrationStep: String, CaseIterable, Sendable, Codable, CustomString
     case bindMemslots = "bind-memslots"
     case verifyBindings = "verify-bindings"
     case pauseSource = "pause-source"
+    /// Copy only: the populated pages of the paused source go into the target's own memory.
+    case copyMemory = "copy-memory"
     case moveEncryptionContext = "move-enc-context"
     case resumeTarget = "resume-target"
     case retireSource = "retire-source"

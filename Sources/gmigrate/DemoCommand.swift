@@ -105,7 +105,15 @@ struct Demo: ParsableCommand {
         try planText.write(toFile: planCopy, atomically: true, encoding: .utf8)
         let sourceProcess = try ProcessRun.spawnVMM(
             socket: sourceSocket, backend: kernelBackend, name: "demo/source", logFile: directory + "/source.log", plan: planCopy)
-        defer { if sourceProcess.isRunning { sourceProcess.terminate() } }
+        let started: [Process] = [sourceProcess]
+        defer {
+            // The demo ends what it started, whatever the outcome: no VMM is left running.
+            for process in started where process.isRunning {
+                process.terminate()
+                if !ProcessWatch.waitForExit(process.processIdentifier, timeout: .seconds(2)) { kill(process.processIdentifier, SIGKILL) }
+                process.waitUntilExit()
+            }
+        }
         Thread.sleep(forTimeInterval: Double(warmup) / 1000)
         let journal = try openStateDirectory(directory)
         if !output.json {
@@ -122,13 +130,15 @@ struct Demo: ParsableCommand {
         } catch {
             throw CommandFailure(code: .kernelFailed, message: "the demo could not run: \(error)")
         }
-        defer {
-            run.target.shutdown()
-            run.targetProcess?.waitUntilExit()
-        }
-        sourceProcess.waitUntilExit()
         let summary = run.summary
         let verification = run.verification
+        // A retired source exits by itself; the target the coordinator spawned is shut down below.
+        let sourceExited = summary.state == .completed && ProcessWatch.waitForExit(sourceProcess.processIdentifier, timeout: .seconds(5))
+        if sourceExited { sourceProcess.waitUntilExit() }
+        if let pid = run.targetPID, summary.state == .completed {
+            (try? RemoteVMM(role: "demo", socketPath: run.targetSocket, timeout: .seconds(2)))?.shutdown()
+            _ = ProcessWatch.waitForExit(pid, timeout: .seconds(5))
+        }
         if output.json {
             struct Report: Encodable {
                 var backend: String
@@ -137,19 +147,21 @@ struct Demo: ParsableCommand {
             }
             print(encodeJSON(Report(backend: kernelBackend, summary: summary, verification: verification)))
         } else {
-            var line = "\(summary.state.rawValue) in \(milliseconds(summary.totalNanoseconds)); strategy \(summary.strategy.rawValue)"
-            if let blackout = summary.blackoutNanoseconds { line += "; blackout \(milliseconds(blackout)) (source paused to target running)" }
-            print(line)
+            print(summaryLine(summary))
+            printOutcome(summary)
             if let verification {
-                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused, \(verification.counterAtResume.map(String.init) ?? "-") in the target's memory when it resumed, \(verification.counterAfter.map(String.init) ?? "-") 200 ms later — \(verification.counterContinued ? "continued, no write lost" : "NOT continued")")
-                for (name, inode) in verification.sourceInodes.sorted(by: { $0.key < $1.key }) {
+                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused (eax \(verification.registerAtPause.map(String.init) ?? "-")), \(verification.counterAtResume.map(String.init) ?? "-") in the target's memory when it resumed, \(verification.counterAfter.map(String.init) ?? "-") once it counted on — \(verification.counterContinued ? "continued, no write lost" : "NOT continued")")
+                for (name, inode) in verification.sourceInodes.sorted(by: { $0.key < $1.key }) where summary.state == .completed {
                     let other = verification.targetInodes[name] ?? "?"
                     print("memory '\(name)': source inode \(inode), target inode \(other) — \(inode == other ? "the same pages" : "a copy")")
                 }
             }
-            print("source process \(sourceProcess.processIdentifier) exited with status \(sourceProcess.terminationStatus) after retiring its VM")
+            if sourceExited {
+                print("source process \(sourceProcess.processIdentifier) exited with status \(sourceProcess.terminationStatus) after retiring its VM")
+            }
             print("journal: gmigrate journal show \(summary.id) --state-dir \(directory)")
         }
-        if summary.state != .completed || verification?.counterContinued != true { throw ExitCode(GmigrateExitCode.verificationFailed.rawValue) }
+        let code = outcomeCode(for: summary.state, verified: verification?.counterContinued == true)
+        if code != .success { throw ExitCode(code.rawValue) }
     }
 }

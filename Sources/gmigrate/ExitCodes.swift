@@ -16,7 +16,8 @@ enum GmigrateExitCode: Int32, CaseIterable {
     case stateDirectoryLocked = 5
     /// The migration failed and was rolled back: the source runs, the target is gone.
     case rolledBack = 6
-    /// The migration is stuck past the point of no return: `gmigrate recover` rolls it forward.
+    /// The migration is stuck past the point of no return (a step keeps failing while the target
+    /// answers): `gmigrate recover` goes on from there.
     case stuck = 7
     /// The migration completed but the guest's memory or counter did not check out.
     case verificationFailed = 8
@@ -28,6 +29,9 @@ enum GmigrateExitCode: Int32, CaseIterable {
     case daemonRefused = 11
     /// The daemon cannot be reached at its socket.
     case daemonUnreachable = 12
+    /// The guest is lost: neither VM runs it and neither can be made to (the journal says why).
+    /// `gmigrate recover` cannot help.
+    case lost = 13
 
     var exitCode: ExitCode { ExitCode(rawValue) }
 }

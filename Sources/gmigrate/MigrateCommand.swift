@@ -30,24 +30,70 @@ func milliseconds(_ nanoseconds: Int64) -> String { String(format: "%.2f ms", Do
 func printStep(_ step: StepReport) {
     let name = (step.direction == .undo ? "undo " : "") + step.step.rawValue
     let mark = step.ok ? "ok" : "FAILED"
-    print("  \(name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(mark.padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))\(step.error.map { "  \($0)" } ?? "")")
+    var line = "  \(name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(mark.padding(toLength: 7, withPad: " ", startingAt: 0)) \(milliseconds(step.durationNanoseconds))"
+    if let error = step.error { line += "  \(error)" }
+    if step.step == .copyMemory, let details = step.details, let copied = details["bytes-copied"].flatMap(UInt64.init),
+        let total = details["bytes-total"].flatMap(UInt64.init)
+    {
+        line += "  \(mebibytes(copied)) of \(mebibytes(total)) populated, \(details["rate"] ?? "?") (\(details["method"] ?? "?"))"
+    }
+    print(line)
+}
+
+func mebibytes(_ bytes: UInt64) -> String {
+    if bytes >= 1 << 30 { return String(format: "%.2f GiB", Double(bytes) / Double(1 << 30)) }
+    if bytes >= 1 << 20 { return String(format: "%.1f MiB", Double(bytes) / Double(1 << 20)) }
+    return "\(bytes / 1024) KiB"
+}
+
+/// The summary line: `completed in 12.3 ms; strategy share; blackout 1.2 ms (pause-source 0.3, ...)`.
+func summaryLine(_ summary: MigrationSummary) -> String {
+    var line = "\(summary.state.rawValue) in \(milliseconds(summary.totalNanoseconds)); strategy \(summary.strategy.rawValue)"
+    if let blackout = summary.blackoutNanoseconds {
+        line += "; blackout \(milliseconds(blackout)) from the pause request to the target's vcpus running"
+        if let parts = summary.blackoutParts, !parts.isEmpty {
+            let order = MigrationStep.allCases.map(\.rawValue) + ["journal"]
+            let shown = parts.sorted { (order.firstIndex(of: $0.key) ?? 99) < (order.firstIndex(of: $1.key) ?? 99) }
+            line += " (" + shown.map { "\($0.key) \(String(format: "%.2f", Double($0.value) / 1e6))" }.joined(separator: ", ") + " ms)"
+        }
+        if summary.blackoutBreach { line += " — BREACH of maxBlackout" }
+    }
+    return line
+}
+
+/// The lines after the summary that every migrate-like command prints: why it did not
+/// complete, and each armed fault that never fired.
+func printOutcome(_ summary: MigrationSummary) {
+    if summary.state != .completed { print("reason: \(summary.reason)") }
+    for fault in summary.unfiredFaults { print("warning: the fault \(fault) was armed and never fired (its point was not reached)") }
+}
+
+/// The exit code of a run's outcome (README's table).
+func outcomeCode(for state: TerminalState, verified: Bool) -> GmigrateExitCode {
+    switch state {
+    case .completed: verified ? .success : .verificationFailed
+    case .rolledBack: .rolledBack
+    case .stuck: .stuck
+    case .lost: .lost
+    }
 }
 
 struct Migrate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Migrate the VM a plan describes, with in-process VMMs, journaled step by step.",
+        abstract: "Migrate the VM a plan describes, journaled step by step.",
         discussion: """
-            The plan is validated first (the same validator as `plan validate`). In this standalone mode the source VM \
-            is created from the plan (gmem memory, a guest that counts in its memory), then migrated; the summary checks \
-            that the guest carries on with its memory intact. Exit: 0 completed, 1 invalid plan, 2 bad input, 3 no usable \
-            /dev/kvm for --backend linux, 5 state directory locked, 6 rolled back, 7 stuck (run gmigrate recover), \
-            8 verification failed.
+            The plan is validated first (the same validator as `plan validate`). A plan whose source is in-process has its \
+            VM created from the plan (gmem memory, a guest that counts in its memory), then migrated, and the summary checks \
+            that the guest carries on with its memory intact; a plan whose source is a VMM's socket migrates that VMM's VM \
+            into a spawned (or named) target VMM. Exit: 0 completed, 1 invalid plan, 2 bad input, 3 no usable /dev/kvm for \
+            --backend linux, 5 state directory locked, 6 rolled back, 7 stuck (run gmigrate recover), 8 verification failed, \
+            13 lost (neither VM runs the guest: recover cannot help).
             """)
 
     @Argument(help: "The plan (YAML or JSON).")
     var plan: String
 
-    @Flag(help: "Rehearse the whole state machine on the model built from the plan; touch no VM of this host.")
+    @Flag(help: "Rehearse the whole state machine on the model, touching no VM of this host (a source VMM is only asked to describe its VM).")
     var dryRun = false
 
     @Option(help: "Override the plan's strategy: auto, link, share or copy.")
@@ -56,7 +102,7 @@ struct Migrate: ParsableCommand {
     @Option(help: "linux (real KVM) or model. Default: linux where /dev/kvm is usable, else model (and it says so).")
     var backend: BackendChoice?
 
-    @Option(help: "With --backend model: keep the model's state in this file, so that it outlives a crash of this process (for rehearsing recovery).")
+    @Option(help: "With --backend model: keep the model's state in this file, shared with VMM processes on the model.")
     var modelHost: String?
 
     @Option(name: .customLong("inject"), help: "Arm a fault: POINT=FAULT (gmigrate faults list). Repeatable.")
@@ -98,46 +144,63 @@ struct Migrate: ParsableCommand {
         guard let validPlan = report.plan, let resolved = report.strategy?.chosen else {
             throw CommandFailure(code: .checkFailed, message: "the plan is invalid for this run:\n" + report.diagnostics.map { $0.rendered(file: plan) }.joined(separator: "\n"))
         }
-        if validPlan.source != .inProcess || validPlan.target != .inProcess {
-            try migrateProcesses(validPlan, strategy: resolved, backend: chosen, faults: specs, notes: notes)
-            return
-        }
         if !validPlan.faults.isEmpty {
             if allowFaults { specs += validPlan.faults } else { notes.append("the plan's spec.faults are ignored (pass --allow-faults to honour them)") }
         }
         if let reason = report.strategy?.reason, validPlan.strategy == .auto { notes.append("strategy auto chose \(resolved.rawValue): \(reason)") }
-
-        let temporary = dryRun ? FileManager.default.temporaryDirectory.appendingPathComponent("gmigrate-dry-run-\(UUID().uuidString)").path : nil
-        defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
-        let journal: Journal
-        if let temporary {
-            journal = try openStateDirectory(temporary)
-            notes.append("dry run: rehearsed on the model; no VM of this host was touched")
+        if dryRun {
+            try rehearse(validPlan, strategy: resolved, faults: specs, notes: notes)
+        } else if validPlan.source != .inProcess || validPlan.target != .inProcess {
+            try migrateProcesses(validPlan, strategy: resolved, backend: chosen, faults: specs, notes: notes)
         } else {
-            journal = try state.openJournal()
+            try migrateInProcess(validPlan, strategy: resolved, backend: chosen, faults: specs, notes: notes)
         }
-        let standaloneBackend: StandaloneBackend = chosen == .linux ? .linux : .model(hostFile: dryRun ? nil : modelHost)
+    }
+
+    func migrateInProcess(_ validPlan: MigrationPlan, strategy resolved: Strategy, backend chosen: BackendChoice, faults specs: [FaultSpec], notes: [String]) throws {
+        let journal = try state.openJournal()
         if !output.json {
             for note in notes { print("note: \(note)") }
             print("migrating \(validPlan.name) (\(plan)) on \(chosen.rawValue), strategy \(resolved.rawValue)")
         }
         let json = output.json
-        let run: StandaloneRun
+        let run: InProcessRun
         do {
-            run = try StandaloneRun.run(
-                plan: validPlan, planFile: plan, strategy: resolved, backend: standaloneBackend, journal: journal, faults: specs
+            run = try InProcessRun.run(
+                plan: validPlan, planFile: plan, strategy: resolved, backend: chosen == .linux ? .linux : .model(hostFile: modelHost),
+                journal: journal, faults: specs
             ) { step in if !json { printStep(step) } }
         } catch let error as JournalError {
             throw CommandFailure(code: error.kind == .locked ? .stateDirectoryLocked : .journalFailed, message: error.description)
         } catch let error as EndpointError {
             throw CommandFailure(code: .kernelFailed, message: "setting up the source VM failed: \(error)")
         }
-        try printReport(run, notes: notes, stateDir: temporary == nil ? state.stateDir : nil)
-        // A VMM on a model host file keeps running after this command, as a VMM process would:
-        // exit here, without closing what the VMMs hold.
-        if modelHost != nil { Foundation.exit(exitCode(run).rawValue) }
+        try printReport(run, notes: notes, stateDir: state.stateDir, dryRun: false)
         withExtendedLifetime(run) {}
-        if exitCode(run) != .success { throw ExitCode(exitCode(run).rawValue) }
+        let code = outcomeCode(for: run.summary.state, verified: run.verification?.passed != false)
+        if code != .success { throw ExitCode(code.rawValue) }
+    }
+
+    /// The dry run, for every plan kind: on the model, with what a source VMM describes.
+    func rehearse(_ validPlan: MigrationPlan, strategy resolved: Strategy, faults specs: [FaultSpec], notes: [String]) throws {
+        let json = output.json
+        if !json {
+            for note in notes { print("note: \(note)") }
+            print("rehearsing \(validPlan.name) (\(plan)) on model, strategy \(resolved.rawValue)")
+        }
+        let result: Rehearsal.Result
+        do {
+            result = try Rehearsal.run(plan: validPlan, planFile: plan, strategy: resolved, faults: specs) { step in if !json { printStep(step) } }
+        } catch let error as JournalError {
+            throw CommandFailure(code: .journalFailed, message: error.description)
+        } catch let error as EndpointError {
+            throw CommandFailure(code: .kernelFailed, message: "the dry run could not run: \(error)")
+        } catch let error as HandoffError {
+            throw CommandFailure(code: .kernelFailed, message: "the dry run could not ask the source VMM: \(error)")
+        }
+        try printReport(result.run, notes: notes + result.notes, stateDir: nil, dryRun: true)
+        let code = outcomeCode(for: result.run.summary.state, verified: result.run.verification?.passed != false)
+        if code != .success { throw ExitCode(code.rawValue) }
     }
 
     /// Between VMM processes: the source is a running VMM's socket; the target is spawned or a socket.
@@ -151,7 +214,6 @@ struct Migrate: ParsableCommand {
         case .spawn: break
         case .inProcess: throw CommandFailure(code: .badInput, message: "\(plan): a source VMM process needs a target VMM process (spawn or a socket)")
         }
-        guard !dryRun else { throw CommandFailure(code: .badInput, message: "--dry-run rehearses in-process plans") }
         let journal = try state.openJournal()
         let spawnBackend = chosen == .linux ? "linux" : "model:" + (modelHost ?? state.stateDir + "/model-host.json")
         if !output.json {
@@ -175,35 +237,23 @@ struct Migrate: ParsableCommand {
             struct Report: Encodable {
                 var summary: MigrationSummary
                 var verification: ProcessVerification?
-                var targetPID: Int32
+                var targetPID: Int32?
+                var targetSocket: String
+                var armingProblems: [String]
             }
-            print(encodeJSON(Report(summary: summary, verification: run.verification, targetPID: run.target.peer.pid)))
+            print(encodeJSON(Report(summary: summary, verification: run.verification, targetPID: run.targetPID, targetSocket: run.targetSocket, armingProblems: run.armingProblems)))
         } else {
-            var line = "\(summary.state.rawValue) in \(milliseconds(summary.totalNanoseconds)); strategy \(summary.strategy.rawValue)"
-            if let blackout = summary.blackoutNanoseconds { line += "; blackout \(milliseconds(blackout))" + (summary.blackoutBreach ? " — BREACH of maxBlackout" : "") }
-            print(line)
-            if summary.state != .completed { print("reason: \(summary.reason)") }
+            print(summaryLine(summary))
+            printOutcome(summary)
+            for problem in run.armingProblems { print("warning: faults could not be armed: \(problem)") }
             if let verification = run.verification {
-                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") at the pause, \(verification.counterAtResume.map(String.init) ?? "-") at the resume, \(verification.counterAfter.map(String.init) ?? "-") later")
+                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") at the pause (eax \(verification.registerAtPause.map(String.init) ?? "-")), \(verification.counterAtResume.map(String.init) ?? "-") at the resume, \(verification.counterAfter.map(String.init) ?? "-") later")
             }
-            if summary.state == .completed { print("the guest runs in the target VMM, pid \(run.target.peer.pid), at \(run.target.socketPath)") }
+            if summary.state == .completed { print("the guest runs in the target VMM, pid \(run.targetPID.map(String.init) ?? "?"), at \(run.targetSocket)") }
             print("journal: gmigrate journal show \(summary.id) --state-dir \(state.stateDir)")
         }
-        let code: GmigrateExitCode
-        switch summary.state {
-        case .completed: code = run.verification?.counterContinued == false ? .verificationFailed : .success
-        case .rolledBack: code = .rolledBack
-        case .stuck, .lost: code = .stuck
-        }
+        let code = outcomeCode(for: summary.state, verified: run.verification?.counterContinued != false)
         if code != .success { throw ExitCode(code.rawValue) }
-    }
-
-    func exitCode(_ run: StandaloneRun) -> GmigrateExitCode {
-        switch run.summary.state {
-        case .completed: run.verification?.passed == false ? .verificationFailed : .success
-        case .rolledBack: .rolledBack
-        case .stuck, .lost: .stuck
-        }
     }
 
     struct Report: Encodable {
@@ -214,18 +264,15 @@ struct Migrate: ParsableCommand {
         var dryRun: Bool
     }
 
-    func printReport(_ run: StandaloneRun, notes: [String], stateDir: String?) throws {
+    func printReport(_ run: InProcessRun, notes: [String], stateDir: String?, dryRun: Bool) throws {
         if output.json {
             print(encodeJSON(Report(backend: run.backendName, summary: run.summary, verification: run.verification, notes: notes, dryRun: dryRun)))
             return
         }
+        if dryRun { for note in notes.suffix(from: min(notes.count, notes.count - 2 < 0 ? 0 : notes.count - 2)) { print("note: \(note)") } }
         let summary = run.summary
-        var line = "\(summary.state.rawValue) in \(milliseconds(summary.totalNanoseconds)); strategy \(summary.strategy.rawValue)"
-        if let blackout = summary.blackoutNanoseconds {
-            line += "; blackout \(milliseconds(blackout))" + (summary.blackoutBreach ? " — BREACH of maxBlackout" : "")
-        }
-        print(line)
-        if summary.state != .completed { print("reason: \(summary.reason)") }
+        print(summaryLine(summary))
+        printOutcome(summary)
         if let verification = run.verification {
             var text = "verification: "
             if let before = verification.counterBefore {
@@ -247,15 +294,21 @@ extension Strategy: ExpressibleByArgument {}
 
 struct Recover: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Bring every unfinished migration to a terminal state (rolled back before the point of no return, completed after it).",
-        discussion: "Exit 0: nothing left unfinished; 9: a journal is corrupt and was left alone (the message names the record).")
+        abstract: "Take up every unfinished migration: the journal is replayed into the migration machine, which goes on from there (rolled back before the point of no return, forward after it).",
+        discussion: "Exit 0: every migration reached completed or rolled-back; 7: one is still stuck (run recover again); 13: one is lost (recover cannot help; the journal says why); 9: a journal is corrupt and was left alone (the message names the record).")
 
     @OptionGroup var state: StateOptions
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         let journal = try state.openJournal()
-        let reports = Recovery.recoverAll(journal, processes: ProcessRecovery.recover)
+        let json = output.json
+        let reports = MigrationRunner.recoverAll(journal, provider: recoveryProvider) { id, step in
+            if !json {
+                print("\(id):", terminator: "")
+                printStep(step)
+            }
+        }
         if output.json {
             print(encodeJSON(reports))
         } else if reports.isEmpty {
@@ -270,6 +323,8 @@ struct Recover: ParsableCommand {
             }
         }
         if reports.contains(where: { $0.problem != nil }) { throw ExitCode(GmigrateExitCode.journalCorrupt.rawValue) }
+        if reports.contains(where: { $0.state == .stuck }) { throw ExitCode(GmigrateExitCode.stuck.rawValue) }
+        if reports.contains(where: { $0.state == .lost }) { throw ExitCode(GmigrateExitCode.lost.rawValue) }
     }
 }
 
@@ -296,11 +351,9 @@ struct JournalCommand: ParsableCommand {
             let lines = ids.map { id -> Line in
                 do {
                     let contents = try Journal.read(stateDirectory: state.stateDir, id: id)
-                    var plan: String? = nil
-                    if case .started(let started)? = contents.entries.first?.event { plan = started.plan.name }
-                    var status = "unfinished"
-                    if case .finished(let finished)? = contents.entries.last?.event { status = finished.state.rawValue }
-                    return Line(id: id, plan: plan, state: status, problem: contents.corruption)
+                    let machine = MigrationMachine(replaying: contents.entries.map(\.event))
+                    let status = machine.finished?.state.rawValue ?? (machine.halted != nil ? TerminalState.stuck.rawValue : "unfinished")
+                    return Line(id: id, plan: machine.started?.plan.name, state: status, problem: contents.corruption)
                 } catch {
                     return Line(id: id, plan: nil, state: "unreadable", problem: "\(error)")
                 }
@@ -360,8 +413,10 @@ struct JournalCommand: ParsableCommand {
             case .outcome(let outcome):
                 var text = "outcome  \(outcome.direction == .undo ? "undo " : "")\(outcome.step.rawValue) \(outcome.ok ? "ok" : "FAILED") in \(milliseconds(outcome.durationNanoseconds))"
                 if let error = outcome.error { text += ": \(error)" }
-                let details = outcome.details.filter { $0.key != "vcpu-states" }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+                if outcome.uncertain == true { text += " (its answer never came: it may have taken effect)" }
+                let details = outcome.details.filter { !StepReport.bulkyDetails.contains($0.key) }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
                 if !details.isEmpty { text += "  [\(details.joined(separator: " "))]" }
+                if outcome.details["vm"] != nil { text += "  [source VM described]" }
                 if outcome.details["vcpu-states"] != nil { text += "  [vcpu state saved]" }
                 return text
             case .pointOfNoReturn:
@@ -372,8 +427,12 @@ struct JournalCommand: ParsableCommand {
                 return text
             case .recovery(let pid, let decision):
                 return "recovery by pid \(pid): \(decision)"
-            case .note(let note):
-                return "note: \(note)"
+            case .observed(let observation):
+                return "observed the \(observation.role.rawValue) VMM: \(observation.liveness.rawValue)\(observation.detail.map { " (\($0))" } ?? "")"
+            case .stopRequested(let stop):
+                return "\(stop.kind == .cancel ? "CANCEL" : "ABORT"): \(stop.reason)"
+            case .halted(let reason):
+                return "halted (stuck): \(reason)"
             }
         }
     }

@@ -22,12 +22,24 @@ final class TinyVMM: HandoffHandler {
     /// The VM's tap interfaces and their open queues (the network goes with the guest).
     private var taps: [(nic: VMDescription.NIC, queues: [Int32])] = []
 
-    init(kernel: any KernelBackend, backendText: String, process: String, log: Log) {
-        self.kernel = kernel
+    /// The VMM's own fault points (`kernel:*`), armed over the protocol; nil unless started
+    /// with --allow-faults.
+    let faults: FaultInjector?
+    private var reportedFaults: Set<FaultSpec> = []
+
+    init(kernel: any KernelBackend, backendText: String, process: String, log: Log, allowFaults: Bool = false) {
         self.backendText = backendText
         self.process = process
         self.log = log
-        vmm = InProcessVMM(role: "vmm", backend: kernel)
+        if allowFaults {
+            let injector = FaultInjector()
+            faults = injector
+            self.kernel = FaultInjectingBackend(kernel, faults: injector)
+        } else {
+            faults = nil
+            self.kernel = kernel
+        }
+        vmm = InProcessVMM(role: "vmm", backend: self.kernel)
         _ = ckvm_install_kick_handler(VCPUThread.kickSignal)
     }
 
@@ -72,7 +84,7 @@ final class TinyVMM: HandoffHandler {
     func shutdown() {
         closeTaps()
         stopGuest()
-        vmm.destroy()
+        try? vmm.destroy()
         if case let model as KernelModel = kernel { model.host.exit(process: process) }
     }
 
@@ -121,7 +133,7 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 closeTaps()
                 stopGuest()
-                vmm.retire()
+                _ = try vmm.retire()
                 exitRequested = true
                 log.say("retired: the VM is closed; exiting")
             case "create-vm":
@@ -152,12 +164,13 @@ final class TinyVMM: HandoffHandler {
                     rest = rest.dropFirst(nic.queues)
                 }
                 log.say("took over \(nics.map { "\($0.name) (\($0.queues) queues)" }.joined(separator: ", "))")
-            case "sync-copy":
-                guard let gmem = request.gmem else { throw EndpointError("sync-copy needs gmem") }
+            case "copy-memory":
+                guard let gmem = request.gmem else { throw EndpointError("copy-memory needs gmem") }
                 let handle = try single(descriptors, request, kind: "kvm-gmem")
                 defer { if !isModel { close(handle.raw) } }
-                try vmm.synchronizeCopy(gmem, from: handle)
-                log.say("copied '\(gmem.name)' again from the paused source")
+                let copy = try vmm.copyMemory(gmem, from: handle)
+                reply.copy = copy
+                log.say("copied '\(gmem.name)' from the paused source: \(copy.bytesCopied) of \(copy.bytesTotal) bytes populated (\(copy.method))")
             case "bind":
                 try expectNone(descriptors)
                 guard let slots = request.slots, let strategy = request.strategy else { throw EndpointError("bind needs slots and strategy") }
@@ -192,15 +205,15 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 closeTaps()
                 stopGuest()
-                vmm.destroy()
+                try vmm.destroy()
                 exitRequested = true
                 log.say("destroyed; exiting")
             case "unbind":
                 try expectNone(descriptors)
-                vmm.unbind(request.slots ?? [])
+                try vmm.unbind(request.slots ?? [])
             case "release-memory":
                 try expectNone(descriptors)
-                vmm.releaseMemory()
+                try vmm.releaseMemory()
             case "status":
                 try expectNone(descriptors)
                 reply.running = vmm.isRunning
@@ -209,6 +222,18 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 let count = min(max(request.count ?? 0, 0), 1 << 16)
                 reply.bytes = Data(try vmm.readGuest(gpa: request.gpa ?? 0, count: count)).base64EncodedString()
+            case "arm-faults":
+                try expectNone(descriptors)
+                guard let faults else { throw EndpointError("this VMM was not started with --allow-faults: its fault points cannot be armed") }
+                var specs: [FaultSpec] = []
+                for text in request.faults ?? [] {
+                    guard let spec = try? FaultSpec(parsing: text), case .kernel = spec.point else {
+                        throw EndpointError("arm-faults: '\(text)' is not a kernel:* fault")
+                    }
+                    specs.append(spec)
+                }
+                faults.arm(specs)
+                log.say("armed \(specs.map(\.description).joined(separator: " "))")
             case "shutdown":
                 try expectNone(descriptors)
                 exitRequested = true
@@ -225,7 +250,16 @@ final class TinyVMM: HandoffHandler {
             reply = HandoffMessage(type: "error", id: request.id)
             reply.message = "\(error)"
         }
+        reply.fired = newlyFired()
         return (reply, [])
+    }
+
+    /// The armed faults that fired since the last reply said so.
+    private func newlyFired() -> [String]? {
+        guard let faults else { return nil }
+        let fresh = faults.fired.filter { !reportedFaults.contains($0) }
+        reportedFaults.formUnion(fresh)
+        return fresh.isEmpty ? nil : fresh.map(\.description)
     }
 
     private func expectNone(_ descriptors: [Int32]) throws {

@@ -36,6 +36,9 @@ struct TinyVMMCommand: ParsableCommand {
     @Option(help: "A uid besides root and this process's own that may drive this VMM.")
     var allowUID: [UInt32] = []
 
+    @Flag(help: "Let the coordinator arm fault points at this VMM's kernel calls (arm-faults; for test suites only).")
+    var allowFaults = false
+
     mutating func run() throws {
         let name = self.name ?? "tinyvmm-\(getpid())"
         let log = Log(name: name)
@@ -60,7 +63,7 @@ struct TinyVMMCommand: ParsableCommand {
             log.say("unknown backend \(backend)")
             throw ExitCode(2)
         }
-        let vmm = TinyVMM(kernel: kernel, backendText: backendText, process: name, log: log)
+        let vmm = TinyVMM(kernel: kernel, backendText: backendText, process: name, log: log, allowFaults: allowFaults)
         if let plan {
             let report = PlanLoader.load(path: plan)
             guard let parsed = report.plan else {

@@ -167,6 +167,19 @@ int ckvm_punch_hole_in_child(int fd, int64_t offset, int64_t length);
 long ckvm_checked_read(void *buffer, const void *mapped, unsigned long length);
 long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length);
 
+/* Copies the populated pages of the file `source_fd` (a guest_memfd with mmap support) into
+ *  `target` (a mapping of `length` bytes): the file is mapped read-only, mincore(2) finds the
+ *  pages its page cache holds (guest_memfd answers ESPIPE to SEEK_DATA), and `threads` threads
+ *  copy the resident runs with process_vm_writev (EFAULT, never SIGBUS). Holes are neither read
+ *  nor written, so a sparse guest stays sparse on both sides. Returns 0 and the bytes copied in
+ *  `*copied`, or -1 with errno set. */
+int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int threads, unsigned long *copied);
+
+/* pidfd_open(2): a descriptor that polls readable once the process has exited. -1 and errno on failure. */
+int ckvm_pidfd_open(int pid);
+/* Waits until one of `fds` polls readable, at most `milliseconds` (-1: no bound). Returns the
+ *  index of a readable descriptor, -1 on a timeout, -2 with errno on failure. */
+int ckvm_poll_any(const int *fds, int count, int milliseconds);
 #endif
 
 /* ---- UNIX sockets, SCM_RIGHTS, peer credentials, vcpu kicks (ckvm.c, _GNU_SOURCE) ------ */

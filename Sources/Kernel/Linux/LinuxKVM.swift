@@ -228,6 +228,17 @@ public final class LinuxKVM: KernelBackend {
         }
     }
 
+    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+        guard length > 0, length <= UInt64(Int.max), let target = UnsafeMutableRawPointer(bitPattern: UInt(address)) else {
+            throw .failed(operation: .copyMemory, errno: .invalidArgument)
+        }
+        var copied: UInt = 0
+        guard Syscalls.copyPopulated(source.raw, target, length: UInt(length), threads: 2, copied: &copied) == 0 else {
+            throw .failed(operation: .copyMemory, errno: .current)
+        }
+        return UInt64(copied)
+    }
+
     public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
         guard Syscalls.punchHole(file.raw, offset: offset, length: length) == 0 else {
             throw .failed(operation: .punchHole, errno: .current)

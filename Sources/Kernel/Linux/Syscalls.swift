@@ -74,6 +74,10 @@ enum Syscalls {
         ckvm_checked_write(UnsafeMutableRawPointer(bitPattern: UInt(address)), buffer.baseAddress, UInt(buffer.count))
     }
 
+    static func copyPopulated(_ fd: Int32, _ target: UnsafeMutableRawPointer, length: UInt, threads: Int32, copied: inout UInt) -> Int32 {
+        ckvm_copy_populated(fd, target, length, threads, &copied)
+    }
+
     static func ioctlInChild(_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer?) -> Int32 {
         ckvm_ioctl_in_child(fd, request, argument, 0, 0)
     }

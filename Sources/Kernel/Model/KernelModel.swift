@@ -234,6 +234,31 @@ public final class KernelModel: KernelBackend {
         }
     }
 
+    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> UInt64 in
+            guard case .file(let fileID) = s.object(source), let modelFile = s.files[fileID] else {
+                throw .failed(operation: .copyMemory, errno: .badFileDescriptor)
+            }
+            guard s.inodes[modelFile.inode]!.flags.contains(.mmap) else { throw .failed(operation: .copyMemory, errno: .noSuchDevice) }
+            let pages = s.inodes[modelFile.inode]!.pages.filter { $0.key * pageSize < length }.sorted { $0.key < $1.key }
+            // Resolve every target page first: a failed copy writes nothing.
+            var targets: [(inode: Int, offset: UInt64, bytes: [UInt8])] = []
+            for (index, page) in pages {
+                guard let (inode, offset) = s.resolveHostAddress(address + index * pageSize),
+                    s.resolveHostAddress(address + index * pageSize + pageSize - 1) != nil
+                else { throw .failed(operation: .copyMemory, errno: .badAddress) }
+                targets.append((inode, offset, page.bytes))
+            }
+            for target in targets {
+                // Mappings and their offsets are page-aligned: whole pages land on whole pages.
+                var page = Page()
+                page.bytes = target.bytes
+                s.inodes[target.inode]!.pages[target.offset / pageSize] = page
+            }
+            return UInt64(pages.count) * pageSize
+        }
+    }
+
     public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
         try host.transaction { (s: inout ModelState) throws(KernelError) in
             guard case .file(let fileID) = s.object(file), let modelFile = s.files[fileID] else {

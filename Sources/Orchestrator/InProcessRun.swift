@@ -33,28 +33,82 @@ public struct Verification: Codable, Sendable, Equatable {
     }
 }
 
-/// A whole standalone migration: the result, and the two VMMs (which must stay alive as long
-/// as the caller wants the surviving VM to run).
-public final class StandaloneRun {
+/// The VMMs of a migration that live in the coordinator's own process. They share the
+/// coordinator's fault injector through their kernel (`FaultInjectingBackend`), so `kernel:*`
+/// faults need no arming of their own. After a crash they are gone: they ended with the
+/// coordinator's process, and recovery can only say so.
+public final class InProcessEndpoints: EndpointProvider {
+    let sourceVMM: InProcessVMM?
+    let targetVMM: InProcessVMM?
+    private let goneReason: String
+    private var targetMade = false
+
+    public init(source: InProcessVMM, target: InProcessVMM) {
+        sourceVMM = source
+        targetVMM = target
+        goneReason = ""
+    }
+
+    private init(goneReason: String) {
+        sourceVMM = nil
+        targetVMM = nil
+        self.goneReason = goneReason
+    }
+
+    /// What a recovering coordinator finds of an in-process migration: nothing. On a model host
+    /// that outlives the crashed process, the kernel's own cleanup of that process is done here
+    /// (its handles closed, its VMs gone), as Linux does when a process exits.
+    public static func afterCrash(_ started: JournalEntry.Started) -> InProcessEndpoints {
+        if started.backend.hasPrefix("model:") {
+            let host = ModelHost(file: String(started.backend.dropFirst("model:".count)))
+            for role in ["source", "target"] {
+                host.exit(process: started.id + "/" + role)
+                host.setStatus(process: started.id + "/" + role, nil)
+            }
+        }
+        return InProcessEndpoints(
+            goneReason: "the in-process VMMs ended with the coordinator (pid \(started.coordinatorPID)) that held them")
+    }
+
+    public func source() throws(EndpointError) -> any VMMEndpoint {
+        guard let sourceVMM else { throw EndpointError(goneReason) }
+        return sourceVMM
+    }
+
+    public func makeTarget() throws(EndpointError) -> any VMMEndpoint {
+        guard let targetVMM else { throw EndpointError(goneReason) }
+        targetMade = true
+        return targetVMM
+    }
+
+    public func existingTarget() -> (any VMMEndpoint)? { targetMade ? targetVMM : nil }
+
+    /// Nothing to kill: destroy (the executor's first undo) closed the target's VM.
+    public func disposeTarget() throws(EndpointError) {}
+
+    public var targetDetails: [String: String] { [:] }
+    public var abortReason: String? { nil }
+    public func armKernelFaults(_ specs: [FaultSpec]) {}
+    public var firedKernelFaults: [FaultSpec] { [] }
+}
+
+/// A migration of a VM created in-process from its plan: the source is set up (its guest
+/// run for `guestExits` exits, marks written into every host-writable slot), the one runner
+/// migrates it, and the surviving VM's guest is run again and its memory checked.
+public final class InProcessRun {
     public let summary: MigrationSummary
     public let verification: Verification?
     public let source: InProcessVMM
     public let target: InProcessVMM
     public let backendName: String
-    /// Armed faults that never fired (their point was not reached).
-    public let unfiredFaults: [FaultSpec]
     public let journalPath: String
 
-    init(
-        summary: MigrationSummary, verification: Verification?, source: InProcessVMM, target: InProcessVMM, backendName: String,
-        unfiredFaults: [FaultSpec], journalPath: String
-    ) {
+    init(summary: MigrationSummary, verification: Verification?, source: InProcessVMM, target: InProcessVMM, backendName: String, journalPath: String) {
         self.summary = summary
         self.verification = verification
         self.source = source
         self.target = target
         self.backendName = backendName
-        self.unfiredFaults = unfiredFaults
         self.journalPath = journalPath
     }
 
@@ -66,10 +120,11 @@ public final class StandaloneRun {
     /// - Parameter faults: armed once the source is set up, so that they fire in the migration.
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, backend: StandaloneBackend, journal store: Journal,
-        faults specs: [FaultSpec], linux: LinuxKVM? = nil, progress: @escaping (StepReport) -> Void = { _ in }, shouldCancel: @escaping () -> Bool = { false },
+        faults specs: [FaultSpec], linux: LinuxKVM? = nil, progress: @escaping (StepReport) -> Void = { _ in },
+        cancelReason: @escaping () -> String? = { nil }, observer: @escaping (JournalEntry.Event) -> Void = { _ in },
         idempotencyKey: String? = nil, id chosen: String? = nil
-    ) throws -> StandaloneRun {
-        let id = chosen ?? newID(plan.name)
+    ) throws -> InProcessRun {
+        let id = chosen ?? MigrationRunner.newID(plan.name)
         let injector = FaultInjector()
         let sourceBackend: any KernelBackend
         let targetBackend: any KernelBackend
@@ -107,24 +162,20 @@ public final class StandaloneRun {
             marks.append((gpa, bytes))
         }
 
-        let journal = try store.create(id: id)
         var started = JournalEntry.Started(
             id: id, planFile: planFile, plan: plan, strategy: strategy, backend: backendName, coordinatorPID: getpid(),
             faults: specs.map(\.description))
         started.idempotencyKey = idempotencyKey
-        try journal.append(.started(started))
-        injector.arm(specs)
-        let migration = Migration(
-            id: id, plan: plan, strategy: strategy, journal: journal, source: source, target: target, faults: injector, progress: progress,
-            shouldCancel: shouldCancel)
-        let summary = try migration.run()
-        let unfired = injector.remaining
+        let journal = try MigrationRunner.begin(started, in: store)
+        let summary = try MigrationRunner.run(
+            journal, provider: InProcessEndpoints(source: source, target: target), faults: injector, progress: progress,
+            cancelReason: cancelReason, observer: observer)
         injector.disarm()
 
         // Verification: the VM that runs now has the memory the source had.
         let survivor: InProcessVMM? = summary.state == .completed ? target : summary.state == .rolledBack ? source : nil
         var verification: Verification? = nil
-        if let survivor {
+        if let survivor, survivor.isRunning {
             var intact = true
             for (gpa, bytes) in marks where (try? survivor.readGuest(gpa: gpa, count: bytes.count)) != bytes { intact = false }
             let after = guestRuns ? counters(try survivor.runGuest(exits: guestExits)) : []
@@ -134,9 +185,7 @@ public final class StandaloneRun {
                 targetInodes: journal.entries.inodes(recordedBy: .handOverMemory),
                 note: guestRuns ? nil : "guest memory is private (no init-shared): the guest program cannot be loaded from the host; verified by inode identity")
         }
-        return StandaloneRun(
-            summary: summary, verification: verification, source: source, target: target, backendName: backendName,
-            unfiredFaults: unfired, journalPath: journal.path)
+        return InProcessRun(summary: summary, verification: verification, source: source, target: target, backendName: backendName, journalPath: journal.path)
     }
 
     static func counters(_ exits: [VCPUExit]) -> [UInt32] {
@@ -144,16 +193,5 @@ public final class StandaloneRun {
             guard case .io(let port, true, 4, let data) = exit, port == InProcessVMM.counterPort else { return nil }
             return UInt32(littleEndianBytes: data)
         }
-    }
-
-    /// `NAME-YYYYmmddTHHMMSS-XXXX`: sortable by time, unique enough for one host.
-    public static func newID(_ name: String) -> String {
-        var now = time(nil)
-        var parts = tm()
-        gmtime_r(&now, &parts)
-        let stamp = String(
-            format: "%04d%02d%02dT%02d%02d%02d", Int(parts.tm_year) + 1900, Int(parts.tm_mon) + 1, Int(parts.tm_mday),
-            Int(parts.tm_hour), Int(parts.tm_min), Int(parts.tm_sec))
-        return "\(stamp)-\(name)-\(String(UInt16.random(in: 0...UInt16.max), radix: 16))"
     }
 }
