@@ -147,6 +147,7 @@ public final class ProcessEndpoints: EndpointProvider {
 
     public func disposeTarget() throws(EndpointError) {
         defer {
+            if let targetVMM { goneFired += targetVMM.firedFaults }
             targetVMM = nil
             targetMayExist = false
         }
@@ -218,11 +219,14 @@ public final class ProcessEndpoints: EndpointProvider {
         do {
             try vmm.armFaults(kernelFaults)
         } catch {
-            armingProblems.append("\(vmm.role) VMM: \(error.message)")
+            armingProblems.append(error.message)
         }
     }
 
-    public var firedKernelFaults: [FaultSpec] { (sourceVMM?.firedFaults ?? []) + (targetVMM?.firedFaults ?? []) }
+    /// The faults that fired in a target that was disposed of since.
+    private var goneFired: [FaultSpec] = []
+
+    public var firedKernelFaults: [FaultSpec] { (sourceVMM?.firedFaults ?? []) + (targetVMM?.firedFaults ?? []) + goneFired }
 }
 
 /// What a migration between VMM processes checked: the guest's counter went on, its memory
@@ -329,6 +333,11 @@ public final class ProcessRun {
         watcher: KVMEventWatcher? = nil,
         onVMEvent: @escaping @Sendable (String) -> Void = { _ in }
     ) throws -> ProcessRun {
+        // Nothing answers at the source's socket: there is no migration to journal.
+        let reachable = HandoffConnection.probe(path: sourceSocket)
+        if reachable != 0 {
+            throw EndpointError("connecting to \(sourceSocket): \(String(cString: strerror(reachable)))", errno: Errno(rawValue: reachable))
+        }
         let id = chosen ?? MigrationRunner.newID(plan.name)
         // sun_path holds 108 bytes: keep the name short (the id's random suffix).
         let suffix = String(id.split(separator: "-").last ?? "vmm").prefix(12)

@@ -95,6 +95,8 @@ public final class RemoteVMM: VMMEndpoint {
         vm = nil
     }
 
+    public var guestDetails: [String: String] { lastCounter.map { ["counter": "\($0)"] } ?? [:] }
+
     public func setTimeout(_ timeout: Duration) {
         self.timeout = timeout
         connection?.setTimeout(timeout)

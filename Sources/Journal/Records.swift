@@ -37,17 +37,16 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         public var backend: String
         public var coordinatorPID: Int32
         public var faults: [String]
-        /// Out-of-process VMMs: their handoff sockets (recovery reconnects to them) and pids.
+        /// Out-of-process VMMs: their handoff sockets (recovery reconnects to them). The target's
+        /// pid is create-target's to record: the target does not exist yet when this is written.
         public var sourceSocket: String?
         public var targetSocket: String?
-        public var sourcePID: Int32?
-        public var targetPID: Int32?
         /// The daemon's Idempotency-Key of the submission, if any.
         public var idempotencyKey: String?
 
         public init(
             id: String, planFile: String, plan: MigrationPlan, strategy: Strategy, backend: String, coordinatorPID: Int32, faults: [String],
-            sourceSocket: String? = nil, targetSocket: String? = nil, sourcePID: Int32? = nil, targetPID: Int32? = nil
+            sourceSocket: String? = nil, targetSocket: String? = nil
         ) {
             self.id = id
             self.planFile = planFile
@@ -58,8 +57,6 @@ public struct JournalEntry: Sendable, Codable, Equatable {
             self.faults = faults
             self.sourceSocket = sourceSocket
             self.targetSocket = targetSocket
-            self.sourcePID = sourcePID
-            self.targetPID = targetPID
         }
     }
 

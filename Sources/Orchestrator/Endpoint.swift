@@ -115,6 +115,10 @@ public protocol VMMEndpoint: AnyObject {
     func observe() -> (liveness: JournalEntry.Observation.Liveness, detail: String?)
     /// Bounds each later request (a VMM in another process; in-process calls are not bounded).
     func setTimeout(_ timeout: Duration)
+    /// What the VMM said of its guest in its last answer (the counter guest: `counter`, read from
+    /// guest memory); journaled with pause-source and resume-target, so that memory and registers
+    /// can be checked against each other at the switch-over.
+    var guestDetails: [String: String] { get }
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription

@@ -142,6 +142,12 @@ public final class MigrationExecutor {
     /// without a journal nothing may go on.
     public func run(_ machine: inout MigrationMachine) throws(JournalError) -> MigrationSummary {
         let started = clock.now
+        // An injected delay ends early when a VMM dies or a cancel comes: the machine must react at once.
+        let provider = self.provider
+        let cancelReason = self.cancelReason
+        let stop = StopProbe { provider.abortReason != nil || cancelReason() != nil }
+        faults.interruptDelays { stop.isSet }
+        defer { faults.interruptDelays(when: nil) }
         guard let record = machine.started else { preconditionFailure("the machine has its started record") }
         loop: while true {
             if let stop = pendingStop(machine) {
@@ -170,8 +176,8 @@ public final class MigrationExecutor {
     }
 
     /// A cancel, or a VMM that died, before the point of no return: journaled once, it rolls back.
-    private func pendingStop(_ machine: MigrationMachine) -> JournalEntry.StopRequest? {
-        guard machine.started != nil, !machine.pastPointOfNoReturn, !machine.isRollingBack, !machine.isDone, machine.inFlight == nil
+    private func pendingStop(_ machine: MigrationMachine, inFlight: Bool = false) -> JournalEntry.StopRequest? {
+        guard machine.started != nil, !machine.pastPointOfNoReturn, !machine.isRollingBack, !machine.isDone, (machine.inFlight != nil) == inFlight
         else { return nil }
         if let reason = provider.abortReason { return .init(kind: .abort, reason: reason) }
         if let reason = cancelReason() { return .init(kind: .cancel, reason: reason) }
@@ -214,9 +220,11 @@ public final class MigrationExecutor {
         var result: Result<[String: String], EndpointError>
         if direction == .forward, let errno = faults.hit(.before(step)) {
             result = .failure(EndpointError("injected fault before:\(step): \(errno.name)", errno: errno))
-        } else if direction == .forward, !machine.pastPointOfNoReturn, let reason = provider.abortReason ?? cancelReason() {
-            // The stop came while this step waited (an injected delay): react before its effect.
-            result = .failure(EndpointError("stopped before its effect: \(reason)"))
+        } else if direction == .forward, let stop = pendingStop(machine, inFlight: true) {
+            // The stop came while this step waited (an injected delay): it is journaled, and the
+            // step's effect never starts.
+            try append(.stopRequested(stop), to: &machine)
+            result = .failure(EndpointError("not performed: the migration stops (\(stop.reason))"))
         } else {
             do {
                 result = .success(try (direction == .forward ? action(step, machine, timeout: timeout) : undo(step, machine, timeout: timeout)))
@@ -227,7 +235,7 @@ public final class MigrationExecutor {
         let duration = clock.now - began
         if case .success = result, direction == .forward, duration > timeout {
             result = .failure(EndpointError(
-                "\(step) took \(duration.nanoseconds / 1_000_000)ms, over its timeout of \(timeout.text)", errno: Errno(rawValue: 110)))  // ETIMEDOUT
+                "\(step) took \(duration.nanoseconds / 1_000_000)ms, over the step timeout of \(timeout.text)", errno: Errno(rawValue: 110)))  // ETIMEDOUT
         }
         let outcome: JournalEntry.Outcome
         switch result {
@@ -336,9 +344,10 @@ public final class MigrationExecutor {
         case .verifyBindings:
             return try verify(try description(machine), target: try target(timeout: timeout), strategy: started.strategy, confidential: machine.isConfidential)
         case .pauseSource:
-            let states = try source(timeout: timeout).pause()
+            let source = try source(timeout: timeout)
+            let states = try source.pause()
             guard let data = try? JSONEncoder().encode(states) else { throw EndpointError("the vcpu state does not encode") }
-            return ["vcpu-states": data.base64EncodedString(), "vcpus": "\(states.count)"]
+            return source.guestDetails.merging(["vcpu-states": data.base64EncodedString(), "vcpus": "\(states.count)"]) { _, b in b }
         case .copyMemory:
             let description = try description(machine)
             let source = try describedSource(description, timeout: timeout)
@@ -371,8 +380,9 @@ public final class MigrationExecutor {
             guard let text = machine.details[.pauseSource]?["vcpu-states"], let data = Data(base64Encoded: text),
                 let states = try? JSONDecoder().decode([VCPUState].self, from: data)
             else { throw EndpointError("the journal holds no saved vcpu state") }
-            try target(timeout: timeout).restore(states)
-            return [:]
+            let target = try target(timeout: timeout)
+            try target.restore(states)
+            return target.guestDetails
         case .retireSource:
             do {
                 let note = try source(timeout: timeout).retire()
@@ -476,6 +486,14 @@ public final class MigrationExecutor {
         }
         return details
     }
+}
+
+/// Whether a stop is pending, for the fault injector's delays (read from its thread).
+final class StopProbe: @unchecked Sendable {
+    // @unchecked: the closure reads thread-safe state (an atomic flag, a locked record).
+    private let check: () -> Bool
+    init(_ check: @escaping () -> Bool) { self.check = check }
+    var isSet: Bool { check() }
 }
 
 extension Duration {

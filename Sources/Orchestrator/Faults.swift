@@ -26,7 +26,9 @@ public final class FaultInjector: Sendable {
     /// Ends an injected delay early (a VMM died meanwhile: the migration must react at once).
     private let interruption = Mutex<(@Sendable () -> Bool)?>(nil)
 
-    public func interruptDelays(when condition: @escaping @Sendable () -> Bool) {
+    /// Ends injected delays early while `condition` holds (nil: never). The caller clears it when
+    /// its run ends: the condition may hold what holds this injector.
+    public func interruptDelays(when condition: (@Sendable () -> Bool)?) {
         interruption.withLock { $0 = condition }
     }
     /// Called right before an injected crash exits (tests of the injector itself replace it).

@@ -57,6 +57,15 @@ public final class InProcessVMM: VMMEndpoint {
     /// In-process calls are not bounded.
     public func setTimeout(_ timeout: Duration) {}
 
+    /// Read past the fault points: a report of the guest, not one of the migration's kernel calls.
+    public var guestDetails: [String: String] {
+        guard let (slot, _) = slotContaining(InProcessVMM.counterAddress), let mapping = mappings[slot.guestMemfd] else { return [:] }
+        let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
+        let offset = slot.offset + (InProcessVMM.counterAddress - slot.guestPhysAddr)
+        guard let bytes = try? kernel.readMemory(address: mapping.value.address &+ offset, count: 4) else { return [:] }
+        return ["counter": "\(UInt32(littleEndianBytes: bytes))"]
+    }
+
     public func armFaults(_ specs: [FaultSpec]) throws(EndpointError) {
         guard let injector = (backend as? FaultInjectingBackend)?.faults else {
             throw EndpointError("\(role): this VMM's kernel calls have no fault points (a VMM takes them only when started with --allow-faults)")

@@ -103,6 +103,9 @@ public struct MigrationMachine: Sendable, Equatable {
     public private(set) var details: [MigrationStep: [String: String]] = [:]
     /// The target was seen running the guest at some point.
     public private(set) var targetSeenRunning = false
+    /// The target was seen running since the last recovery: what completion rests on (a
+    /// coordinator that took over after a crash looks again).
+    public private(set) var targetConfirmedRunning = false
     /// Each role's last observation and the epoch it was made in. An observation is fresh while
     /// no outcome or recovery has come since (the epoch counts them).
     private var observations: [JournalEntry.Role: Observed] = [:]
@@ -146,6 +149,12 @@ public struct MigrationMachine: Sendable, Equatable {
     /// Whether rolling back can still give the guest back to the source.
     public var sourceCanTakeBack: Bool { !targetMayHaveRun && !contextMayHaveMoved }
 
+    var attemptCounts: String {
+        "\(forwardAttempts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.key)\($0.value)" })\(undoAttempts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.key)\($0.value)" })"
+    }
+    var freshObservations: String { JournalEntry.Role.allCases.map { fresh($0)?.liveness.rawValue ?? "-" }.joined(separator: ",") }
+    var resumeSourceAgainForKey: Bool { resumeSourceAgain }
+
     private func fresh(_ role: JournalEntry.Role) -> JournalEntry.Observation? {
         guard let observed = observations[role], observed.epoch == epoch else { return nil }
         return observed.observation
@@ -163,7 +172,7 @@ public struct MigrationMachine: Sendable, Equatable {
 
     private func nextForward() -> Effect {
         for step in steps where !completed.contains(step) {
-            if step == .retireSource && !targetSeenRunning {
+            if step == .retireSource && !targetConfirmedRunning {
                 // Completed means the target was seen running: ask before the source goes.
                 return .observe(.target)
             }
@@ -192,17 +201,18 @@ public struct MigrationMachine: Sendable, Equatable {
                 // It failed before: is there still a VMM to undo it on?
                 let role: JournalEntry.Role = step == .pauseSource ? .source : .target
                 guard let seen = fresh(role) else { return .observe(role) }
-                if seen.liveness == .gone { continue }
+                // Nothing left to undo on a VMM that is gone, and a source seen running is resumed.
+                if seen.liveness == .gone || (step == .pauseSource && seen.liveness == .running) { continue }
             }
             return .append(.intent(step: step, direction: .undo))
         }
         // Every undo tried: the source must be seen running the guest again.
         guard let source = fresh(.source) else { return .observe(.source) }
-        if attempted.allSatisfy({ $0 == .prepare }) && source.liveness != .running {
+        if attempted.allSatisfy({ $0 == .prepare }) && source.liveness == .stopped {
             // Only the source's description was asked for: the guest is where it was.
             return .append(.finished(.init(
                 state: .rolledBack,
-                reason: "nothing was changed (\(rollbackReason ?? "?")); the source VMM was left as it was, and it does not answer now\(source.detail.map { " (\($0))" } ?? "")")))
+                reason: "nothing was changed (\(rollbackReason ?? "?")); the source VMM answers as it did, its vcpus stopped\(source.detail.map { " (\($0))" } ?? "")")))
         }
         switch source.liveness {
         case .running:
@@ -292,6 +302,7 @@ public struct MigrationMachine: Sendable, Equatable {
             recoveries += 1
             epoch += 1
             halted = nil
+            targetConfirmedRunning = false
             // The crash hit between this intent and its outcome: its effect may have happened.
             if let inFlight {
                 if inFlight.direction == .forward { uncertain.insert(inFlight.step) }
@@ -337,14 +348,19 @@ public struct MigrationMachine: Sendable, Equatable {
     private mutating func apply(_ observation: JournalEntry.Observation) {
         switch observation.role {
         case .target:
-            if observation.liveness == .running { targetSeenRunning = true }
+            // Running counts once the target was asked to run the guest: before that, whatever
+            // its vcpus do, they do not run this guest.
+            if observation.liveness == .running && attempted.contains(.resumeTarget) {
+                targetSeenRunning = true
+                targetConfirmedRunning = true
+            }
             guard rollbackReason == nil, pastPointOfNoReturn else { return }
             switch observation.liveness {
             case .running:
                 break
             case .stopped:
                 // Resumed, yet its vcpus do not run: the resume comes round again.
-                if completed.contains(.resumeTarget) && !targetSeenRunning { completed.remove(.resumeTarget) }
+                if completed.contains(.resumeTarget) && !targetConfirmedRunning { completed.remove(.resumeTarget) }
             case .gone:
                 if sourceCanTakeBack {
                     rollbackReason = "the target VMM is gone and never ran the guest\(observation.detail.map { " (\($0))" } ?? "")"

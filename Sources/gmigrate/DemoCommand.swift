@@ -58,9 +58,16 @@ struct Demo: ParsableCommand {
     @Option(help: "How long the guest runs in the source before the migration, in milliseconds.")
     var warmup: Int = 300
 
+    @Option(name: .customLong("inject"), help: "Arm a fault: POINT=FAULT (gmigrate faults list). Repeatable.")
+    var injections: [String] = []
+
     @OptionGroup var output: OutputOptions
 
     func run() throws {
+        var specs: [FaultSpec] = []
+        for text in injections {
+            do { specs.append(try FaultSpec(parsing: text)) } catch { throw CommandFailure(code: .badInput, message: "--inject \(error.message)") }
+        }
         var chosen = backend ?? .linux
         var firstLine = "gmigrate demo: a live guest moves between two tinyvmm processes on real KVM"
         if backend == nil, case .failure(let error) = LinuxKVM.availability() {
@@ -124,7 +131,7 @@ struct Demo: ParsableCommand {
         let run: ProcessRun
         do {
             run = try ProcessRun.run(
-                plan: validPlan, planFile: planFile, strategy: resolved, journal: journal, faults: [], sourceSocket: sourceSocket,
+                plan: validPlan, planFile: planFile, strategy: resolved, journal: journal, faults: specs, sourceSocket: sourceSocket,
                 targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory,
                 progress: { step in if !json { printStep(step) } }, watcher: try? KVMEventWatcher())
         } catch {

@@ -7,7 +7,7 @@ struct Gmigrate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "gmigrate",
         abstract: "Move a running KVM VM between VMM processes on one host without copying its memory.",
-        subcommands: [Demo.self, Host.self, KernelCommand.self, Plan.self, Migrate.self, Recover.self, JournalCommand.self, Faults.self, Daemon.self, Submit.self, Status.self, List.self, Cancel.self, Watch.self]
+        subcommands: [Demo.self, Host.self, KernelCommand.self, Plan.self, Migrate.self, Recover.self, JournalCommand.self, Faults.self, MachineCommand.self, Daemon.self, Submit.self, Status.self, List.self, Cancel.self, Watch.self]
     )
 
     /// Parses and runs, mapping every failure to the documented exit codes (README): argument

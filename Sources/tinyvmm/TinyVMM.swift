@@ -56,7 +56,9 @@ struct TinyVMMCommand: ParsableCommand {
                 throw ExitCode(2)
             }
             var options = KernelModel.Options()
-            options.instructionBudget = 20_000  // each run is one transaction on the shared host file
+            // Each run is one transaction on the shared host file, holding its lock: keep it short so
+            // that requests (and the other VMMs on the host) wait milliseconds, not the interpreter.
+            options.instructionBudget = 1_000
             kernel = KernelModel(host: ModelHost(file: modelHost), process: name, options: options)
             backendText = "model:" + modelHost
         default:
@@ -141,6 +143,10 @@ final class VCPUThread: @unchecked Sendable {
             case .io(InProcessVMM.counterPort, true, _, let data):
                 let value = UInt32(littleEndianBytes: data)
                 condition.withLock { reported = value }
+            case .interrupted where kernel is KernelModel:
+                // A model vcpu ran its instruction budget holding the shared host's lock: let the
+                // request thread (and the other VMMs on the host) have it before the next run.
+                usleep(2000)
             case .io, .mmio, .interrupted:
                 continue
             default:

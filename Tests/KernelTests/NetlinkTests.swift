@@ -48,20 +48,25 @@ struct NetlinkTests {
         let fixture = try ProcessFixture(strategy: "share")
         defer { fixture.finish() }
         let started = Date()
-        let result = try ProcessTests().killDuring(fixture, point: "before:bind-memslots=delay:20s") { started in started.targetPID ?? 0 }
+        let killed = Locked<Date?>(nil)
+        let result = try ProcessTests().killDuring(fixture, point: "before:bind-memslots=delay:20s") { contents in
+            killed.mutate { $0 = Date() }
+            return contents.targetPID ?? 0
+        }
         let elapsed = Date().timeIntervalSince(started)
         #expect(result.status == 6, "rolled back: \(result.stdout)")
         #expect(elapsed < 15, "the 20 s delay was cut short by the event (took \(elapsed) s)")
         let contents = try fixture.journal()
         checkJournal(contents, expect: .rolledBack)
-        let notes = contents.entries.compactMap { entry -> (Double, String)? in
-            if case .note(let text) = entry.event { return (entry.time, text) }
+        let stops = contents.entries.compactMap { entry -> (Double, JournalEntry.StopRequest)? in
+            if case .stopRequested(let stop) = entry.event { return (entry.time, stop) }
             return nil
         }
-        let event = try #require(notes.first { $0.1.hasPrefix("uevent: destroy") })
-        let reaction = try #require(notes.first { $0.1.hasPrefix("aborted before bind-memslots") })
-        #expect(reaction.1.contains("KVM uevent"))
-        #expect(reaction.0 - event.0 < 1.0, "reacted \(Int((reaction.0 - event.0) * 1000)) ms after the uevent")
+        let stop = try #require(stops.first)
+        #expect(stop.1.kind == .abort)
+        #expect(stop.1.reason.contains("KVM uevent") || stop.1.reason.contains("died"), "\(stop.1.reason)")
+        let killedAt = try #require(killed.value).timeIntervalSince1970
+        #expect(stop.0 - killedAt < 1.0, "reacted \(Int((stop.0 - killedAt) * 1000)) ms after the kill")
         #expect(runningGuest([fixture.sourceSocket]).count == 1, "the source runs the guest again")
     }
 }
@@ -192,12 +197,12 @@ struct TapHandoverTests {
         let id = try #require(fixtureJournal.ids().first)
         let contents = try Journal.read(stateDirectory: directory, id: id)
         checkJournal(contents, expect: .completed)
-        let notes = contents.entries.compactMap { entry -> String? in
-            if case .note(let text) = entry.event { return text }
+        let observed = contents.entries.compactMap { entry -> JournalEntry.Observation? in
+            if case .observed(let observation) = entry.event { return observation }
             return nil
         }
-        #expect(notes.contains("nic tap0: up, mtu 1400, attached to br-gm (after the switch-over)"), "\(notes)")
-        guard case .started(let started)? = contents.entries.first?.event, let targetPID = started.targetPID, let targetSocket = started.targetSocket else {
+        #expect(observed.contains { $0.role == .target && $0.liveness == .running && ($0.detail ?? "").contains("nic tap0: up, mtu 1400, attached to br-gm") }, "\(observed)")
+        guard let started = contents.started, let targetPID = contents.targetPID, let targetSocket = started.targetSocket else {
             Issue.record("no target in the journal")
             return
         }
