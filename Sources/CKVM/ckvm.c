@@ -65,16 +65,44 @@ long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length) 
 #include <signal.h>
 #include <stdlib.h>
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 struct copy_run { unsigned long offset, length; };
+enum copy_operation { copy_populate, copy_bytes };
 struct copy_work {
     const char *source;
     char *target;
     const struct copy_run *runs;
     unsigned long count;
+    enum copy_operation operation;
     unsigned long next;          /* the next run to take, under `lock` */
     pthread_mutex_t lock;
     int error;
 };
+
+static int copy_run(const struct copy_work *work, const struct copy_run *run) {
+    if (work->operation == copy_populate) {
+        /* Page tables on both sides, before the pause: the copy in the blackout faults nothing. */
+        if (madvise((void *)(work->source + run->offset), run->length, MADV_POPULATE_READ) != 0) return errno;
+        if (madvise(work->target + run->offset, run->length, MADV_POPULATE_WRITE) != 0) return errno;
+        return 0;
+    }
+    unsigned long done = 0;
+    while (done < run->length) {
+        struct iovec local = { .iov_base = (void *)(work->source + run->offset + done), .iov_len = run->length - done };
+        struct iovec remote = { .iov_base = work->target + run->offset + done, .iov_len = run->length - done };
+        ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return n < 0 ? errno : EFAULT;
+        done += (unsigned long)n;
+    }
+    return 0;
+}
 
 static void *copy_worker(void *argument) {
     struct copy_work *work = argument;
@@ -84,41 +112,32 @@ static void *copy_worker(void *argument) {
         int failed = work->error;
         pthread_mutex_unlock(&work->lock);
         if (index >= work->count || failed) return NULL;
-        const struct copy_run *run = &work->runs[index];
-        unsigned long done = 0;
-        while (done < run->length) {
-            struct iovec local = { .iov_base = (void *)(work->source + run->offset + done), .iov_len = run->length - done };
-            struct iovec remote = { .iov_base = work->target + run->offset + done, .iov_len = run->length - done };
-            ssize_t n = process_vm_writev(getpid(), &local, 1, &remote, 1, 0);
-            if (n <= 0) {
-                if (n < 0 && errno == EINTR) continue;
-                pthread_mutex_lock(&work->lock);
-                work->error = n < 0 ? errno : EFAULT;
-                pthread_mutex_unlock(&work->lock);
-                return NULL;
-            }
-            done += (unsigned long)n;
+        int error = copy_run(work, &work->runs[index]);
+        if (error) {
+            pthread_mutex_lock(&work->lock);
+            work->error = error;
+            pthread_mutex_unlock(&work->lock);
+            return NULL;
         }
     }
 }
 
-int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int threads, unsigned long *copied) {
+/* The resident runs of `source` (mincore), cut into 4 MiB chunks so that threads share the
+ * work evenly, done by `threads` threads. */
+static int copy_each_resident_run(const char *source, char *target, unsigned long length, int threads, enum copy_operation operation,
+                                  unsigned long *bytes) {
     const unsigned long page = 4096, chunk = 4ul << 20;
-    *copied = 0;
-    if (length == 0 || length % page != 0 || threads < 1) { errno = EINVAL; return -1; }
-    char *source = mmap(NULL, length, PROT_READ, MAP_SHARED, source_fd, 0);
-    if (source == MAP_FAILED) return -1;
+    *bytes = 0;
     unsigned long pages = length / page;
     unsigned char *resident = malloc(pages);
     struct copy_run *runs = malloc(sizeof *runs * (pages / (chunk / page) + pages / 2 + 2));
-    if (!resident || !runs) { free(resident); free(runs); munmap(source, length); errno = ENOMEM; return -1; }
-    if (mincore(source, length, resident) != 0) {
+    if (!resident || !runs) { free(resident); free(runs); errno = ENOMEM; return -1; }
+    if (mincore((void *)source, length, resident) != 0) {
         int saved = errno;
-        free(resident); free(runs); munmap(source, length);
+        free(resident); free(runs);
         errno = saved;
         return -1;
     }
-    /* Resident runs, cut into chunks so that the threads share the work evenly. */
     unsigned long count = 0, total = 0;
     for (unsigned long i = 0; i < pages;) {
         if (!(resident[i] & 1)) { i++; continue; }
@@ -129,7 +148,7 @@ int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int t
         total += runs[count].length;
         count++;
     }
-    struct copy_work work = { .source = source, .target = target, .runs = runs, .count = count, .next = 0, .error = 0 };
+    struct copy_work work = { .source = source, .target = target, .runs = runs, .count = count, .operation = operation, .next = 0, .error = 0 };
     pthread_mutex_init(&work.lock, NULL);
     pthread_t workers[16];
     int started = 0;
@@ -142,10 +161,30 @@ int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int t
     pthread_mutex_destroy(&work.lock);
     free(resident);
     free(runs);
-    munmap(source, length);
     if (work.error) { errno = work.error; return -1; }
-    *copied = total;
+    *bytes = total;
     return 0;
+}
+
+int ckvm_copy_prepare(int source_fd, void *target, unsigned long length, int threads, void **source, unsigned long *resident) {
+    *source = NULL;
+    *resident = 0;
+    if (length == 0 || length % 4096 != 0 || threads < 1) { errno = EINVAL; return -1; }
+    char *mapped = mmap(NULL, length, PROT_READ, MAP_SHARED, source_fd, 0);
+    if (mapped == MAP_FAILED) return -1;
+    if (copy_each_resident_run(mapped, target, length, threads, copy_populate, resident) != 0) {
+        int saved = errno;
+        munmap(mapped, length);
+        errno = saved;
+        return -1;
+    }
+    *source = mapped;
+    return 0;
+}
+
+int ckvm_copy_mapped(const void *source, void *target, unsigned long length, int threads, unsigned long *copied) {
+    if (length == 0 || length % 4096 != 0 || threads < 1) { errno = EINVAL; return -1; }
+    return copy_each_resident_run(source, target, length, threads, copy_bytes, copied);
 }
 #include <stdio.h>
 #include <string.h>

@@ -117,6 +117,16 @@ final class RolePIDs: @unchecked Sendable {
     func role(of pid: Int32) -> String? { lock.withLock { roles[pid] } }
 }
 
+/// Which VMM roles are known to be gone, and why (set from the watchers' threads).
+final class GoneRoles: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var reasons: [String: String] = [:]
+    func set(_ role: String, _ reason: String) { lock.withLock { if reasons[role] == nil { reasons[role] = reason } } }
+    func clear(_ role: String) { lock.withLock { reasons[role] = nil } }
+    func reason(_ role: String) -> String? { lock.withLock { reasons[role] } }
+}
+
 /// A reason, set once, read from any thread.
 final class AbortFlag: @unchecked Sendable {
     // @unchecked: guarded by `lock`.

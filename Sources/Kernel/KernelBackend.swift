@@ -36,11 +36,17 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// Copies bytes into a host mapping; a page the kernel refuses to fault in answers EFAULT.
     func writeMemory(address: UInt64, bytes: [UInt8]) throws(KernelError)
 
-    /// Copies the populated pages of the gmem file `source` (its first `length` bytes) into the
-    /// host mapping at `address`; holes are neither read nor written, so a sparse guest stays
-    /// sparse. Returns the bytes copied. Linux finds the pages with mincore (guest_memfd answers
-    /// ESPIPE to SEEK_DATA) and copies them on two threads.
-    func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64
+    /// The copy strategy's preparation, before the pause: maps the gmem file `source` (its first
+    /// `length` bytes) read-only, and faults in the page tables of the pages it populates now and of
+    /// the same pages of the host mapping at `address`, so that the copy inside the blackout faults
+    /// nothing it need not. Returns the source mapping (`unmap` it) and the bytes populated. Linux
+    /// finds the pages with mincore (guest_memfd answers ESPIPE to SEEK_DATA), on two threads.
+    func prepareCopy(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> (sourceAddress: UInt64, populated: UInt64)
+
+    /// The copy, once the source is paused: copies the pages populated now from the read-only
+    /// mapping at `sourceAddress` (made by `prepareCopy`) into the mapping at `address`; holes are
+    /// neither read nor written, so a sparse guest stays sparse. Returns the bytes copied.
+    func copyPopulated(fromMapping sourceAddress: UInt64, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64
 
     /// `fallocate(PUNCH_HOLE | KEEP_SIZE)` on a gmem file.
     func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError)

@@ -73,6 +73,9 @@ public protocol EndpointProvider: AnyObject {
     var targetDetails: [String: String] { get }
     /// Why the migration must stop at once, if a VMM's VM was destroyed or its process died.
     var abortReason: String? { get }
+    /// Why a VMM is known to be gone (its process exited, its VM was destroyed), if it is: a
+    /// request to it is then not sent, and certainly had no effect.
+    func knownGone(_ role: JournalEntry.Role) -> String?
     /// What a VMM was seen doing: the endpoint's own answer, and anything the provider adds
     /// (the NICs after the switch-over).
     func observe(_ role: JournalEntry.Role) -> JournalEntry.Observation
@@ -83,6 +86,8 @@ public protocol EndpointProvider: AnyObject {
 }
 
 extension EndpointProvider {
+    public func knownGone(_ role: JournalEntry.Role) -> String? { nil }
+
     public func observe(_ role: JournalEntry.Role) -> JournalEntry.Observation {
         let endpoint: (any VMMEndpoint)?
         switch role {
@@ -208,8 +213,8 @@ public final class MigrationExecutor {
     // MARK: - Steps
 
     private func perform(_ step: MigrationStep, _ direction: JournalEntry.Direction, _ machine: inout MigrationMachine) throws(JournalError) {
-        guard let plan = machine.started?.plan else { return }
-        let timeout = MigrationExecutor.timeout(for: step, plan: plan)
+        guard let plan = machine.started?.plan, let strategy = machine.started?.strategy else { return }
+        let timeout = MigrationExecutor.timeout(for: step, plan: plan, strategy: strategy)
         let began = clock.now
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
@@ -225,6 +230,9 @@ public final class MigrationExecutor {
             // step's effect never starts.
             try append(.stopRequested(stop), to: &machine)
             result = .failure(EndpointError("not performed: the migration stops (\(stop.reason))"))
+        } else if direction == .forward, MigrationExecutor.targetSteps.contains(step), let gone = provider.knownGone(.target) {
+            // Not sent: the target is gone, so the step certainly did nothing.
+            result = .failure(EndpointError("not sent: \(gone)"))
         } else {
             do {
                 result = .success(try (direction == .forward ? action(step, machine, timeout: timeout) : undo(step, machine, timeout: timeout)))
@@ -265,17 +273,24 @@ public final class MigrationExecutor {
         }
     }
 
+    /// The forward steps whose effect happens in the target VMM.
+    static let targetSteps: Set<MigrationStep> = [.handOverMemory, .bindMemslots, .verifyBindings, .copyMemory, .moveEncryptionContext, .resumeTarget]
+
     private func report(_ report: StepReport) {
         reports.append(report)
         progress(report)
     }
 
-    /// The step timeout of the plan; copying memory gets the time it needs at 256 MiB/s on top
-    /// (a 2 GiB guest: the plan's timeout plus 8 s), unless the plan's own is longer.
-    public static func timeout(for step: MigrationStep, plan: MigrationPlan) -> Duration {
-        guard step == .copyMemory else { return plan.policy.stepTimeout }
+    /// The step timeout of the plan, plus, for the steps whose work grows with the guest's
+    /// memory, the time that memory needs: hand-over-memory of a copy (faulting in both sides'
+    /// page tables, at 64 MiB/s: a 2 GiB guest gets 32 s more) and copy-memory (at 256 MiB/s: 8 s).
+    public static func timeout(for step: MigrationStep, plan: MigrationPlan, strategy: Strategy) -> Duration {
         let bytes = plan.vm.guestMemfds.reduce(UInt64(0)) { $0 &+ $1.size }
-        return plan.policy.stepTimeout + .milliseconds(Int64(clamping: bytes / (256 << 10)))
+        switch step {
+        case .handOverMemory where strategy == .copy: return plan.policy.stepTimeout + .milliseconds(Int64(clamping: bytes / (64 << 10)))
+        case .copyMemory: return plan.policy.stepTimeout + .milliseconds(Int64(clamping: bytes / (256 << 10)))
+        default: return plan.policy.stepTimeout
+        }
     }
 
     // MARK: - Actions

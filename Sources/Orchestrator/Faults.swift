@@ -135,9 +135,13 @@ public final class FaultInjectingBackend: KernelBackend {
         try check(.accessMemory)
         try inner.writeMemory(address: address, bytes: bytes)
     }
-    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+    public func prepareCopy(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> (sourceAddress: UInt64, populated: UInt64) {
         try check(.copyMemory)
-        return try inner.copyPopulated(from: source, length: length, to: address)
+        return try inner.prepareCopy(from: source, length: length, to: address)
+    }
+    public func copyPopulated(fromMapping sourceAddress: UInt64, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+        try check(.copyMemory)
+        return try inner.copyPopulated(fromMapping: sourceAddress, length: length, to: address)
     }
     public func punchHole(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) {
         try check(.punchHole)

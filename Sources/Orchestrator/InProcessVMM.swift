@@ -25,6 +25,8 @@ public final class InProcessVMM: VMMEndpoint {
     private var mappings: [String: Owned<GuestMapping>] = [:]
     /// For share: the inode of the source file each mapping is on.
     private var sharedInodes: [String: InodeIdentity] = [:]
+    /// For copy: the source's file, mapped read-only and faulted in before the pause.
+    private var copySources: [String: Owned<GuestMapping>] = [:]
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
     private var savedStates: [VCPUState]? = nil
@@ -224,8 +226,11 @@ public final class InProcessVMM: VMMEndpoint {
                 return inode
             case .copy:
                 // The target's own memory, empty: copy-memory fills it once the source is paused.
+                // Its page tables, and the source's, are faulted in now, outside the blackout.
                 let own = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
                 let target = try own.map()
+                let (sourceAddress, _) = try backend.prepareCopy(from: handle, length: gmem.size, to: target.address)
+                copySources[gmem.name] = Owned(GuestMapping(adopting: sourceAddress, length: gmem.size, backend: backend))
                 let inode = try own.inodeIdentity()
                 mappings[gmem.name] = Owned(target)
                 files[gmem.name] = Owned(own)
@@ -246,13 +251,19 @@ public final class InProcessVMM: VMMEndpoint {
         let clock = ContinuousClock()
         let started = clock.now
         do {
-            let copied = try backend.copyPopulated(from: handle, length: gmem.size, to: target.value.address)
+            if copySources[gmem.name] == nil {
+                let (sourceAddress, _) = try backend.prepareCopy(from: handle, length: gmem.size, to: target.value.address)
+                copySources[gmem.name] = Owned(GuestMapping(adopting: sourceAddress, length: gmem.size, backend: backend))
+            }
+            guard let source = copySources[gmem.name] else { throw EndpointError("\(role): no mapping of the source's '\(gmem.name)'") }
+            let copied = try backend.copyPopulated(fromMapping: source.value.address, length: gmem.size, to: target.value.address)
+            copySources[gmem.name] = nil
             let elapsed = clock.now - started
             return CopyReport(
                 bytesTotal: gmem.size, bytesCopied: copied, method: backend.name == "model" ? "model-pages" : "mincore",
                 durationNanoseconds: elapsed.components.seconds &* 1_000_000_000 &+ elapsed.components.attoseconds / 1_000_000_000)
         } catch {
-            throw EndpointError(error)
+            throw EndpointError.from(error)
         }
     }
 
@@ -350,6 +361,7 @@ public final class InProcessVMM: VMMEndpoint {
     }
 
     public func releaseMemory() throws(EndpointError) {
+        copySources.removeAll()
         mappings.removeAll()
         files.removeAll()
         gmems.removeAll()
@@ -363,6 +375,7 @@ public final class InProcessVMM: VMMEndpoint {
 
     private func closeEverything() {
         slots.removeAll()
+        copySources.removeAll()
         mappings.removeAll()
         files.removeAll()
         gmems.removeAll()

@@ -45,8 +45,26 @@ final class TinyVMM: HandoffHandler {
 
     var isModel: Bool { backendText.hasPrefix("model:") }
 
-    func startSource(_ spec: VMSpec) throws {
+    func startSource(_ spec: VMSpec, populate: (gpa: UInt64, size: UInt64)? = nil) throws {
         try vmm.createSource(spec, program: InProcessVMM.quietCounterProgram)
+        if let (gpa, size) = populate {
+            // Each 8 bytes of page P hold P: a copy can be checked page by page.
+            let chunk: UInt64 = 4 << 20
+            var offset: UInt64 = 0
+            while offset < size {
+                let count = min(chunk, size - offset)
+                var bytes = [UInt8](repeating: 0, count: Int(count))
+                bytes.withUnsafeMutableBytes { buffer in
+                    for index in 0..<Int(count / 8) {
+                        let page = (gpa + offset + UInt64(index * 8)) / 4096
+                        buffer.storeBytes(of: page.littleEndian, toByteOffset: index * 8, as: UInt64.self)
+                    }
+                }
+                try vmm.writeGuest(gpa: gpa + offset, bytes: bytes)
+                offset += count
+            }
+            log.say("populated \(size) bytes of guest memory from 0x\(String(gpa, radix: 16))")
+        }
         for nic in spec.nics {
             let count = max(1, nic.queues ?? 1)
             var queues: [Int32] = []

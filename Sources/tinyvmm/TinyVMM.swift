@@ -39,6 +39,12 @@ struct TinyVMMCommand: ParsableCommand {
     @Flag(help: "Let the coordinator arm fault points at this VMM's kernel calls (arm-faults; for test suites only).")
     var allowFaults = false
 
+    @Option(help: "Source role: write a known pattern into this much guest memory (e.g. 64Mi, 2Gi) before the guest starts, from --populate-at: a populated guest for copy tests and benchmarks. Each 8 bytes of page P hold P.")
+    var populate: String?
+
+    @Option(help: "Where --populate starts (a guest physical address; default 1Mi, above the guest program).")
+    var populateAt: String = "1Mi"
+
     mutating func run() throws {
         let name = self.name ?? "tinyvmm-\(getpid())"
         let log = Log(name: name)
@@ -72,8 +78,16 @@ struct TinyVMMCommand: ParsableCommand {
                 for diagnostic in report.diagnostics { log.say(diagnostic.rendered(file: plan)) }
                 throw ExitCode(1)
             }
+            var population: (gpa: UInt64, size: UInt64)? = nil
+            if let populate {
+                guard let size = parseQuantity(populate), let gpa = parseQuantity(populateAt), size % 4096 == 0, gpa % 4096 == 0 else {
+                    log.say("--populate and --populate-at take page-aligned sizes and addresses (64Mi, 0x100000)")
+                    throw ExitCode(2)
+                }
+                population = (gpa, size)
+            }
             do {
-                try vmm.startSource(parsed.vm)
+                try vmm.startSource(parsed.vm, populate: population)
             } catch {
                 log.say("creating the VM failed: \(error)")
                 throw ExitCode(4)

@@ -105,7 +105,7 @@ enum KernelCalls {
         case .copy:
             calls[.createGuestMemfd] = .handOverMemory
             calls[.mapGuestMemfd] = .handOverMemory
-            calls[.copyMemory] = .copyMemory
+            calls[.copyMemory] = .handOverMemory  // the first of its calls: the preparation, before the pause
         case .auto: break
         }
         if confidential {

@@ -55,7 +55,9 @@ final class ProcessFixture {
     let backend: String
     var pids: [Int32] = []
 
-    init(strategy: String = "auto", backend: String = "linux", allowFaults: Bool = false, edit: (String) -> String = { $0 }) throws {
+    init(
+        strategy: String = "auto", backend: String = "linux", allowFaults: Bool = false, extra: [String] = [], edit: (String) -> String = { $0 }
+    ) throws {
         directory = temporaryDirectory("gmigrate-proc")
         self.backend = backend
         let socket = directory + "/source.sock"
@@ -67,7 +69,7 @@ final class ProcessFixture {
         try edit(text).write(toFile: plan, atomically: true, encoding: .utf8)
         source = try ProcessRun.spawnVMMForTests(
             tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
-            name: "test/source", logFile: directory + "/source.log", plan: plan, allowFaults: allowFaults)
+            name: "test/source", logFile: directory + "/source.log", plan: plan, allowFaults: allowFaults, extra: extra)
         pids.append(source.processIdentifier)
         // The guest counts before the migration.
         let counts = waitUntil {
@@ -119,10 +121,11 @@ final class ProcessFixture {
 
 extension ProcessRun {
     static func spawnVMMForTests(
-        tinyvmm: String, socket: String, backend: String, name: String, logFile: String, plan: String?, allowFaults: Bool = false
+        tinyvmm: String, socket: String, backend: String, name: String, logFile: String, plan: String?, allowFaults: Bool = false,
+        extra: [String] = []
     ) throws -> Process {
         setenv("GMIGRATE_TINYVMM", tinyvmm, 1)
-        return try spawnVMM(socket: socket, backend: backend, name: name, logFile: logFile, plan: plan, allowFaults: allowFaults)
+        return try spawnVMM(socket: socket, backend: backend, name: name, logFile: logFile, plan: plan, allowFaults: allowFaults, extra: extra)
     }
 }
 
@@ -323,6 +326,31 @@ struct ProcessTests {
         checkJournal(try fixture.journal(), expect: .rolledBack)
         let survivors = runningGuest([fixture.sourceSocket])
         #expect(survivors.count == 1, "the source runs the guest again")
+    }
+
+    /// copy moves what the guest populated, not the size of its memory: a sparse 8 GiB guest with
+    /// 64 MiB written copies 64 MiB (and the guest's two pages of program and counter), and the
+    /// target's memory holds what the source's did, page by page.
+    @Test func copyMovesOnlyPopulatedPages() throws {
+        _ = try Backend.linux.make()
+        let fixture = try ProcessFixture(strategy: "copy", extra: ["--populate", "64Mi", "--populate-at", "0x40000000"]) { plan in
+            plan.replacingOccurrences(of: "size: 2Mi", with: "size: 8Gi")
+        }
+        defer { fixture.finish() }
+        let result = try fixture.migrate()
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let contents = try fixture.journal()
+        checkJournal(contents, expect: .completed)
+        let copy = try #require(contents.entries.outcomes.first { $0.step == .copyMemory && $0.ok })
+        let copied = try #require(copy.details["bytes-copied"].flatMap { UInt64($0) })
+        #expect(copy.details["bytes-total"] == "\(8 << 30)")
+        #expect(copied >= 64 << 20 && copied <= (64 << 20) + (64 << 10), "copied \(copied) bytes of a guest that populated 64 MiB and its program")
+        let target = try RemoteVMM(role: "test", socketPath: try #require(contents.started?.targetSocket), timeout: .seconds(5))
+        for page: UInt64 in [0x40000, 0x40001, 0x40000 + 8191, 0x40000 + 16383] {
+            let bytes = try target.readGuest(gpa: page * 4096, count: 16)
+            #expect(bytes == Array(repeating: page.littleEndian, count: 2).flatMap { withUnsafeBytes(of: $0) { Array($0) } }, "page 0x\(String(page, radix: 16))")
+        }
+        #expect(try target.readGuest(gpa: 0x80000000, count: 16) == [UInt8](repeating: 0, count: 16), "a hole stays a hole")
     }
 
     /// A rollback at any step leaves no spawned target behind: before create-target none was

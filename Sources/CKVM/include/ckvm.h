@@ -167,13 +167,18 @@ int ckvm_punch_hole_in_child(int fd, int64_t offset, int64_t length);
 long ckvm_checked_read(void *buffer, const void *mapped, unsigned long length);
 long ckvm_checked_write(void *mapped, const void *buffer, unsigned long length);
 
-/* Copies the populated pages of the file `source_fd` (a guest_memfd with mmap support) into
- *  `target` (a mapping of `length` bytes): the file is mapped read-only, mincore(2) finds the
- *  pages its page cache holds (guest_memfd answers ESPIPE to SEEK_DATA), and `threads` threads
- *  copy the resident runs with process_vm_writev (EFAULT, never SIGBUS). Holes are neither read
- *  nor written, so a sparse guest stays sparse on both sides. Returns 0 and the bytes copied in
- *  `*copied`, or -1 with errno set. */
-int ckvm_copy_populated(int source_fd, void *target, unsigned long length, int threads, unsigned long *copied);
+/* The copy strategy, in two halves (guest_memfd answers ESPIPE to SEEK_DATA, so mincore(2) on a
+ *  read-only mapping of the source file finds the pages its page cache holds; holes are neither
+ *  read nor written, so a sparse guest stays sparse on both sides; `threads` threads share the
+ *  resident runs, cut into 4 MiB chunks).
+ *  ckvm_copy_prepare, before the pause: maps the source read-only (*source, `length` bytes, to be
+ *  munmapped by the caller) and faults in the page tables of its resident pages and of the same
+ *  pages of `target` (MADV_POPULATE_READ/WRITE), so that the copy in the blackout faults nothing
+ *  it need not. ckvm_copy_mapped, once the source is paused: copies the pages resident now from
+ *  `source` (such a mapping) into `target`, with process_vm_writev (EFAULT, never SIGBUS).
+ *  Both return 0 (and the bytes resident or copied), or -1 with errno set. */
+int ckvm_copy_prepare(int source_fd, void *target, unsigned long length, int threads, void **source, unsigned long *resident);
+int ckvm_copy_mapped(const void *source, void *target, unsigned long length, int threads, unsigned long *copied);
 
 /* pidfd_open(2): a descriptor that polls readable once the process has exited. -1 and errno on failure. */
 int ckvm_pidfd_open(int pid);

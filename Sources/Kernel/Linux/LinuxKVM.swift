@@ -228,12 +228,26 @@ public final class LinuxKVM: KernelBackend {
         }
     }
 
-    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+    public func prepareCopy(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> (sourceAddress: UInt64, populated: UInt64) {
         guard length > 0, length <= UInt64(Int.max), let target = UnsafeMutableRawPointer(bitPattern: UInt(address)) else {
             throw .failed(operation: .copyMemory, errno: .invalidArgument)
         }
+        var mapped: UnsafeMutableRawPointer? = nil
+        var populated: UInt = 0
+        guard Syscalls.copyPrepare(source.raw, target, length: UInt(length), threads: 2, source: &mapped, populated: &populated) == 0,
+            let mapped
+        else { throw .failed(operation: .copyMemory, errno: .current) }
+        let sourceAddress = UInt64(UInt(bitPattern: mapped))
+        state.withLock { _ = $0.mappings.insert(sourceAddress) }
+        return (sourceAddress, UInt64(populated))
+    }
+
+    public func copyPopulated(fromMapping sourceAddress: UInt64, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+        guard length > 0, length <= UInt64(Int.max), let target = UnsafeMutableRawPointer(bitPattern: UInt(address)),
+            let source = UnsafeRawPointer(bitPattern: UInt(sourceAddress))
+        else { throw .failed(operation: .copyMemory, errno: .invalidArgument) }
         var copied: UInt = 0
-        guard Syscalls.copyPopulated(source.raw, target, length: UInt(length), threads: 2, copied: &copied) == 0 else {
+        guard Syscalls.copyMapped(source, target, length: UInt(length), threads: 2, copied: &copied) == 0 else {
             throw .failed(operation: .copyMemory, errno: .current)
         }
         return UInt64(copied)

@@ -74,8 +74,14 @@ enum Syscalls {
         ckvm_checked_write(UnsafeMutableRawPointer(bitPattern: UInt(address)), buffer.baseAddress, UInt(buffer.count))
     }
 
-    static func copyPopulated(_ fd: Int32, _ target: UnsafeMutableRawPointer, length: UInt, threads: Int32, copied: inout UInt) -> Int32 {
-        ckvm_copy_populated(fd, target, length, threads, &copied)
+    static func copyPrepare(
+        _ fd: Int32, _ target: UnsafeMutableRawPointer, length: UInt, threads: Int32, source: inout UnsafeMutableRawPointer?, populated: inout UInt
+    ) -> Int32 {
+        ckvm_copy_prepare(fd, target, length, threads, &source, &populated)
+    }
+
+    static func copyMapped(_ source: UnsafeRawPointer, _ target: UnsafeMutableRawPointer, length: UInt, threads: Int32, copied: inout UInt) -> Int32 {
+        ckvm_copy_mapped(source, target, length, threads, &copied)
     }
 
     static func ioctlInChild(_ fd: Int32, _ request: UInt, _ argument: UnsafeMutableRawPointer?) -> Int32 {

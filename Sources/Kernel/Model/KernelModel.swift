@@ -234,19 +234,27 @@ public final class KernelModel: KernelBackend {
         }
     }
 
-    public func copyPopulated(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
+    public func prepareCopy(from source: KernelHandle, length: UInt64, to address: UInt64) throws(KernelError) -> (sourceAddress: UInt64, populated: UInt64) {
+        let sourceAddress = try mapGuestMemfd(source, offset: 0, length: length)
+        let populated = try host.transaction { (s: inout ModelState) throws(KernelError) -> UInt64 in
+            guard let (inode, _) = s.resolveHostAddress(sourceAddress) else { throw .failed(operation: .copyMemory, errno: .badAddress) }
+            return UInt64(s.inodes[inode]!.pages.keys.filter { $0 * pageSize < length }.count) * pageSize
+        }
+        return (sourceAddress, populated)
+    }
+
+    public func copyPopulated(fromMapping sourceAddress: UInt64, length: UInt64, to address: UInt64) throws(KernelError) -> UInt64 {
         try host.transaction { (s: inout ModelState) throws(KernelError) -> UInt64 in
-            guard case .file(let fileID) = s.object(source), let modelFile = s.files[fileID] else {
-                throw .failed(operation: .copyMemory, errno: .badFileDescriptor)
-            }
-            guard s.inodes[modelFile.inode]!.flags.contains(.mmap) else { throw .failed(operation: .copyMemory, errno: .noSuchDevice) }
-            let pages = s.inodes[modelFile.inode]!.pages.filter { $0.key * pageSize < length }.sorted { $0.key < $1.key }
+            guard let (sourceInode, base) = s.resolveHostAddress(sourceAddress) else { throw .failed(operation: .copyMemory, errno: .badAddress) }
+            let first = base / pageSize
+            let pages = s.inodes[sourceInode]!.pages.filter { $0.key >= first && ($0.key - first) * pageSize < length }.sorted { $0.key < $1.key }
             // Resolve every target page first: a failed copy writes nothing.
             var targets: [(inode: Int, offset: UInt64, bytes: [UInt8])] = []
             for (index, page) in pages {
-                guard let (inode, offset) = s.resolveHostAddress(address + index * pageSize),
-                    s.resolveHostAddress(address + index * pageSize + pageSize - 1) != nil
-                else { throw .failed(operation: .copyMemory, errno: .badAddress) }
+                let at = address + (index - first) * pageSize
+                guard let (inode, offset) = s.resolveHostAddress(at), s.resolveHostAddress(at + pageSize - 1) != nil else {
+                    throw .failed(operation: .copyMemory, errno: .badAddress)
+                }
                 targets.append((inode, offset, page.bytes))
             }
             for target in targets {

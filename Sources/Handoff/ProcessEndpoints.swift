@@ -38,6 +38,7 @@ public final class ProcessEndpoints: EndpointProvider {
     private var kernelFaults: [FaultSpec] = []
     private let abort = AbortFlag()
     private let roles = RolePIDs()
+    private let gone = GoneRoles()
     private let pids: PidWatcher
     private let watcher: KVMEventWatcher?
     private var token: UUID?
@@ -58,17 +59,21 @@ public final class ProcessEndpoints: EndpointProvider {
         self.spawnedPID = recoveredTargetPID
         self.targetMayExist = targetMayExist
         let abort = self.abort
+        let gone = self.gone
         pids = PidWatcher { pid, role in
             // A VMM process that died while the coordinator holds its gmem files: KVM sends no
             // destroy (the files pin the VM), so its pid says it.
             let reason = "the \(role) VMM (pid \(pid)) died"
+            gone.set(role, reason)
             abort.set(reason)
             onVMEvent(reason)
         }
         let roles = self.roles
         token = watcher?.subscribe { event in
-            guard event.kind == .destroy, let role = roles.role(of: event.pid), abort.reason == nil else { return }
+            guard event.kind == .destroy, let role = roles.role(of: event.pid) else { return }
             let reason = "the \(role) VMM's VM (pid \(event.pid)) was destroyed (KVM uevent)"
+            gone.set(role, reason)
+            guard abort.reason == nil else { return }
             abort.set(reason)
             onVMEvent(reason)
         }
@@ -93,6 +98,8 @@ public final class ProcessEndpoints: EndpointProvider {
     }
 
     public var abortReason: String? { abort.reason }
+
+    public func knownGone(_ role: JournalEntry.Role) -> String? { gone.reason(role.rawValue) }
 
     public func source() throws(EndpointError) -> any VMMEndpoint {
         if let sourceVMM { return sourceVMM }
@@ -129,6 +136,7 @@ public final class ProcessEndpoints: EndpointProvider {
             throw EndpointError("target VMM: \(error.message)", errno: error.errno)
         }
         targetVMM = vmm
+        gone.clear("target")
         roles.set(vmm.peer.pid, "target")
         pids.watch(vmm.peer.pid, name: "target")
         arm(vmm)

@@ -1,0 +1,164 @@
+import CKVM
+import Foundation
+import Handoff
+import Journal
+import Kernel
+import Orchestrator
+import Plans
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A VMM that answers as a test says: for what the coordinator side does with each answer.
+final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
+    // @unchecked: `answers` is set before the server thread starts and read only by it.
+    var answers: [String: (HandoffMessage) -> HandoffMessage?] = [:]
+    private(set) var exitRequested = false
+
+    func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
+        for descriptor in descriptors { close(descriptor) }
+        if request.type == "hello" {
+            var reply = HandoffMessage(type: "ok", id: request.id)
+            reply.version = HandoffMessage.protocolVersion
+            reply.backend = "linux"
+            reply.running = false
+            return (reply, [])
+        }
+        if request.type == "shutdown" { exitRequested = true }
+        if let answer = answers[request.type] {
+            // nil: no answer at all (the VMM stalls as if stuck in the request).
+            guard let reply = answer(request) else {
+                Thread.sleep(forTimeInterval: 1)
+                return (HandoffMessage(type: "ok", id: request.id), [])
+            }
+            return (reply, [])
+        }
+        return (HandoffMessage(type: "ok", id: request.id), [])
+    }
+
+    static func error(_ message: String) -> (HandoffMessage) -> HandoffMessage? {
+        { request in
+            var reply = HandoffMessage(type: "error", id: request.id)
+            reply.message = message
+            reply.errno = 5
+            return reply
+        }
+    }
+
+    /// Serves on a thread of its own; stopped by a `shutdown` request.
+    func serve(at socket: String) -> Thread {
+        let thread = Thread { [self] in try? HandoffServer(socket: socket, allowed: [0, getuid()], log: { _ in }, handler: self).serve() }
+        thread.start()
+        _ = waitUntil(5) { HandoffConnection.probe(path: socket) == 0 }
+        return thread
+    }
+}
+
+@Suite("VMM endpoints report what happened", .serialized)
+struct EndpointTests {
+    /// An undo whose request the VMM refuses is a failure, never an `ok`.
+    @Test func anUndoTheVMMRefusesFails() throws {
+        let directory = temporaryDirectory("gmigrate-endpoint")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/vmm.sock"
+        let vmm = ScriptedVMM()
+        vmm.answers["release-memory"] = ScriptedVMM.error("the memory is busy")
+        vmm.answers["unbind"] = ScriptedVMM.error("slot 0 is in use")
+        vmm.answers["destroy"] = ScriptedVMM.error("cannot destroy")
+        _ = vmm.serve(at: socket)
+        let remote = try RemoteVMM(role: "target", socketPath: socket, timeout: .seconds(2))
+        defer { remote.shutdown() }
+        #expect(throws: EndpointError.self) { try remote.releaseMemory() }
+        #expect(throws: EndpointError.self) { try remote.unbind([]) }
+        #expect(throws: EndpointError.self) { try remote.destroy() }
+    }
+
+    /// A request whose answer never comes fails as uncertain (its effect may have happened), and
+    /// the next request does not take the late answer for its own: it reconnects.
+    @Test func anUnansweredRequestIsUncertainAndTheNextReconnects() throws {
+        let directory = temporaryDirectory("gmigrate-endpoint")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/vmm.sock"
+        let vmm = ScriptedVMM()
+        vmm.answers["restore"] = { _ in nil }
+        _ = vmm.serve(at: socket)
+        let remote = try RemoteVMM(role: "target", socketPath: socket, timeout: .milliseconds(200))
+        defer { remote.shutdown() }
+        do {
+            try remote.restore([])
+            Issue.record("a restore that is never answered succeeded")
+        } catch {
+            #expect(error.uncertain, "\(error)")
+        }
+        remote.setTimeout(.seconds(5))
+        let status = try remote.status()
+        #expect(status.running == false, "the next request gets its own answer")
+    }
+
+    /// A VMM that is gone has nothing left to undo or retire: the undo succeeds, and says why.
+    @Test func aGoneVMMIsUndoneAndRetired() throws {
+        let directory = temporaryDirectory("gmigrate-endpoint")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let socket = directory + "/vmm.sock"
+        let vmm = ScriptedVMM()
+        let thread = vmm.serve(at: socket)
+        let remote = try RemoteVMM(role: "source", socketPath: socket, timeout: .seconds(2))
+        // The VMM ends: its socket goes away.
+        remote.shutdown()
+        #expect(waitUntil(5) { thread.isFinished && HandoffConnection.probe(path: socket) != 0 })
+        try remote.destroy()
+        let note = try remote.retire()
+        #expect(note?.contains("gone") == true, "\(note ?? "nil")")
+        #expect(remote.observe().liveness == .gone)
+    }
+}
+
+/// The journal: a finished migration stays finished.
+@Suite("Journal, finished")
+struct JournalFinishedTests {
+    @Test func nothingIsAppendedAfterFinished() throws {
+        let state = temporaryDirectory("gmigrate-journal")
+        let journal = try Journal(stateDirectory: state)
+        let file = try journal.create(id: "20261201T000000-x-0000000000000001")
+        try file.append(.started(.init(id: file.id, planFile: "p", plan: try loadPlan("demo.yaml"), strategy: .share, backend: "linux", coordinatorPID: 1, faults: [])))
+        try file.append(.finished(.init(state: .rolledBack, reason: "test")))
+        #expect(file.isFinished)
+        #expect {
+            try file.append(.observed(.init(role: .source, liveness: .gone, detail: "a watcher's late note")))
+        } throws: { error in
+            (error as? JournalError)?.kind == .finished
+        }
+        #expect(try Journal.read(path: file.path).entries.count == 2)
+    }
+}
+
+/// The dry run rehearses socket plans too: the source VMM only describes its VM.
+@Suite("Dry runs of socket plans", .serialized)
+struct SocketDryRunTests {
+    @Test func aSocketPlanIsRehearsedOnTheModel() throws {
+        _ = try Backend.linux.make()
+        let fixture = try ProcessFixture(strategy: "share")
+        defer { fixture.finish() }
+        let before = try RemoteVMM(role: "test", socketPath: fixture.sourceSocket, timeout: .seconds(2)).status()
+        let result = try gmigrate(["migrate", fixture.plan, "--dry-run", "--state-dir", fixture.directory])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        #expect(result.stdout.contains("describes the plan's VM"), "\(result.stdout)")
+        #expect(result.stdout.contains("dry run: rehearsed on the model"))
+        #expect(!FileManager.default.fileExists(atPath: fixture.directory + "/journal"), "a dry run journals nowhere")
+        // The source VMM's guest was not touched: it runs on, counting.
+        let after = try RemoteVMM(role: "test", socketPath: fixture.sourceSocket, timeout: .seconds(2)).status()
+        #expect(before.running && after.running)
+        #expect((after.counter ?? 0) >= (before.counter ?? 0))
+        // A fault the rehearsal hits rolls it back, as the real run would.
+        let failing = try gmigrate(["migrate", fixture.plan, "--dry-run", "--inject", "kernel:set-memslot=errno:EEXIST"])
+        #expect(failing.status == 6, "\(failing.stdout)")
+        // A plan whose VM is not the source's: refused, with the difference.
+        let other = fixture.directory + "/other.yaml"
+        try String(contentsOfFile: fixture.plan, encoding: .utf8).replacingOccurrences(of: "vcpus: 1", with: "vcpus: 2").write(toFile: other, atomically: true, encoding: .utf8)
+        let mismatch = try gmigrate(["migrate", other, "--dry-run"])
+        #expect(mismatch.status == 4, "\(mismatch.stdout)\(mismatch.stderr)")
+        #expect(mismatch.stderr.contains("1 vcpus, the plan says 2"), "\(mismatch.stderr)")
+    }
+}
