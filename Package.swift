@@ -30,6 +30,8 @@ let package = Package(
         .target(name: "HostNet", dependencies: ["CNetlink"]),
         // The kernel boundary: one protocol, LinuxKVM (real ioctls) and KernelModel (reference model).
         .target(name: "Kernel", dependencies: ["CKVM"]),
+        // The guest programs VMMs run: the long-mode guest (assembly beside its bytes) and its reports.
+        .target(name: "Guests", dependencies: ["Kernel"], exclude: ["longmode.S"]),
         // The `gmigrate kernel run` script language: parser and runner, on either backend.
         .target(name: "KernelScript", dependencies: ["Kernel"]),
         // Migration plans: strict YAML/JSON parsing with field paths, and the one validator.
@@ -37,9 +39,9 @@ let package = Package(
         // The durable journal: one CRC-chained, fdatasync'ed append-only log per migration.
         .target(name: "Journal", dependencies: ["Kernel", "Plans"]),
         // The migration: journaled state machine, VMM endpoints, recovery, fault points.
-        .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal"]),
+        .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal", "Guests"]),
         // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).
-        .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "HostNet"]),
+        .target(name: "Handoff", dependencies: ["CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "HostNet", "Guests"]),
         // The coordinator daemon: HTTP on a UNIX socket (bound or socket-activated) and optionally
         // loopback TCP, authorization, events, metrics.
         .target(
@@ -70,7 +72,7 @@ let package = Package(
         .executableTarget(
             name: "tinyvmm",
             dependencies: [
-                "CKVM", "Kernel", "Plans", "Orchestrator", "Handoff",
+                "CKVM", "Kernel", "Plans", "Orchestrator", "Handoff", "Guests",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -1,4 +1,5 @@
 import Foundation
+import Guests
 import Kernel
 import Orchestrator
 import Plans
@@ -6,9 +7,10 @@ import Plans
 /// One handoff message: a request from the coordinator or a VMM's reply (`ok` or `error`),
 /// with the fields its type uses. Version 2; docs/handoff.md lists every type and field.
 public struct HandoffMessage: Codable, Equatable, Sendable {
-    /// 2: copy-memory replaces sync-copy (only populated pages, once the source is paused);
-    /// arm-faults; every reply may carry the faults that fired.
-    public static let protocolVersion = 2
+    /// 3: the whole VM state (`state`, binary), the target's identity at create-vm, the guest's
+    /// reports at status. 2: copy-memory replaces sync-copy (only populated pages, once the
+    /// source is paused); arm-faults; every reply may carry the faults that fired.
+    public static let protocolVersion = 3
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
@@ -33,6 +35,8 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     // create-vm
     public var vmType: VMType?
     public var vcpus: Int?
+    /// The guest program the source runs (`counter`, `long-mode`).
+    public var guestProgram: String?
     // receive-memory
     public var gmem: VMDescription.Gmem?
     public var strategy: Strategy?
@@ -48,8 +52,12 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     public var count: Int?
     /// Base64 bytes (read-guest reply).
     public var bytes: String?
-    // pause (reply), restore
-    public var states: [VCPUState]?
+    // pause (reply), restore: the whole VM state, `VMState`'s binary format in base64
+    public var state: String?
+    // create-vm (reply): the vcpu count and CPUID the VMM set, for the coordinator's check
+    public var identity: VMIdentity?
+    // status (reply): what the long-mode guest recorded, per vcpu
+    public var guest: [LongModeGuest.VCPUReport]?
     // status, pause (reply)
     public var running: Bool?
     /// The guest's counter (guest memory at 0x2000), when readable.
@@ -63,6 +71,9 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     public var faults: [String]?
     /// Any reply: the armed faults that fired while the VMM handled this request.
     public var fired: [String]?
+    /// pause and restore (reply): how long the VMM's parts of the request took, in nanoseconds
+    /// (`stop`, `save`; `restore`, `resume`): the blackout's parts as the VMM measured them.
+    public var timings: [String: Int64]?
 
     public init(type: String, id: Int) {
         self.type = type

@@ -380,7 +380,7 @@ public final class ProcessRun {
                 _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(10))
             }
             verification = ProcessVerification(
-                counterAtPause: atPause, registerAtPause: source.pausedStates?.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) },
+                counterAtPause: atPause, registerAtPause: source.pausedState?.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) },
                 counterAtResume: summary.state == .completed ? provider.targetVMM?.counterAtRestore : nil, counterAfter: after,
                 sourceInodes: journal.entries.inodes(recordedBy: .prepare), targetInodes: journal.entries.inodes(recordedBy: .handOverMemory))
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Guests
 import Journal
 import Kernel
 import Orchestrator
@@ -38,8 +39,10 @@ public final class RemoteVMM: VMMEndpoint {
     public private(set) var lastCounter: UInt32?
     /// The counter in guest memory when the VMM restored the vcpus, before the guest ran there.
     public private(set) var counterAtRestore: UInt32?
-    /// The guest's registers (rax) when the VMM paused: the counter guest keeps its count there too.
-    public private(set) var pausedStates: [VCPUState]?
+    /// The VM state the VMM answered at its pause (the counter guest keeps its count in rax too).
+    public private(set) var pausedState: VMState?
+    /// What the long-mode guest recorded, as the last status said.
+    public private(set) var lastGuestReport: [LongModeGuest.VCPUReport]?
     public private(set) var firedFaults: [FaultSpec] = []
 
     var isModel: Bool { backend.hasPrefix("model:") }
@@ -96,6 +99,8 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     public var guestDetails: [String: String] { lastCounter.map { ["counter": "\($0)"] } ?? [:] }
+
+    public private(set) var lastTimings: [String: Int64] = [:]
 
     public func setTimeout(_ timeout: Duration) {
         self.timeout = timeout
@@ -158,6 +163,7 @@ public final class RemoteVMM: VMMEndpoint {
         }
         if let running = reply.running { isRunning = running }
         if let counter = reply.counter { lastCounter = counter }
+        lastTimings = reply.timings ?? [:]
         return (reply, received)
     }
 
@@ -215,11 +221,16 @@ public final class RemoteVMM: VMMEndpoint {
         try request(message, descriptors: handles.map(\.raw))
     }
 
-    public func pause() throws(EndpointError) -> [VCPUState] {
+    public func pause() throws(EndpointError) -> VMState {
         let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))
-        guard let states = reply.states else { throw EndpointError("\(role) VMM: pause: no vcpu state in the reply") }
-        pausedStates = states
-        return states
+        guard let text = reply.state, let data = Data(base64Encoded: text) else { throw EndpointError("\(role) VMM: pause: no VM state in the reply") }
+        do {
+            let state = try VMState(decoding: [UInt8](data))
+            pausedState = state
+            return state
+        } catch {
+            throw EndpointError("\(role) VMM: pause: \(error.message)")
+        }
     }
 
     public func resume() throws(EndpointError) {
@@ -235,11 +246,14 @@ public final class RemoteVMM: VMMEndpoint {
 
     // MARK: - Target
 
-    public func createVM(type: VMType, vcpus: Int) throws(EndpointError) {
+    public func createVM(type: VMType, vcpus: Int, guest: String?) throws(EndpointError) -> VMIdentity {
         var message = HandoffMessage(type: "create-vm", id: 0)
         message.vmType = type
         message.vcpus = vcpus
-        try request(message)
+        message.guestProgram = guest
+        let (reply, _) = try request(message)
+        guard let identity = reply.identity else { throw EndpointError("\(role) VMM: create-vm: no identity in the reply") }
+        return identity
     }
 
     public func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity {
@@ -288,9 +302,9 @@ public final class RemoteVMM: VMMEndpoint {
         try request(message, descriptors: isModel ? [] : [source.raw])
     }
 
-    public func restore(_ states: [VCPUState]) throws(EndpointError) {
+    public func restore(_ state: VMState) throws(EndpointError) {
         var message = HandoffMessage(type: "restore", id: 0)
-        message.states = states
+        message.state = Data(state.encoded).base64EncodedString()
         let (reply, _) = try request(message)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
@@ -331,6 +345,7 @@ public final class RemoteVMM: VMMEndpoint {
     /// Whether the VMM runs its guest, and the guest's counter.
     public func status() throws(EndpointError) -> (running: Bool, counter: UInt32?) {
         let (reply, _) = try request(HandoffMessage(type: "status", id: 0))
+        lastGuestReport = reply.guest
         return (reply.running ?? false, reply.counter)
     }
 

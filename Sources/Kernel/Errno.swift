@@ -19,6 +19,7 @@ public struct Errno: RawRepresentable, Error, Hashable, Sendable, Codable, Custo
     public static let interrupted = Errno(rawValue: 4)  // EINTR
     public static let ioError = Errno(rawValue: 5)  // EIO
     public static let noSuchDeviceOrAddress = Errno(rawValue: 6)  // ENXIO
+    public static let argumentListTooLong = Errno(rawValue: 7)  // E2BIG
     public static let badFileDescriptor = Errno(rawValue: 9)  // EBADF
     public static let noMemory = Errno(rawValue: 12)  // ENOMEM
     public static let permissionDenied = Errno(rawValue: 13)  // EACCES

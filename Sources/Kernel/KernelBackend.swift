@@ -54,11 +54,27 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// `KVM_CREATE_VCPU`.
     func createVCPU(vm: KernelHandle, id: UInt32) throws(KernelError) -> KernelHandle
 
-    /// `KVM_GET_REGS`, `KVM_GET_SREGS`, `KVM_GET_FPU`.
+    /// Every section of the vcpu's state this kernel offers (`StateSection.kinds`), in KVM's save order.
     func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState
 
-    /// `KVM_SET_REGS`, `KVM_SET_SREGS`, `KVM_SET_FPU`.
+    /// Restores every section of `state`, in KVM's restore order; a section this kernel does not
+    /// keep is refused (`unsupported`, naming it), never dropped.
     func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError)
+
+    /// `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2`: the in-kernel PIC pair, IOAPIC, LAPICs and PIT.
+    func createInterruptControllers(vm: KernelHandle) throws(KernelError)
+
+    /// `KVM_GET_SUPPORTED_CPUID`: the CPU model this kernel offers a VMM.
+    func supportedCPUID() throws(KernelError) -> [CPUIDEntry]
+
+    /// `KVM_SET_CPUID2`.
+    func setCPUID(_ vcpu: KernelHandle, _ entries: [CPUIDEntry]) throws(KernelError)
+
+    /// The VM's own state sections (irqchips, PIT, clock).
+    func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection]
+
+    /// Restores the VM's own sections; the clock last.
+    func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError)
 
     /// `KVM_RUN`.
     func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit

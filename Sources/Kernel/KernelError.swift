@@ -19,6 +19,13 @@ public enum KernelOperation: String, CaseIterable, Sendable, Codable, CustomStri
     case inodeIdentity = "inode-identity"
     /// Copying the populated pages of one gmem file into another VM's memory (the copy strategy).
     case copyMemory = "copy-memory"
+    /// `KVM_CREATE_IRQCHIP` and `KVM_CREATE_PIT2`.
+    case createInterruptControllers = "create-irqchip"
+    /// `KVM_SET_CPUID2` (and reading `KVM_GET_SUPPORTED_CPUID`).
+    case setCPUID = "set-cpuid"
+    /// The VM's own state: irqchips, PIT, clock.
+    case getVMState = "get-vm-state"
+    case setVMState = "set-vm-state"
 
     public var description: String { rawValue }
 }

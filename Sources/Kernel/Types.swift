@@ -145,6 +145,20 @@ public struct Capability: RawRepresentable, Hashable, Sendable, Codable {
     public static let vmTypes = Capability(rawValue: CKVM_CAP_VM_TYPES)
     public static let preFaultMemory = Capability(rawValue: CKVM_CAP_PRE_FAULT_MEMORY)
     public static let guestMemfdFlags = Capability(rawValue: CKVM_CAP_GUEST_MEMFD_FLAGS)
+    public static let irqchip = Capability(rawValue: CKVM_CAP_IRQCHIP)
+    public static let extCPUID = Capability(rawValue: CKVM_CAP_EXT_CPUID)
+    public static let mpState = Capability(rawValue: CKVM_CAP_MP_STATE)
+    public static let pit2 = Capability(rawValue: CKVM_CAP_PIT2)
+    public static let adjustClock = Capability(rawValue: CKVM_CAP_ADJUST_CLOCK)
+    public static let vcpuEvents = Capability(rawValue: CKVM_CAP_VCPU_EVENTS)
+    public static let debugRegisters = Capability(rawValue: CKVM_CAP_DEBUGREGS)
+    public static let xcrs = Capability(rawValue: CKVM_CAP_XCRS)
+    public static let tscControl = Capability(rawValue: CKVM_CAP_TSC_CONTROL)
+    public static let getTSCKhz = Capability(rawValue: CKVM_CAP_GET_TSC_KHZ)
+    public static let vcpuAttributes = Capability(rawValue: CKVM_CAP_VCPU_ATTRIBUTES)
+    public static let nestedState = Capability(rawValue: CKVM_CAP_NESTED_STATE)
+    public static let sregs2 = Capability(rawValue: CKVM_CAP_SREGS2)
+    public static let xsave2 = Capability(rawValue: CKVM_CAP_XSAVE2)
 }
 
 /// A backend's name for one open kernel object: a file descriptor on Linux, an id in the model.

@@ -27,6 +27,26 @@ public struct Registers: Hashable, Sendable, Codable {
         c.rip = rip; c.rflags = rflags
         return c
     }
+
+    /// The `regs` section: `struct kvm_regs`, 144 bytes.
+    public init(bytes: [UInt8]) {
+        var c = kvm_regs()
+        withUnsafeMutableBytes(of: &c) { buffer in
+            for index in 0..<Swift.min(buffer.count, bytes.count) { buffer[index] = bytes[index] }
+        }
+        self.init(c)
+    }
+
+    public var bytes: [UInt8] {
+        var copy = c
+        return withUnsafeBytes(of: &copy) { Array($0) }
+    }
+
+    /// The field at a byte offset of `struct kvm_regs`, for read-back reports.
+    public static func field(at offset: Int) -> String {
+        let names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
+        return offset / 8 < names.count ? names[offset / 8] : "byte \(offset)"
+    }
 }
 
 /// One segment register as `struct kvm_segment` holds it.
@@ -36,13 +56,30 @@ public struct Segment: Hashable, Sendable, Codable {
     public var selector: UInt16
     public var type: UInt8
     public var present: Bool
+    /// Descriptor privilege level.
+    public var dpl: UInt8 = 0
+    /// Default operand size (32-bit code/data).
+    public var db: Bool = false
+    /// Code or data (not a system segment).
+    public var s: Bool = true
+    /// 64-bit code.
+    public var l: Bool = false
+    /// Granularity (limit in 4 KiB units).
+    public var g: Bool = false
+
+    public init(base: UInt64, limit: UInt32, selector: UInt16, type: UInt8, present: Bool, dpl: UInt8 = 0, db: Bool = false, s: Bool = true, l: Bool = false, g: Bool = false) {
+        self.base = base; self.limit = limit; self.selector = selector; self.type = type; self.present = present
+        self.dpl = dpl; self.db = db; self.s = s; self.l = l; self.g = g
+    }
 
     init(_ c: kvm_segment) {
         base = c.base; limit = c.limit; selector = c.selector; type = c.type; present = c.present != 0
+        dpl = c.dpl; db = c.db != 0; s = c.s != 0; l = c.l != 0; g = c.g != 0
     }
 
     func apply(to c: inout kvm_segment) {
         c.base = base; c.limit = limit; c.selector = selector; c.type = type; c.present = present ? 1 : 0
+        c.dpl = dpl; c.db = db ? 1 : 0; c.s = s ? 1 : 0; c.l = l ? 1 : 0; c.g = g ? 1 : 0; c.unusable = present ? 0 : 1
     }
 }
 
@@ -76,6 +113,47 @@ public struct SpecialRegisters: Hashable, Sendable, Codable {
     public var ds: Segment {
         get { Segment(c.ds) }
         set { var s = c; newValue.apply(to: &s.ds); c = s }
+    }
+
+    /// The `sregs` section's leading fields out of an `sregs2` section (they share them:
+    /// segments, tables, control registers, EFER, APIC base; sregs2 then has flags and PDPTRs).
+    init(sregs2 bytes: [UInt8]) {
+        var c = kvm_sregs()
+        let shared = MemoryLayout<kvm_sregs>.offset(of: \kvm_sregs.interrupt_bitmap) ?? 0
+        withUnsafeMutableBytes(of: &c) { buffer in
+            for index in 0..<Swift.min(shared, bytes.count) { buffer[index] = bytes[index] }
+        }
+        self.init(c)
+    }
+
+    /// Writes the shared leading fields into an `sregs2` section.
+    func write(intoSregs2 sregs2: inout [UInt8]) {
+        let shared = MemoryLayout<kvm_sregs>.offset(of: \kvm_sregs.interrupt_bitmap) ?? 0
+        for index in 0..<Swift.min(shared, sregs2.count, bytes.count) { sregs2[index] = bytes[index] }
+    }
+
+    /// Sets every segment register, the descriptor tables and the control registers at once:
+    /// what a VMM does to start a vcpu in a mode of its choosing.
+    public mutating func set(
+        code: Segment, data: Segment, task: Segment, gdt: (base: UInt64, limit: UInt16), idt: (base: UInt64, limit: UInt16),
+        cr0: UInt64, cr3: UInt64, cr4: UInt64, efer: UInt64
+    ) {
+        var s = c
+        code.apply(to: &s.cs)
+        for keyPath in [\kvm_sregs.ds, \.es, \.fs, \.gs, \.ss] { data.apply(to: &s[keyPath: keyPath]) }
+        task.apply(to: &s.tr)
+        var ldt = Segment(base: 0, limit: 0, selector: 0, type: 2, present: false, s: false)
+        ldt.present = false
+        ldt.apply(to: &s.ldt)
+        s.gdt.base = gdt.base
+        s.gdt.limit = gdt.limit
+        s.idt.base = idt.base
+        s.idt.limit = idt.limit
+        s.cr0 = cr0
+        s.cr3 = cr3
+        s.cr4 = cr4
+        s.efer = efer
+        c = s
     }
     public var cr0: UInt64 {
         get { c.cr0 }
@@ -117,18 +195,7 @@ public struct FPUState: Hashable, Sendable, Codable {
     public var mxcsr: UInt32 { c.mxcsr }
 }
 
-/// Everything gmigrate saves from a paused vcpu and restores into the target: regs, sregs, fpu.
-public struct VCPUState: Hashable, Sendable, Codable {
-    public var registers: Registers
-    public var specialRegisters: SpecialRegisters
-    public var fpu: FPUState
-
-    public init(registers: Registers, specialRegisters: SpecialRegisters, fpu: FPUState) {
-        self.registers = registers
-        self.specialRegisters = specialRegisters
-        self.fpu = fpu
-    }
-
+extension VCPUState {
     /// The architectural state after `KVM_CREATE_VCPU` (x86 reset, as KVM sets it without
     /// `KVM_SET_CPUID2`): the model starts every vcpu here.
     static func reset(isBootProcessor: Bool) -> VCPUState {

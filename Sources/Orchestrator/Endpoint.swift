@@ -36,6 +36,10 @@ public struct VMDescription: Codable, Equatable, Sendable {
     public var memslots: [Slot]
     /// Tap interfaces, whose queue descriptors follow the memory's in `describe`.
     public var nics: [NIC]?
+    /// The vcpus' CPUID, as the VMM set it: the target's must be the same.
+    public var cpuid: [CPUIDEntry]?
+    /// The guest program the VM runs (`counter`, `long-mode`), if the VMM knows it.
+    public var guest: String?
 }
 
 /// One memslot as the target VMM has bound it, for the verification step.
@@ -119,6 +123,9 @@ public protocol VMMEndpoint: AnyObject {
     /// guest memory); journaled with pause-source and resume-target, so that memory and registers
     /// can be checked against each other at the switch-over.
     var guestDetails: [String: String] { get }
+    /// How long the VMM's own parts of its last request took, as it measured them (nanoseconds):
+    /// pause's `stop` and `save`, restore's `restore` and `resume`. The blackout's parts.
+    var lastTimings: [String: Int64] { get }
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription
@@ -129,15 +136,20 @@ public protocol VMMEndpoint: AnyObject {
     var vmHandle: KernelHandle? { get }
     /// The tap queue descriptors of the VM's NICs, in `describe`'s order.
     func nicHandles() -> [KernelHandle]
-    /// Stops the vcpus and returns their state. Idempotent: a paused VM answers its saved state.
-    func pause() throws(EndpointError) -> [VCPUState]
+    /// Stops every vcpu together (pending I/O completed first) and returns the whole VM state.
+    /// Idempotent: a paused VM answers its saved state.
+    func pause() throws(EndpointError) -> VMState
     func resume() throws(EndpointError)
     /// Closes the VM; its memory lives on through the target's files. Idempotent: a VMM that is
     /// already gone is retired. Returns a note for the journal (nil when nothing is worth saying).
     func retire() throws(EndpointError) -> String?
 
     // As a target.
-    func createVM(type: VMType, vcpus: Int) throws(EndpointError)
+    /// Creates the VM (its interrupt controllers, its vcpus with this host's CPUID); answers what
+    /// the coordinator compares with the source: the vcpu count and the CPUID.
+    /// `guest` names the guest program the source runs (`VMDescription.guest`), so that the
+    /// target can report on it once it runs it.
+    func createVM(type: VMType, vcpus: Int, guest: String?) throws(EndpointError) -> VMIdentity
     /// Gives the target its view of one source gmem file, by `strategy`; answers its inode.
     /// For copy, the target's own (empty) gmem file: `copyMemory` fills it once the source is paused.
     func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity
@@ -150,7 +162,9 @@ public protocol VMMEndpoint: AnyObject {
     /// Tries to map one guest page, as a guest access would; nil if it mapped.
     func probeGuestMapping(gpa: UInt64) -> KernelError?
     func moveEncryptionContext(from source: KernelHandle) throws(EndpointError)
-    func restore(_ states: [VCPUState]) throws(EndpointError)
+    /// Restores the whole VM state and reads it back (a difference fails it, naming the section
+    /// and the field, before any vcpu runs), then runs every vcpu.
+    func restore(_ state: VMState) throws(EndpointError)
     /// Undo of createVM, receiveMemory and bind: closes everything the target holds. Idempotent:
     /// a VMM that is already gone is destroyed.
     func destroy() throws(EndpointError)

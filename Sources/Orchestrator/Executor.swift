@@ -34,7 +34,7 @@ public struct StepReport: Codable, Sendable, Equatable {
     }
 
     /// Details that are for the machine, not for people.
-    public static let bulkyDetails: Set<String> = ["vm", "vcpu-states"]
+    public static let bulkyDetails: Set<String> = ["vm", "vm-state", "identity"]
 }
 
 /// How a run of a migration ended, as `gmigrate migrate` and the API report it.
@@ -127,6 +127,8 @@ public final class MigrationExecutor {
     private var blackout: Duration?
     private var blackoutParts: [String: Int64] = [:]
     private var journalTimeInBlackout: Duration = .zero
+    /// The VMMs' own measurements of the blackout's parts (stop, save, restore, resume).
+    private var vmmTimings: [String: Int64] = [:]
     private var checkedCancel = false
 
     public init(
@@ -220,6 +222,7 @@ public final class MigrationExecutor {
             pauseRequested = began
             blackout = nil
             blackoutParts = [:]
+            vmmTimings = [:]
             journalTimeInBlackout = .zero
         }
         var result: Result<[String: String], EndpointError>
@@ -260,6 +263,8 @@ public final class MigrationExecutor {
                 // The guest runs again in the target: the blackout ends here.
                 blackout = clock.now - pauseRequested
                 blackoutParts["journal"] = journalTimeInBlackout.nanoseconds
+                // Within pause-source and resume-target, what the VMMs did themselves.
+                for (part, nanoseconds) in vmmTimings { blackoutParts["vmm." + part] = nanoseconds }
             }
         }
         try append(.outcome(outcome), to: &machine)
@@ -335,8 +340,9 @@ public final class MigrationExecutor {
         case .createTarget:
             let target = try provider.makeTarget()
             target.setTimeout(timeout)
-            try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
-            return provider.targetDetails.merging(["type": plan.vm.type.name, "vcpus": "\(plan.vm.vcpus)"]) { a, _ in a }
+            let identity = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus, guest: try description(machine).guest)
+            guard let data = try? JSONEncoder().encode(identity) else { throw EndpointError("the target's identity does not encode") }
+            return provider.targetDetails.merging(["type": plan.vm.type.name, "vcpus": "\(plan.vm.vcpus)", "identity": String(decoding: data, as: UTF8.self)]) { a, _ in a }
         case .handOverMemory:
             let description = try description(machine)
             let source = try describedSource(description, timeout: timeout)
@@ -357,12 +363,18 @@ public final class MigrationExecutor {
             try target(timeout: timeout).bind(slots, strategy: started.strategy)
             return ["slots": "\(slots.count)"]
         case .verifyBindings:
-            return try verify(try description(machine), target: try target(timeout: timeout), strategy: started.strategy, confidential: machine.isConfidential)
+            let description = try description(machine)
+            try MigrationExecutor.checkIdentity(description, machine.details[.createTarget]?["identity"])
+            return try verify(description, target: try target(timeout: timeout), strategy: started.strategy, confidential: machine.isConfidential)
         case .pauseSource:
             let source = try source(timeout: timeout)
-            let states = try source.pause()
-            guard let data = try? JSONEncoder().encode(states) else { throw EndpointError("the vcpu state does not encode") }
-            return source.guestDetails.merging(["vcpu-states": data.base64EncodedString(), "vcpus": "\(states.count)"]) { _, b in b }
+            let state = try source.pause()
+            vmmTimings.merge(source.lastTimings) { _, b in b }
+            let encoded = state.encoded
+            return source.guestDetails.merging([
+                "vm-state": Data(encoded).base64EncodedString(), "vcpus": "\(state.vcpus.count)", "state-bytes": "\(encoded.count)",
+                "sections": (state.vm.map(\.name) + (state.vcpus.first?.sections.map(\.name) ?? [])).joined(separator: ","),
+            ]) { _, b in b }
         case .copyMemory:
             let description = try description(machine)
             let source = try describedSource(description, timeout: timeout)
@@ -392,11 +404,14 @@ public final class MigrationExecutor {
             try target(timeout: timeout).moveEncryptionContext(from: handle)
             return [:]
         case .resumeTarget:
-            guard let text = machine.details[.pauseSource]?["vcpu-states"], let data = Data(base64Encoded: text),
-                let states = try? JSONDecoder().decode([VCPUState].self, from: data)
-            else { throw EndpointError("the journal holds no saved vcpu state") }
+            guard let text = machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
+                throw EndpointError("the journal holds no saved VM state")
+            }
+            let state: VMState
+            do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }
             let target = try target(timeout: timeout)
-            try target.restore(states)
+            try target.restore(state)
+            vmmTimings.merge(target.lastTimings) { _, b in b }
             return target.guestDetails
         case .retireSource:
             do {
@@ -440,6 +455,30 @@ public final class MigrationExecutor {
         case .prepare, .verifyBindings, .copyMemory, .moveEncryptionContext, .resumeTarget, .retireSource:
             return [:]
         }
+    }
+
+    /// Source and target must be the same machine: the same vcpu count and the same CPUID, leaf by
+    /// leaf (`cpuid-mismatch`); checked before the pause.
+    static func checkIdentity(_ description: VMDescription, _ targetIdentity: String?) throws(EndpointError) {
+        guard let text = targetIdentity, let target = try? JSONDecoder().decode(VMIdentity.self, from: Data(text.utf8)) else {
+            throw EndpointError("the journal holds no identity of the target VM")
+        }
+        guard target.vcpus == description.vcpus else {
+            throw EndpointError("cpuid-mismatch: the target has \(target.vcpus) vcpus, the source \(description.vcpus)")
+        }
+        let source = description.cpuid ?? []
+        guard source != target.cpuid else { return }
+        let key = { (entry: CPUIDEntry) in "\(entry.function).\(entry.index)" }
+        let targetLeaves = Dictionary(target.cpuid.map { (key($0), $0) }, uniquingKeysWith: { a, _ in a })
+        for leaf in source {
+            guard let other = targetLeaves[key(leaf)] else {
+                throw EndpointError("cpuid-mismatch: leaf 0x\(String(leaf.function, radix: 16)).\(leaf.index) is the source's, not the target's")
+            }
+            for (register, a, b) in [("eax", leaf.eax, other.eax), ("ebx", leaf.ebx, other.ebx), ("ecx", leaf.ecx, other.ecx), ("edx", leaf.edx, other.edx)] where a != b {
+                throw EndpointError("cpuid-mismatch: leaf 0x\(String(leaf.function, radix: 16)).\(leaf.index) \(register): source 0x\(String(a, radix: 16)), target 0x\(String(b, radix: 16))")
+            }
+        }
+        throw EndpointError("cpuid-mismatch: the source has \(source.count) leaves, the target \(target.cpuid.count)")
     }
 
     /// The source VM must be the one the plan describes (the validator checked the plan; this

@@ -159,6 +159,23 @@ public final class FaultInjectingBackend: KernelBackend {
         try check(.setVCPUState)
         try inner.setVCPUState(vcpu, state)
     }
+    public func createInterruptControllers(vm: KernelHandle) throws(KernelError) {
+        try check(.createInterruptControllers)
+        try inner.createInterruptControllers(vm: vm)
+    }
+    public func supportedCPUID() throws(KernelError) -> [CPUIDEntry] { try inner.supportedCPUID() }
+    public func setCPUID(_ vcpu: KernelHandle, _ entries: [CPUIDEntry]) throws(KernelError) {
+        try check(.setCPUID)
+        try inner.setCPUID(vcpu, entries)
+    }
+    public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
+        try check(.getVMState)
+        return try inner.vmState(vm)
+    }
+    public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
+        try check(.setVMState)
+        try inner.setVMState(vm, sections)
+    }
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
         try check(.runVCPU)
         return try inner.run(vcpu)

@@ -1,4 +1,5 @@
 import Foundation
+import Guests
 import Journal
 import Kernel
 import Plans
@@ -29,7 +30,11 @@ public final class InProcessVMM: VMMEndpoint {
     private var copySources: [String: Owned<GuestMapping>] = [:]
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
-    private var savedStates: [VCPUState]? = nil
+    private var saved: VMState? = nil
+    /// The CPUID every vcpu was given (the source's, once a state was restored).
+    private var cpuid: [CPUIDEntry] = []
+    /// Which guest program this VMM loaded, if it loaded one.
+    public private(set) var guest: GuestProgram?
     private var hasReceivedEncryptionContext = false
     public private(set) var isRunning = false {
         didSet { statusHost?.setStatus(process: process, isRunning ? "running" : "stopped") }
@@ -59,12 +64,16 @@ public final class InProcessVMM: VMMEndpoint {
     /// In-process calls are not bounded.
     public func setTimeout(_ timeout: Duration) {}
 
+    public private(set) var lastTimings: [String: Int64] = [:]
+
     /// Read past the fault points: a report of the guest, not one of the migration's kernel calls.
     public var guestDetails: [String: String] {
-        guard let (slot, _) = slotContaining(InProcessVMM.counterAddress), let mapping = mappings[slot.guestMemfd] else { return [:] }
-        let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
-        let offset = slot.offset + (InProcessVMM.counterAddress - slot.guestPhysAddr)
-        guard let bytes = try? kernel.readMemory(address: mapping.value.address &+ offset, count: 4) else { return [:] }
+        if let reports = longModeReports() {
+            var details: [String: String] = ["violations": "\(reports.reduce(0) { $0 + $1.violations })"]
+            for (index, report) in reports.enumerated() { details["vcpu\(index).iterations"] = "\(report.iterations)" }
+            return details
+        }
+        guard case .counter? = guest, let bytes = try? readGuestUnfaulted(gpa: InProcessVMM.counterAddress, count: 4) else { return [:] }
         return ["counter": "\(UInt32(littleEndianBytes: bytes))"]
     }
 
@@ -87,9 +96,9 @@ public final class InProcessVMM: VMMEndpoint {
     /// The vcpus' handles, for a VMM that runs them on its own threads.
     public var vcpuHandles: [KernelHandle] { vcpus.map { $0.value.handle } }
 
-    /// The guest's counter (4 bytes at `counterAddress`), where guest memory is host-readable.
+    /// The counter guest's counter (4 bytes at `counterAddress`), where guest memory is host-readable.
     public func readCounter() -> UInt32? {
-        guard let bytes = try? readGuest(gpa: InProcessVMM.counterAddress, count: 4) else { return nil }
+        guard case .counter? = guest, let bytes = try? readGuestUnfaulted(gpa: InProcessVMM.counterAddress, count: 4) else { return nil }
         return UInt32(littleEndianBytes: bytes)
     }
 
@@ -112,10 +121,11 @@ public final class InProcessVMM: VMMEndpoint {
     ]
 
     /// Creates the VM a plan describes, with its memory bound and, where guest memory is
-    /// host-writable at 0x1000, the counter program loaded and booted. The VM is running.
-    public func createSource(_ spec: VMSpec, program: [UInt8] = InProcessVMM.counterProgram) throws(EndpointError) {
+    /// host-writable, a guest program loaded and booted: the counter program at 0x1000 (on the
+    /// boot vcpu, in real mode), or the long-mode guest (on every vcpu). The VM is running.
+    public func createSource(_ spec: VMSpec, guest requested: GuestProgram = .counter) throws(EndpointError) {
         do {
-            try createVM(type: spec.type, vcpus: spec.vcpus)
+            _ = try createVM(type: spec.type, vcpus: spec.vcpus, guest: nil)
             guard let vm else { throw EndpointError("the source VM was not created") }
             for gmem in spec.guestMemfds {
                 let file = try vm.value.createGuestMemfd(size: gmem.size, flags: gmem.flags)
@@ -132,20 +142,48 @@ public final class InProcessVMM: VMMEndpoint {
                 slots[slot.slot] = (description, nil)
             }
             if spec.type.hasEncryptionContext { try vm.value.launch() }
-            if canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004) {
-                try writeGuest(gpa: InProcessVMM.programAddress, bytes: program)
-                try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
-                if let boot = vcpus.first {
-                    var state = try boot.value.state()
-                    state.specialRegisters.setFlatRealMode()
-                    state.registers.rip = InProcessVMM.programAddress
-                    try boot.value.setState(state)
+            switch requested {
+            case .counter(let program):
+                if canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004) {
+                    try writeGuest(gpa: InProcessVMM.programAddress, bytes: program)
+                    try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
+                    if let boot = vcpus.first {
+                        var state = try boot.value.state()
+                        state.specialRegisters.setFlatRealMode()
+                        state.registers.rip = InProcessVMM.programAddress
+                        try boot.value.setState(state)
+                    }
+                    guest = requested
                 }
+            case .longMode:
+                guard canWriteGuest(at: 0, count: Int(LongModeGuest.memoryNeeded)) else {
+                    throw EndpointError("the long-mode guest needs host-writable guest memory at [0, 2 MiB) (mmap, init-shared)")
+                }
+                guard vcpus.count <= LongModeGuest.maxVCPUs else { throw EndpointError("the long-mode guest runs on at most \(LongModeGuest.maxVCPUs) vcpus") }
+                try writeGuest(gpa: LongModeGuest.loadAddress, bytes: LongModeGuest.image)
+                for (index, vcpu) in vcpus.enumerated() {
+                    try vcpu.value.setState(LongModeGuest.boot(try vcpu.value.state(), vcpu: index))
+                }
+                guest = requested
             }
             isRunning = true
         } catch {
             throw EndpointError.from(error)
         }
+    }
+
+    /// What the guest recorded, per vcpu (the long-mode guest); nil for another guest.
+    public func longModeReports() -> [LongModeGuest.VCPUReport]? {
+        guard case .longMode? = guest else { return nil }
+        return (0..<vcpus.count).map { index in
+            LongModeGuest.VCPUReport(bytes: (try? readGuestUnfaulted(gpa: LongModeGuest.reportAddress(index), count: LongModeGuest.reportBytes)) ?? [])
+        }
+    }
+
+    /// The guest's identity for the coordinator's checks: its vcpu count and the CPUID this VMM
+    /// set (kept, not read back: a vcpu ioctl would wait for a running vcpu to leave KVM_RUN).
+    public func identity() throws(EndpointError) -> VMIdentity {
+        VMIdentity(vcpus: vcpus.count, cpuid: cpuid)
     }
 
     /// Whether `[gpa, gpa+count)` lies in one memslot whose memory this process can write.
@@ -160,22 +198,26 @@ public final class InProcessVMM: VMMEndpoint {
     public func describe() throws(EndpointError) -> VMDescription {
         VMDescription(
             type: type, vcpus: vcpus.count, guestMemfds: gmems.values.sorted { $0.name < $1.name },
-            memslots: slots.values.map(\.slot).sorted { $0.slot < $1.slot }, nics: nil)
+            memslots: slots.values.map(\.slot).sorted { $0.slot < $1.slot }, nics: nil, cpuid: try identity().cpuid, guest: guest?.name)
     }
 
     public func memoryHandle(_ gmem: String) -> KernelHandle? { files[gmem]?.value.handle }
 
-    public func pause() throws(EndpointError) -> [VCPUState] {
-        if let savedStates, !isRunning { return savedStates }
-        var states: [VCPUState] = []
+    public func pause() throws(EndpointError) -> VMState {
+        if let saved, !isRunning { return saved }
+        guard let vm else { throw EndpointError("\(role): there is no VM to pause") }
+        let clock = ContinuousClock()
+        let began = clock.now
+        let state: VMState
         do {
-            for vcpu in vcpus { states.append(try vcpu.value.state()) }
+            state = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
         } catch {
-            throw EndpointError(error)
+            throw EndpointError.from(error)
         }
-        savedStates = states
+        lastTimings = ["save": (clock.now - began).nanoseconds]
+        saved = state
         isRunning = false
-        return states
+        return state
     }
 
     public func resume() throws(EndpointError) {
@@ -191,19 +233,40 @@ public final class InProcessVMM: VMMEndpoint {
 
     // MARK: - Target role
 
-    public func createVM(type: VMType, vcpus count: Int) throws(EndpointError) {
-        if vm != nil { return }
+    /// Creates the VM: its in-kernel interrupt controllers (LAPICs, PIC pair, IOAPIC, PIT) before
+    /// its vcpus, and each vcpu's CPUID set to this kernel's CPU model (`KVM_GET_SUPPORTED_CPUID`),
+    /// as a VMM must before the vcpu runs. Idempotent.
+    public func createVM(type: VMType, vcpus count: Int, guest program: String? = nil) throws(EndpointError) -> VMIdentity {
+        if vm != nil { return try identity() }
+        if let program {
+            guard let known = GuestProgram(name: program) else { throw EndpointError("\(role): no guest program '\(program)'") }
+            guest = known
+        }
+        guard count >= 1, count <= InProcessVMM.maxVCPUs, let last = UInt32(exactly: count - 1) else {
+            throw EndpointError("\(role): \(count) vcpus (1 to \(InProcessVMM.maxVCPUs))", errno: .invalidArgument)
+        }
         do {
             let created = try backend.createVirtualMachine(type: type)
+            try backend.createInterruptControllers(vm: created.handle)
+            let cpuid = try backend.supportedCPUID()
             var made: [Owned<VCPU>] = []
-            for id in 0..<UInt32(count) { made.append(Owned(try created.createVCPU(id: id))) }
+            for id in 0...last {
+                let vcpu = try created.createVCPU(id: id)
+                try backend.setCPUID(vcpu.handle, cpuid)
+                made.append(Owned(vcpu))
+            }
+            self.cpuid = cpuid
             self.type = type
             vm = Owned(created)
             vcpus = made
         } catch {
             throw EndpointError(error)
         }
+        return try identity()
     }
+
+    /// The most vcpus a VMM of gmigrate creates (KVM_CAP_MAX_VCPUS is far more; no test needs more).
+    public static let maxVCPUs = 64
 
     public func receiveMemory(_ gmem: VMDescription.Gmem, from handle: KernelHandle, strategy: Strategy) throws(EndpointError) -> InodeIdentity {
         if let existing = gmems[gmem.name] { return existing.inode }
@@ -334,17 +397,34 @@ public final class InProcessVMM: VMMEndpoint {
         hasReceivedEncryptionContext = true
     }
 
-    public func restore(_ states: [VCPUState]) throws(EndpointError) {
+    /// Restores the whole state (the VM's sections, every vcpu's, the clock last), then reads it
+    /// back: a section that differs from what was saved fails the restore, naming it, before
+    /// any vcpu runs. A section this kernel cannot restore, or a capability it lacks, fails
+    /// it before anything is set.
+    public func restore(_ state: VMState) throws(EndpointError) {
         if isRunning { return }
-        guard states.count == vcpus.count else {
-            throw EndpointError("\(role): \(states.count) vcpu states for \(vcpus.count) vcpus")
+        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+        guard state.vcpus.count == vcpus.count else {
+            throw EndpointError("\(role): \(state.vcpus.count) vcpu states for \(vcpus.count) vcpus")
         }
+        let missing = state.missingCapabilities { capability in ((try? backend.checkExtension(capability, vm: nil)) ?? 0) > 0 }
+        guard missing.isEmpty else { throw EndpointError("\(role): this host cannot restore the state: " + missing.joined(separator: "; ")) }
+        let clock = ContinuousClock()
+        let began = clock.now
         do {
-            for (vcpu, state) in zip(vcpus, states) { try vcpu.value.setState(state) }
+            try backend.setVMState(vm.value.handle, state.vm.filter { $0.name != "clock" })
+            for (vcpu, vcpuState) in zip(vcpus, state.vcpus) { try vcpu.value.setState(vcpuState) }
+            try backend.setVMState(vm.value.handle, state.vm.filter { $0.name == "clock" })
+            let back = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
+            if let difference = VMState.difference(restored: back, saved: state) {
+                throw EndpointError("\(role): the restored state read back differs: \(difference)")
+            }
         } catch {
-            throw EndpointError(error)
+            throw EndpointError.from(error)
         }
-        savedStates = states
+        lastTimings = ["restore": (clock.now - began).nanoseconds]
+        saved = state
+        if let restored = state.vcpus.first?["cpuid"] { cpuid = CPUIDEntry.list(restored) }
         isRunning = true
     }
 
@@ -382,7 +462,7 @@ public final class InProcessVMM: VMMEndpoint {
         sharedInodes.removeAll()
         vcpus.removeAll()
         vm = nil
-        savedStates = nil
+        saved = nil
         hasReceivedEncryptionContext = false
     }
 
@@ -421,6 +501,25 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
+    /// Where guest memory at `gpa` is mapped in this process, if it is.
+    public func hostAddress(gpa: UInt64) -> UInt64? {
+        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else { return nil }
+        return mapping.value.address &+ slot.offset &+ (gpa - slot.guestPhysAddr)
+    }
+
+    /// Reads guest memory past the fault points: a report of the guest, not a migration's call.
+    func readGuestUnfaulted(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
+        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
+            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
+        }
+        let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
+        do {
+            return try kernel.readMemory(address: mapping.value.address &+ slot.offset &+ (gpa - slot.guestPhysAddr), count: count)
+        } catch {
+            throw EndpointError(error)
+        }
+    }
+
     public func writeGuest(gpa: UInt64, bytes: [UInt8]) throws(EndpointError) {
         guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
             throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
@@ -430,6 +529,42 @@ public final class InProcessVMM: VMMEndpoint {
         } catch {
             throw EndpointError(error)
         }
+    }
+}
+
+/// The guest program a VMM runs.
+public enum GuestProgram: Hashable, Sendable {
+    /// 16-bit real mode, vcpu 0: increments a counter in memory and reports it on port 0x10.
+    case counter([UInt8])
+    /// 64-bit, every vcpu: `LongModeGuest`.
+    case longMode
+
+    public static let counter = GuestProgram.counter(InProcessVMM.counterProgram)
+
+    /// `counter` or `long-mode`: what a source describes and a target is told.
+    public var name: String {
+        switch self {
+        case .counter: "counter"
+        case .longMode: "long-mode"
+        }
+    }
+
+    public init?(name: String) {
+        switch name {
+        case "counter": self = .counter(InProcessVMM.quietCounterProgram)
+        case "long-mode": self = .longMode
+        default: return nil
+        }
+    }
+}
+
+/// What a VM is, for the coordinator's checks before the pause: source and target must agree.
+public struct VMIdentity: Codable, Equatable, Sendable {
+    public var vcpus: Int
+    public var cpuid: [CPUIDEntry]
+    public init(vcpus: Int, cpuid: [CPUIDEntry]) {
+        self.vcpus = vcpus
+        self.cpuid = cpuid
     }
 }
 

@@ -52,7 +52,7 @@ func summaryLine(_ summary: MigrationSummary) -> String {
     if let blackout = summary.blackoutNanoseconds {
         line += "; blackout \(milliseconds(blackout)) from the pause request to the target's vcpus running"
         if let parts = summary.blackoutParts, !parts.isEmpty {
-            let order = MigrationStep.allCases.map(\.rawValue) + ["journal"]
+            let order = ["pause-source", "vmm.stop", "vmm.save", "copy-memory", "move-enc-context", "resume-target", "vmm.restore", "vmm.resume", "journal"]
             let shown = parts.sorted { (order.firstIndex(of: $0.key) ?? 99) < (order.firstIndex(of: $1.key) ?? 99) }
             line += " (" + shown.map { "\($0.key) \(String(format: "%.2f", Double($0.value) / 1e6))" }.joined(separator: ", ") + " ms)"
         }

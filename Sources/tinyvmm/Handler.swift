@@ -1,5 +1,6 @@
 import CKVM
 import Foundation
+import Guests
 import Handoff
 import Kernel
 import Orchestrator
@@ -10,14 +11,17 @@ import Glibc
 #endif
 
 /// What the VMM does with each request: the VM is held by an `InProcessVMM` (the same kernel
-/// object handling as the coordinator's in-process endpoint); the guest runs on a `VCPUThread`.
+/// object handling as the coordinator's in-process endpoint); each vcpu runs on a `VCPUThread`,
+/// and they pause and resume together.
 final class TinyVMM: HandoffHandler {
     let kernel: any KernelBackend
     let backendText: String
     let process: String
     let log: Log
     let vmm: InProcessVMM
-    private var thread: VCPUThread?
+    private var threads: [VCPUThread] = []
+    /// Violations the guest reported on its port, in this VMM.
+    private let violations = ViolationLog()
     private(set) var exitRequested = false
     /// The VM's tap interfaces and their open queues (the network goes with the guest).
     private var taps: [(nic: VMDescription.NIC, queues: [Int32])] = []
@@ -45,8 +49,8 @@ final class TinyVMM: HandoffHandler {
 
     var isModel: Bool { backendText.hasPrefix("model:") }
 
-    func startSource(_ spec: VMSpec, populate: (gpa: UInt64, size: UInt64)? = nil) throws {
-        try vmm.createSource(spec, program: InProcessVMM.quietCounterProgram)
+    func startSource(_ spec: VMSpec, guest: GuestProgram, populate: (gpa: UInt64, size: UInt64)? = nil) throws {
+        try vmm.createSource(spec, guest: guest)
         if let (gpa, size) = populate {
             // Each 8 bytes of page P hold P: a copy can be checked page by page.
             let chunk: UInt64 = 4 << 20
@@ -82,17 +86,45 @@ final class TinyVMM: HandoffHandler {
         startGuest()
     }
 
+    /// Runs every vcpu on a thread of its own.
     private func startGuest() {
-        guard vmm.canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004), let vcpu = vmm.vcpuHandles.first else { return }
-        let thread = VCPUThread(kernel: kernel, vcpu: vcpu, log: log)
-        self.thread = thread
-        thread.start()
+        guard vmm.guest != nil, threads.isEmpty else { return }
+        let violations = self.violations
+        let log = self.log
+        // A vcpu thread reads its own report page through the host mapping, never the VMM's tables.
+        let reader = (kernel as? FaultInjectingBackend)?.inner ?? kernel
+        let reportPages: [UInt64?] = vmm.vcpuHandles.indices.map { vmm.hostAddress(gpa: LongModeGuest.reportAddress($0)) }
+        let longMode = vmm.guest == .longMode
+        threads = vmm.vcpuHandles.enumerated().map { index, vcpu in
+            let page = reportPages[index]
+            return VCPUThread(kernel: kernel, vcpu: vcpu, index: index, log: log) { port in
+                // The long-mode guest reports a violated invariant: what it recorded says which.
+                guard longMode, port == LongModeGuest.reportPort, let page,
+                    let bytes = try? reader.readMemory(address: page, count: LongModeGuest.reportBytes)
+                else { return }
+                let text = "vcpu \(index): \(LongModeGuest.VCPUReport(bytes: bytes).violationText ?? "a report without a violation")"
+                violations.add(text)
+                log.say("guest violation: \(text)")
+            }
+        }
+        for thread in threads { thread.start() }
     }
 
-    private func stopGuest() {
-        thread?.stop()
-        thread = nil
+    /// Stops every vcpu: all are asked at once (immediate_exit and a signal), then each is
+    /// waited for; a vcpu whose last exit was I/O re-enters KVM_RUN once so that KVM completes
+    /// it (api.rst) before its state is saved. Returns how long it took.
+    @discardableResult
+    private func stopGuest() -> Duration {
+        let clock = ContinuousClock()
+        let began = clock.now
+        for thread in threads { thread.requestStop() }
+        for thread in threads { thread.waitStopped() }
+        threads = []
+        return clock.now - began
     }
+
+    /// Whether every vcpu thread runs the guest (a VM without a known guest program runs none).
+    private var guestRuns: Bool { vmm.guest == nil || (!threads.isEmpty && threads.allSatisfy(\.isRunning)) }
 
     private func closeTaps() {
         for (_, queues) in taps { for fd in queues { close(fd) } }
@@ -136,16 +168,22 @@ final class TinyVMM: HandoffHandler {
                 if isModel { reply.handles = handles } else { return (reply, handles + tapQueues) }
             case "pause":
                 try expectNone(descriptors)
+                let clock = ContinuousClock()
+                let began = clock.now
                 stopGuest()
-                reply.states = try vmm.pause()
+                let stopped = clock.now
+                let state = try vmm.pause()
+                reply.state = Data(state.encoded).base64EncodedString()
+                reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false
+                log.say("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
                 reply.counter = counter
                 log.say("paused; counter \(reply.counter.map(String.init) ?? "-")")
             case "resume":
                 try expectNone(descriptors)
                 try vmm.resume()
                 startGuest()
-                reply.running = true
+                reply.running = vmm.isRunning && guestRuns
                 log.say("resumed")
             case "retire":
                 try expectNone(descriptors)
@@ -157,7 +195,7 @@ final class TinyVMM: HandoffHandler {
             case "create-vm":
                 try expectNone(descriptors)
                 guard let type = request.vmType, let vcpus = request.vcpus else { throw EndpointError("create-vm needs vmType and vcpus") }
-                try vmm.createVM(type: type, vcpus: vcpus)
+                reply.identity = try vmm.createVM(type: type, vcpus: vcpus, guest: request.guestProgram)
                 log.say("created a \(type.name) VM with \(vcpus) vcpus")
             case "receive-memory":
                 guard let gmem = request.gmem, let strategy = request.strategy else { throw EndpointError("receive-memory needs gmem and strategy") }
@@ -211,14 +249,20 @@ final class TinyVMM: HandoffHandler {
                 log.say("the encryption context moved in")
             case "restore":
                 try expectNone(descriptors)
-                guard let states = request.states else { throw EndpointError("restore needs states") }
+                guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("restore needs state") }
+                let state: VMState
+                do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("restore: \(error.message)") }
                 let wasRunning = vmm.isRunning
-                try vmm.restore(states)
+                let clock = ContinuousClock()
+                let began = clock.now
+                try vmm.restore(state)
+                let restored = clock.now
                 // The counter before the guest runs here: the coordinator checks it is the source's at its pause.
                 reply.counter = counter
                 if !wasRunning { startGuest() }
-                reply.running = true
-                log.say("restored \(states.count) vcpus; the guest runs")
+                reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
+                reply.running = vmm.isRunning && guestRuns
+                log.say("restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
             case "destroy":
                 try expectNone(descriptors)
                 closeTaps()
@@ -234,8 +278,9 @@ final class TinyVMM: HandoffHandler {
                 try vmm.releaseMemory()
             case "status":
                 try expectNone(descriptors)
-                reply.running = vmm.isRunning
+                reply.running = vmm.isRunning && guestRuns
                 reply.counter = counter
+                reply.guest = vmm.longModeReports()
             case "read-guest":
                 try expectNone(descriptors)
                 let count = min(max(request.count ?? 0, 0), 1 << 16)
@@ -301,4 +346,17 @@ final class TinyVMM: HandoffHandler {
         }
         return KernelHandle(raw: descriptors[0])
     }
+}
+
+extension Duration {
+    var nanoseconds: Int64 { components.seconds &* 1_000_000_000 &+ components.attoseconds / 1_000_000_000 }
+}
+
+/// The violations a guest reported, kept for the log and for status.
+final class ViolationLog: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var texts: [String] = []
+    func add(_ text: String) { lock.withLock { texts.append(text) } }
+    var all: [String] { lock.withLock { texts } }
 }

@@ -45,6 +45,9 @@ struct TinyVMMCommand: ParsableCommand {
     @Option(help: "Where --populate starts (a guest physical address; default 1Mi, above the guest program).")
     var populateAt: String = "1Mi"
 
+    @Option(help: "Source role: the guest program, long-mode (64-bit, every vcpu; linux only) or counter (16-bit, vcpu 0). Default: long-mode on linux, counter on the model.")
+    var guest: String?
+
     mutating func run() throws {
         let name = self.name ?? "tinyvmm-\(getpid())"
         let log = Log(name: name)
@@ -86,8 +89,16 @@ struct TinyVMMCommand: ParsableCommand {
                 }
                 population = (gpa, size)
             }
+            let program: GuestProgram
+            switch guest ?? (backend == "linux" ? "long-mode" : "counter") {
+            case "long-mode": program = .longMode
+            case "counter": program = .counter(InProcessVMM.quietCounterProgram)
+            case let other:
+                log.say("unknown guest '\(other)' (long-mode or counter)")
+                throw ExitCode(2)
+            }
             do {
-                try vmm.startSource(parsed.vm, populate: population)
+                try vmm.startSource(parsed.vm, guest: program, populate: population)
             } catch {
                 log.say("creating the VM failed: \(error)")
                 throw ExitCode(4)
@@ -113,12 +124,15 @@ struct Log: Sendable {
     }
 }
 
-/// Runs the boot vcpu on its own thread until asked to stop.
+/// Runs one vcpu on its own thread until asked to stop.
 final class VCPUThread: @unchecked Sendable {
-    // @unchecked: `state` is only touched under `condition`.
+    // @unchecked: the mutable fields are only touched under `condition`.
     private let kernel: any KernelBackend
     private let vcpu: KernelHandle
+    let index: Int
     private let log: Log
+    /// Told of each port the guest writes to (other than the counter's).
+    private let onPort: @Sendable (UInt16) -> Void
     private let condition = NSCondition()
     private var stopRequested = false
     private var running = false
@@ -126,47 +140,67 @@ final class VCPUThread: @unchecked Sendable {
     private var reported: UInt32?
     static let kickSignal = SIGUSR1
 
-    init(kernel: any KernelBackend, vcpu: KernelHandle, log: Log) {
+    init(kernel: any KernelBackend, vcpu: KernelHandle, index: Int, log: Log, onPort: @escaping @Sendable (UInt16) -> Void) {
         self.kernel = kernel
         self.vcpu = vcpu
+        self.index = index
         self.log = log
+        self.onPort = onPort
     }
 
     var lastReported: UInt32? { condition.withLock { reported } }
+    var isRunning: Bool { condition.withLock { running } }
+
+    private var linux: LinuxKVM? { (kernel as? LinuxKVM) ?? ((kernel as? FaultInjectingBackend)?.inner as? LinuxKVM) }
 
     func start() {
         condition.withLock {
             stopRequested = false
             running = true
         }
-        (kernel as? LinuxKVM)?.requestImmediateExit(vcpu, false)
+        linux?.requestImmediateExit(vcpu, false)
         let thread = Thread { [self] in loop() }
-        thread.name = "vcpu0"
+        thread.name = "vcpu\(index)"
         thread.start()
     }
 
     private func loop() {
         condition.withLock { threadID = UInt(ckvm_thread_self()) }
+        var lastExitWasIO = false
         while !condition.withLock({ stopRequested }) {
             let exit: VCPUExit
             do { exit = try kernel.run(vcpu) } catch {
-                log.say("KVM_RUN failed: \(error)")
+                log.say("vcpu \(index): KVM_RUN failed: \(error)")
                 break
             }
+            lastExitWasIO = false
             switch exit {
             case .io(InProcessVMM.counterPort, true, _, let data):
+                lastExitWasIO = true
                 let value = UInt32(littleEndianBytes: data)
                 condition.withLock { reported = value }
+            case .io(let port, _, _, _):
+                lastExitWasIO = true
+                onPort(port)
+            case .mmio:
+                lastExitWasIO = true
             case .interrupted where kernel is KernelModel:
                 // A model vcpu ran its instruction budget holding the shared host's lock: let the
                 // request thread (and the other VMMs on the host) have it before the next run.
                 usleep(2000)
-            case .io, .mmio, .interrupted:
+            case .interrupted:
                 continue
             default:
-                log.say("the guest stopped: \(exit)")
+                let rip = (try? kernel.vcpuState(vcpu))?.registers.rip
+                log.say("vcpu \(index): the guest stopped: \(exit) at rip 0x\(String(rip ?? 0, radix: 16))")
                 condition.withLock { stopRequested = true }
             }
+        }
+        // An I/O exit is complete only once KVM_RUN is entered again (api.rst): with
+        // immediate_exit set, KVM finishes it and returns at once, running no guest instruction.
+        if lastExitWasIO, let linux {
+            linux.requestImmediateExit(vcpu, true)
+            _ = try? kernel.run(vcpu)
         }
         condition.withLock {
             running = false
@@ -174,20 +208,29 @@ final class VCPUThread: @unchecked Sendable {
         }
     }
 
-    /// Stops the vcpu cleanly: immediate_exit, then a signal to the thread if it is in KVM_RUN.
-    func stop() {
-        condition.lock()
-        guard running else {
-            condition.unlock()
-            return
+    /// Asks the vcpu to stop: immediate_exit, then a signal if it is in KVM_RUN.
+    func requestStop() {
+        condition.withLock {
+            guard running else { return }
+            stopRequested = true
+            linux?.requestImmediateExit(vcpu, true)
+            if threadID != 0 { _ = ckvm_kick_thread(threadID, VCPUThread.kickSignal) }
         }
-        stopRequested = true
-        (kernel as? LinuxKVM)?.requestImmediateExit(vcpu, true)
+    }
+
+    /// Waits until the thread has left its loop (kicking it again while it has not).
+    func waitStopped() {
+        condition.lock()
         while running {
             if threadID != 0 { _ = ckvm_kick_thread(threadID, VCPUThread.kickSignal) }
-            _ = condition.wait(until: Date().addingTimeInterval(0.01))
+            _ = condition.wait(until: Date().addingTimeInterval(0.001))
         }
         condition.unlock()
-        (kernel as? LinuxKVM)?.requestImmediateExit(vcpu, false)
+        linux?.requestImmediateExit(vcpu, false)
+    }
+
+    func stop() {
+        requestStop()
+        waitStopped()
     }
 }

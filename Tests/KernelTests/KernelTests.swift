@@ -51,8 +51,7 @@ struct KernelBoundaryTests {
         #expect(state.specialRegisters.cs.selector == 0xf000)
         #expect(state.specialRegisters.cr0 == 0x6000_0010)
         #expect(state.specialRegisters.apicBase == 0xfee0_0900)
-        #expect(state.fpu.fcw == 0x37f)
-        #expect(state.fpu.mxcsr == 0, "KVM_GET_FPU on 6.18 reports mxcsr 0 after reset")
+        #expect(state.x87ControlWord == 0x37f, "the x87 control word after reset (SDM 9.1.1)")
         state.registers.rax = 0x1234_5678_9abc_def0
         state.registers.r15 = 42
         state.registers.rip = 0x1000

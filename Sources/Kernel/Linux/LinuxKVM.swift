@@ -25,6 +25,28 @@ public final class LinuxKVM: KernelBackend {
         /// Descriptors this instance opened and has not closed, and its mappings.
         var open: Set<Int32> = []
         var mappings: Set<UInt64> = []
+        /// The VM of each vcpu descriptor, and the VMs with an in-kernel irqchip and PIT.
+        var vcpuVMs: [Int32: Int32] = [:]
+        var irqchips: Set<Int32> = []
+        /// What this host's KVM offers for the vcpu state, read once.
+        var stateSupport: StateSupport?
+    }
+
+    /// The vcpu state this host's KVM saves and restores, probed once.
+    struct StateSupport {
+        var sregs2: Bool
+        var xsaveSize: Int
+        var xcrs: Bool
+        var events: Bool
+        var debugRegisters: Bool
+        var mpState: Bool
+        var tscKhz: Bool
+        var tscControl: Bool
+        var vcpuAttributes: Bool
+        var nested: Bool
+        /// The MSRs of KVM_GET_MSR_INDEX_LIST (filtered to those a vcpu reads back, at first use).
+        var msrIndices: [UInt32]
+        var msrsFiltered: Bool
     }
     private let state = Mutex(State())
 
@@ -278,30 +300,266 @@ public final class LinuxKVM: KernelBackend {
         state.withLock {
             $0.runMappings[fd] = UInt(bitPattern: run)
             $0.open.insert(fd)
+            $0.vcpuVMs[fd] = vm.raw
         }
         return KernelHandle(raw: fd)
     }
 
-    public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
-        var regs = kvm_regs()
-        var sregs = kvm_sregs()
-        var fpu = kvm_fpu()
-        guard Syscalls.ioctl(vcpu.raw, CKVM_GET_REGS, &regs) == 0,
-            Syscalls.ioctl(vcpu.raw, CKVM_GET_SREGS, &sregs) == 0,
-            Syscalls.ioctl(vcpu.raw, CKVM_GET_FPU, &fpu) == 0
-        else { throw .failed(operation: .getVCPUState, errno: .current) }
-        return VCPUState(registers: Registers(regs), specialRegisters: SpecialRegisters(sregs), fpu: FPUState(fpu))
+    public func createInterruptControllers(vm: KernelHandle) throws(KernelError) {
+        guard Syscalls.ioctl(vm.raw, CKVM_CREATE_IRQCHIP, value: 0) == 0 else { throw .failed(operation: .createInterruptControllers, errno: .current) }
+        var config = kvm_pit_config()
+        guard Syscalls.ioctl(vm.raw, CKVM_CREATE_PIT2, &config) == 0 else { throw .failed(operation: .createInterruptControllers, errno: .current) }
+        _ = state.withLock { $0.irqchips.insert(vm.raw) }
     }
 
-    public func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError) {
-        var sregs = state.specialRegisters.c
-        var fpu = state.fpu.c
-        var regs = state.registers.c
-        // sregs first: KVM_SET_SREGS may change the mode the registers are interpreted in.
-        guard Syscalls.ioctl(vcpu.raw, CKVM_SET_SREGS, &sregs) == 0,
-            Syscalls.ioctl(vcpu.raw, CKVM_SET_FPU, &fpu) == 0,
-            Syscalls.ioctl(vcpu.raw, CKVM_SET_REGS, &regs) == 0
-        else { throw .failed(operation: .setVCPUState, errno: .current) }
+    public func supportedCPUID() throws(KernelError) -> [CPUIDEntry] {
+        var count = 256
+        while true {
+            var buffer = [UInt8](repeating: 0, count: 8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))
+            buffer.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(count), as: UInt32.self) }
+            let result = buffer.withUnsafeMutableBytes { Syscalls.ioctl(systemFD, CKVM_GET_SUPPORTED_CPUID, $0.baseAddress) }
+            if result < 0 && Errno.current == .argumentListTooLong && count < 4096 {
+                count *= 2
+                continue
+            }
+            guard result == 0 else { throw .failed(operation: .setCPUID, errno: .current) }
+            let entries = Int(buffer.loadLE(UInt32.self, at: 0))
+            return CPUIDEntry.list(Array(buffer[8..<(8 + entries * Int(CKVM_SIZEOF_CPUID_ENTRY2))]))
+        }
+    }
+
+    public func setCPUID(_ vcpu: KernelHandle, _ entries: [CPUIDEntry]) throws(KernelError) {
+        var buffer = [UInt8]()
+        buffer.appendLE(UInt32(entries.count))
+        buffer.appendLE(UInt32(0))
+        buffer += CPUIDEntry.bytes(entries)
+        let result = buffer.withUnsafeMutableBytes { Syscalls.ioctl(vcpu.raw, CKVM_SET_CPUID2, $0.baseAddress) }
+        guard result == 0 else { throw .failed(operation: .setCPUID, errno: .current) }
+    }
+
+    private func stateSupport() -> StateSupport {
+        if let cached = state.withLock({ $0.stateSupport }) { return cached }
+        func check(_ capability: Capability) -> Int {
+            max(0, Int(Syscalls.ioctl(systemFD, CKVM_CHECK_EXTENSION, value: UInt(capability.rawValue))))
+        }
+        var list = [UInt8](repeating: 0, count: 4 + 4 * 1024)
+        list.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(1024), as: UInt32.self) }
+        let result = list.withUnsafeMutableBytes { Syscalls.ioctl(systemFD, CKVM_GET_MSR_INDEX_LIST, $0.baseAddress) }
+        let count = result == 0 ? min(1024, Int(list.loadLE(UInt32.self, at: 0))) : 0
+        let indices = (0..<count).map { list.loadLE(UInt32.self, at: 4 + 4 * $0) }
+        let support = StateSupport(
+            sregs2: check(.sregs2) > 0, xsaveSize: check(.xsave2), xcrs: check(.xcrs) > 0, events: check(.vcpuEvents) > 0,
+            debugRegisters: check(.debugRegisters) > 0, mpState: check(.mpState) > 0, tscKhz: check(.getTSCKhz) > 0,
+            tscControl: check(.tscControl) > 0, vcpuAttributes: check(.vcpuAttributes) > 0, nested: check(.nestedState) > 0,
+            msrIndices: indices, msrsFiltered: false)
+        state.withLock { $0.stateSupport = support }
+        return support
+    }
+
+    /// The MSRs a vcpu of this host reads back (the index list, less any KVM_GET_MSRS refuses).
+    private func readableMSRs(_ vcpu: KernelHandle) -> [UInt32] {
+        var support = stateSupport()
+        if support.msrsFiltered { return support.msrIndices }
+        support.msrIndices = support.msrIndices.filter { index in
+            var one = MSRList(entries: [.init(index: index, value: 0)]).bytes
+            return msrIoctl(vcpu, CKVM_GET_MSRS, &one) == 1
+        }
+        support.msrsFiltered = true
+        let filtered = support
+        state.withLock { $0.stateSupport = filtered }
+        return support.msrIndices
+    }
+
+    /// KVM_GET_MSRS / KVM_SET_MSRS on `struct kvm_msrs` built around `entries` (the records).
+    private func msrIoctl(_ vcpu: KernelHandle, _ request: UInt, _ entries: inout [UInt8]) -> Int32 {
+        var buffer = [UInt8]()
+        buffer.appendLE(UInt32(entries.count / 16))
+        buffer.appendLE(UInt32(0))
+        buffer += entries
+        let result = buffer.withUnsafeMutableBytes { Syscalls.ioctl(vcpu.raw, request, $0.baseAddress) }
+        entries = Array(buffer[8...])
+        return result
+    }
+
+    private func get(_ vcpu: Int32, _ request: UInt, size: Int, operation: KernelOperation = .getVCPUState) throws(KernelError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: size)
+        let result = bytes.withUnsafeMutableBytes { Syscalls.ioctl(vcpu, request, $0.baseAddress) }
+        guard result >= 0 else { throw .failed(operation: operation, errno: .current) }
+        return bytes
+    }
+
+    private func set(_ fd: Int32, _ request: UInt, _ bytes: [UInt8], section: String, operation: KernelOperation = .setVCPUState) throws(KernelError) {
+        var copy = bytes
+        let result = copy.withUnsafeMutableBytes { Syscalls.ioctl(fd, request, $0.baseAddress) }
+        guard result >= 0 else { throw .failed(operation: operation, errno: .current) }
+    }
+
+    /// Every section this host offers, in QEMU's save order: vcpu events first (reading MP state
+    /// may act on a pending INIT/SIPI), MP state, regs, xsave (or fpu), xcrs, sregs2 (or sregs),
+    /// MSRs, LAPIC, debug registers; then CPUID, the TSC frequency and offset, nested state.
+    public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
+        let support = stateSupport()
+        let hasIRQChip = state.withLock { s in s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false }
+        let fd = vcpu.raw
+        var sections: [StateSection] = []
+        if support.events { sections.append(.init(name: "events", bytes: try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
+        if support.mpState { sections.append(.init(name: "mp-state", bytes: try get(fd, CKVM_GET_MP_STATE, size: 4))) }
+        sections.append(.init(name: "regs", bytes: try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))))
+        if support.xsaveSize > 0 {
+            sections.append(.init(name: "xsave", bytes: try get(fd, CKVM_GET_XSAVE2, size: support.xsaveSize)))
+        } else {
+            sections.append(.init(name: "fpu", bytes: try get(fd, CKVM_GET_FPU, size: Int(CKVM_SIZEOF_FPU))))
+        }
+        if support.xcrs { sections.append(.init(name: "xcrs", bytes: try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)))) }
+        if support.sregs2 {
+            sections.append(.init(name: "sregs2", bytes: try get(fd, CKVM_GET_SREGS2, size: Int(CKVM_SIZEOF_SREGS2))))
+        } else {
+            sections.append(.init(name: "sregs", bytes: try get(fd, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
+        }
+        let indices = readableMSRs(vcpu)
+        var msrs = MSRList(entries: indices.map { .init(index: $0, value: 0) }).bytes
+        guard msrIoctl(vcpu, CKVM_GET_MSRS, &msrs) == Int32(indices.count) else { throw .failed(operation: .getVCPUState, errno: .current) }
+        sections.append(.init(name: "msrs", bytes: msrs))
+        if hasIRQChip { sections.append(.init(name: "lapic", bytes: try get(fd, CKVM_GET_LAPIC, size: Int(CKVM_SIZEOF_LAPIC)))) }
+        if support.debugRegisters { sections.append(.init(name: "debugregs", bytes: try get(fd, CKVM_GET_DEBUGREGS, size: Int(CKVM_SIZEOF_DEBUGREGS)))) }
+        // CPUID as set (none before KVM_SET_CPUID2: then there is nothing to carry).
+        var cpuid = [UInt8](repeating: 0, count: 8 + 256 * Int(CKVM_SIZEOF_CPUID_ENTRY2))
+        cpuid.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(256), as: UInt32.self) }
+        if cpuid.withUnsafeMutableBytes({ Syscalls.ioctl(fd, CKVM_GET_CPUID2, $0.baseAddress) }) == 0 {
+            let count = Int(cpuid.loadLE(UInt32.self, at: 0))
+            if count > 0 { sections.append(.init(name: "cpuid", bytes: Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))]))) }
+        }
+        if support.tscKhz {
+            let khz = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
+            guard khz > 0 else { throw .failed(operation: .getVCPUState, errno: .current) }
+            var bytes: [UInt8] = []
+            bytes.appendLE(UInt32(khz))
+            sections.append(.init(name: "tsc-khz", bytes: bytes))
+        }
+        if support.vcpuAttributes, let offset = tscOffset(vcpu) {
+            var bytes: [UInt8] = []
+            bytes.appendLE(offset)
+            sections.append(.init(name: "tsc-offset", bytes: bytes))
+        }
+        return VCPUState(sections: sections)
+    }
+
+    /// KVM_VCPU_TSC_OFFSET, where the kernel has the attribute.
+    private func tscOffset(_ vcpu: KernelHandle) -> UInt64? {
+        var value: UInt64 = 0
+        return withUnsafeMutablePointer(to: &value) { pointer -> UInt64? in
+            var attribute = kvm_device_attr()
+            attribute.group = CKVM_VCPU_TSC_CTRL
+            attribute.attr = CKVM_VCPU_TSC_OFFSET
+            attribute.addr = UInt64(UInt(bitPattern: pointer))
+            guard Syscalls.ioctl(vcpu.raw, CKVM_HAS_DEVICE_ATTR, &attribute) == 0, Syscalls.ioctl(vcpu.raw, CKVM_GET_DEVICE_ATTR, &attribute) == 0
+            else { return nil }
+            return pointer.pointee
+        }
+    }
+
+    /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
+    /// writes are checked against it), the TSC frequency, sregs2 (EFER before nested state),
+    /// events (the SMM flag), nested state, regs, xsave, xcrs, MSRs but the TSC deadline, events
+    /// again, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline (restoring the
+    /// LAPIC resets the deadline timer), debug registers, and last the TSC offset (which decides
+    /// the guest TSC whatever the TSC MSR wrote).
+    public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
+        let fd = vcpu.raw
+        if let cpuid = newState["cpuid"] { try setCPUID(vcpu, CPUIDEntry.list(cpuid)) }
+        if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
+            let current = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
+            if current != Int32(bitPattern: khz) {
+                guard stateSupport().tscControl, Syscalls.ioctl(fd, CKVM_SET_TSC_KHZ, value: UInt(khz)) == 0 else {
+                    throw .unsupported(
+                        operation: .setVCPUState,
+                        reason: "section tsc-khz: the source's TSC runs at \(khz) kHz, this vcpu's at \(current) kHz, and this host cannot set it (no KVM_CAP_TSC_CONTROL)")
+                }
+            }
+        }
+        if let bytes = newState["sregs2"] { try set(fd, CKVM_SET_SREGS2, bytes, section: "sregs2") }
+        if let bytes = newState["sregs"] { try set(fd, CKVM_SET_SREGS, bytes, section: "sregs") }
+        if let bytes = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, bytes, section: "events") }
+        if let bytes = newState["regs"] { try set(fd, CKVM_SET_REGS, bytes, section: "regs") }
+        if let bytes = newState["xsave"] { try set(fd, CKVM_SET_XSAVE, bytes, section: "xsave") }
+        if let bytes = newState["fpu"] { try set(fd, CKVM_SET_FPU, bytes, section: "fpu") }
+        if let bytes = newState["xcrs"] { try set(fd, CKVM_SET_XCRS, bytes, section: "xcrs") }
+        let deadline: UInt32 = 0x6e0
+        if let bytes = newState["msrs"] {
+            let all = MSRList(bytes: bytes).entries
+            for batch in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline }] where !batch.isEmpty {
+                if batch.first?.index == deadline, let lapic = newState["lapic"] {
+                    if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
+                    if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
+                    try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic")
+                }
+                var records = MSRList(entries: batch).bytes
+                let written = msrIoctl(vcpu, CKVM_SET_MSRS, &records)
+                guard written == Int32(batch.count) else {
+                    // KVM_SET_MSRS stops at the first MSR it refuses: `written` names it.
+                    throw .failed(operation: .setVCPUState, errno: written < 0 ? .current : .invalidArgument)
+                }
+            }
+            if !all.contains(where: { $0.index == deadline }), let lapic = newState["lapic"] {
+                if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
+                if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
+                try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic")
+            }
+        } else {
+            if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
+            if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
+            if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
+        }
+        if let bytes = newState["debugregs"] { try set(fd, CKVM_SET_DEBUGREGS, bytes, section: "debugregs") }
+        if let bytes = newState["tsc-offset"] {
+            var value = bytes.loadLE(UInt64.self, at: 0)
+            let result = withUnsafeMutablePointer(to: &value) { pointer -> Int32 in
+                var attribute = kvm_device_attr()
+                attribute.group = CKVM_VCPU_TSC_CTRL
+                attribute.attr = CKVM_VCPU_TSC_OFFSET
+                attribute.addr = UInt64(UInt(bitPattern: pointer))
+                return Syscalls.ioctl(fd, CKVM_SET_DEVICE_ATTR, &attribute)
+            }
+            guard result == 0 else { throw .failed(operation: .setVCPUState, errno: .current) }
+        }
+    }
+
+    /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
+    public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
+        var sections: [StateSection] = []
+        if state.withLock({ $0.irqchips.contains(vm.raw) }) {
+            for (name, chip) in [("pic-master", CKVM_IRQCHIP_PIC_MASTER), ("pic-slave", CKVM_IRQCHIP_PIC_SLAVE), ("ioapic", CKVM_IRQCHIP_IOAPIC)] {
+                var bytes = [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_IRQCHIP))
+                bytes.withUnsafeMutableBytes { $0.storeBytes(of: chip, as: UInt32.self) }
+                guard bytes.withUnsafeMutableBytes({ Syscalls.ioctl(vm.raw, CKVM_GET_IRQCHIP, $0.baseAddress) }) == 0 else {
+                    throw .failed(operation: .getVMState, errno: .current)
+                }
+                sections.append(.init(name: name, bytes: bytes))
+            }
+            sections.append(.init(name: "pit2", bytes: try get(vm.raw, CKVM_GET_PIT2, size: Int(CKVM_SIZEOF_PIT_STATE2), operation: .getVMState)))
+        }
+        sections.append(.init(name: "clock", bytes: try get(vm.raw, CKVM_GET_CLOCK, size: Int(CKVM_SIZEOF_CLOCK_DATA), operation: .getVMState)))
+        return sections
+    }
+
+    /// Restores the VM's sections: the irqchips and the PIT; the clock last, with the flags
+    /// KVM_GET_CLOCK returned, so that guest time advances by the real time that passed.
+    public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
+        for name in ["pic-master", "pic-slave", "ioapic"] {
+            guard let bytes = sections.first(where: { $0.name == name })?.bytes else { continue }
+            try set(vm.raw, CKVM_SET_IRQCHIP, bytes, section: name, operation: .setVMState)
+        }
+        if let bytes = sections.first(where: { $0.name == "pit2" })?.bytes {
+            try set(vm.raw, CKVM_SET_PIT2, bytes, section: "pit2", operation: .setVMState)
+        }
+        if var bytes = sections.first(where: { $0.name == "clock" })?.bytes {
+            // KVM_SET_CLOCK takes REALTIME (it adds the real time since `realtime`); the other
+            // flags KVM_GET_CLOCK reported describe the clock and are not input.
+            let flagsOffset = 8
+            let flags = bytes.loadLE(UInt32.self, at: flagsOffset) & CKVM_CLOCK_REALTIME
+            for (index, byte) in withUnsafeBytes(of: flags.littleEndian, Array.init).enumerated() { bytes[flagsOffset + index] = byte }
+            try set(vm.raw, CKVM_SET_CLOCK, bytes, section: "clock", operation: .setVMState)
+        }
     }
 
     /// Byte offsets in `struct kvm_run` (include/uapi/linux/kvm.h): the ABI is fixed.
@@ -433,6 +691,8 @@ public final class LinuxKVM: KernelBackend {
         let mapping = state.withLock { state -> UInt? in
             state.vmTypes[handle.raw] = nil
             state.open.remove(handle.raw)
+            state.vcpuVMs[handle.raw] = nil
+            state.irqchips.remove(handle.raw)
             return state.runMappings.removeValue(forKey: handle.raw)
         }
         if let mapping { Syscalls.munmap(UInt64(mapping), length: vcpuMmapSize) }

@@ -312,11 +312,60 @@ public final class KernelModel: KernelBackend {
         }
     }
 
+    /// The sections the model keeps: the architectural registers its interpreter uses, and CPUID.
+    static let modelledSections: Set<String> = ["regs", "sregs", "fpu", "cpuid"]
+
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
+        if let foreign = newState.sections.first(where: { !KernelModel.modelledSections.contains($0.name) }) {
+            throw .unsupported(operation: .setVCPUState, reason: "section '\(foreign.name)': the model keeps regs, sregs, fpu and cpuid only")
+        }
         try host.transaction { (s: inout ModelState) throws(KernelError) in
             let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .setVCPUState)
-            s.vms[vmID]!.vcpus[id]!.state = newState
+            var state = s.vms[vmID]!.vcpus[id]!.state
+            for section in newState.sections { state[section.name] = section.bytes }
+            s.vms[vmID]!.vcpus[id]!.state = state
         }
+    }
+
+    public func createInterruptControllers(vm: KernelHandle) throws(KernelError) {
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let vmID = try s.vmForIoctl(vm, caller: process, .createInterruptControllers)
+            // kvm_arch_vm_ioctl(KVM_CREATE_IRQCHIP): a second one EEXIST, after vcpus EINVAL.
+            guard !s.vms[vmID]!.hasInterruptControllers else { throw .failed(operation: .createInterruptControllers, errno: .fileExists) }
+            guard s.vms[vmID]!.vcpus.isEmpty else { throw .failed(operation: .createInterruptControllers, errno: .invalidArgument) }
+            s.vms[vmID]!.hasInterruptControllers = true
+        }
+    }
+
+    /// The model's CPU: the vendor leaf and the feature leaf its interpreter honours (none of
+    /// them matter to 16-bit real mode, but source and target must agree on them all the same).
+    public func supportedCPUID() throws(KernelError) -> [CPUIDEntry] {
+        [
+            CPUIDEntry(function: 0, index: 0, flags: 0, eax: 1, ebx: 0x6c65_646f, ecx: 0x2020_2020, edx: 0x6d20_6b67),  // "gkmodel"
+            CPUIDEntry(function: 1, index: 0, flags: 0, eax: 0x600, ebx: 0, ecx: 0, edx: 0x1),  // fpu
+        ]
+    }
+
+    public func setCPUID(_ vcpu: KernelHandle, _ entries: [CPUIDEntry]) throws(KernelError) {
+        try host.transaction { (s: inout ModelState) throws(KernelError) in
+            let (vmID, id) = try s.vcpuForIoctl(vcpu, caller: process, .setCPUID)
+            s.vms[vmID]!.vcpus[id]!.state["cpuid"] = CPUIDEntry.bytes(entries)
+        }
+    }
+
+    /// The model keeps no irqchip, PIT or clock state.
+    public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
+        try host.transaction { (s: inout ModelState) throws(KernelError) -> [StateSection] in
+            _ = try s.vmForIoctl(vm, caller: process, .getVMState)
+            return []
+        }
+    }
+
+    public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
+        if let section = sections.first {
+            throw .unsupported(operation: .setVMState, reason: "section '\(section.name)': the model keeps no irqchip, PIT or clock state")
+        }
+        try host.transaction { (s: inout ModelState) throws(KernelError) in _ = try s.vmForIoctl(vm, caller: process, .setVMState) }
     }
 
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {

@@ -347,6 +347,8 @@ struct ModelVM: Codable {
     var hasEncryptionContext = false
     /// The move into this VM completed: its linked files may now be mapped.
     var receivedEncryptionContext = false
+    /// KVM_CREATE_IRQCHIP (and the PIT) happened.
+    var hasInterruptControllers = false
     /// Frames the VM currently maps (SPTEs).
     var mappedFrames: Set<UInt64> = []
 

@@ -1,0 +1,397 @@
+import CKVM
+
+/// One piece of a VM's architectural state, as KVM hands it out: a named section holding the
+/// kernel's exact bytes (so that a save and restore loses nothing), with the capabilities a
+/// host needs to restore it. docs/vmstate.md lists every section, its ioctls and its order.
+public struct StateSection: Hashable, Sendable, Codable {
+    public var name: String
+    public var bytes: [UInt8]
+
+    public init(name: String, bytes: [UInt8]) {
+        self.name = name
+        self.bytes = bytes
+    }
+
+    /// What a section is: its name, what a host needs to restore it, and whose state it is.
+    public struct Kind: Sendable {
+        public var name: String
+        /// The capabilities (`KVM_CHECK_EXTENSION`) a host must report to restore it.
+        public var capabilities: [Capability]
+        /// The get and set ioctls, for people (docs/vmstate.md, the VMM's per-section log).
+        public var ioctls: String
+        public var perVCPU: Bool
+    }
+
+    /// Every section this version knows. A state with any other is refused by its decoder:
+    /// a target never silently drops a piece of state it does not understand.
+    public static let kinds: [String: Kind] = {
+        let list: [Kind] = [
+            Kind(name: "cpuid", capabilities: [.extCPUID], ioctls: "KVM_GET_CPUID2 / KVM_SET_CPUID2", perVCPU: true),
+            Kind(name: "regs", capabilities: [], ioctls: "KVM_GET_REGS / KVM_SET_REGS", perVCPU: true),
+            Kind(name: "sregs", capabilities: [], ioctls: "KVM_GET_SREGS / KVM_SET_SREGS", perVCPU: true),
+            Kind(name: "sregs2", capabilities: [.sregs2], ioctls: "KVM_GET_SREGS2 / KVM_SET_SREGS2", perVCPU: true),
+            Kind(name: "fpu", capabilities: [], ioctls: "KVM_GET_FPU / KVM_SET_FPU", perVCPU: true),
+            Kind(name: "xsave", capabilities: [.xsave2], ioctls: "KVM_GET_XSAVE2 / KVM_SET_XSAVE", perVCPU: true),
+            Kind(name: "xcrs", capabilities: [.xcrs], ioctls: "KVM_GET_XCRS / KVM_SET_XCRS", perVCPU: true),
+            Kind(name: "msrs", capabilities: [], ioctls: "KVM_GET_MSRS / KVM_SET_MSRS (every MSR of KVM_GET_MSR_INDEX_LIST the vcpu reads back)", perVCPU: true),
+            Kind(name: "mp-state", capabilities: [.mpState], ioctls: "KVM_GET_MP_STATE / KVM_SET_MP_STATE", perVCPU: true),
+            Kind(name: "lapic", capabilities: [.irqchip], ioctls: "KVM_GET_LAPIC / KVM_SET_LAPIC", perVCPU: true),
+            Kind(name: "events", capabilities: [.vcpuEvents], ioctls: "KVM_GET_VCPU_EVENTS / KVM_SET_VCPU_EVENTS", perVCPU: true),
+            Kind(name: "debugregs", capabilities: [.debugRegisters], ioctls: "KVM_GET_DEBUGREGS / KVM_SET_DEBUGREGS", perVCPU: true),
+            Kind(name: "tsc-khz", capabilities: [.getTSCKhz], ioctls: "KVM_GET_TSC_KHZ / KVM_SET_TSC_KHZ (where KVM_CAP_TSC_CONTROL; else checked equal)", perVCPU: true),
+            Kind(name: "tsc-offset", capabilities: [.vcpuAttributes], ioctls: "KVM_GET_DEVICE_ATTR / KVM_SET_DEVICE_ATTR (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET)", perVCPU: true),
+            Kind(name: "nested", capabilities: [.nestedState], ioctls: "KVM_GET_NESTED_STATE / KVM_SET_NESTED_STATE", perVCPU: true),
+            Kind(name: "pic-master", capabilities: [.irqchip], ioctls: "KVM_GET_IRQCHIP / KVM_SET_IRQCHIP (KVM_IRQCHIP_PIC_MASTER)", perVCPU: false),
+            Kind(name: "pic-slave", capabilities: [.irqchip], ioctls: "KVM_GET_IRQCHIP / KVM_SET_IRQCHIP (KVM_IRQCHIP_PIC_SLAVE)", perVCPU: false),
+            Kind(name: "ioapic", capabilities: [.irqchip], ioctls: "KVM_GET_IRQCHIP / KVM_SET_IRQCHIP (KVM_IRQCHIP_IOAPIC)", perVCPU: false),
+            Kind(name: "pit2", capabilities: [.pit2], ioctls: "KVM_GET_PIT2 / KVM_SET_PIT2", perVCPU: false),
+            Kind(name: "clock", capabilities: [.adjustClock], ioctls: "KVM_GET_CLOCK / KVM_SET_CLOCK (with the flags it returned)", perVCPU: false),
+        ]
+        return Dictionary(uniqueKeysWithValues: list.map { ($0.name, $0) })
+    }()
+
+    public var kind: Kind? { StateSection.kinds[name] }
+}
+
+/// Everything of one vcpu that moves, as sections. The model has `regs`, `sregs` and `fpu`;
+/// Linux every section this host's KVM offers (docs/vmstate.md), restored in KVM's order
+/// whatever their order here.
+public struct VCPUState: Hashable, Sendable, Codable {
+    public var sections: [StateSection]
+
+    public init(sections: [StateSection]) { self.sections = sections }
+
+    /// A state of the three sections every backend has.
+    public init(registers: Registers, specialRegisters: SpecialRegisters, fpu: FPUState) {
+        sections = [
+            StateSection(name: "regs", bytes: registers.bytes), StateSection(name: "sregs", bytes: specialRegisters.bytes),
+            StateSection(name: "fpu", bytes: fpu.bytes),
+        ]
+    }
+
+    public subscript(_ name: String) -> [UInt8]? {
+        get { sections.first { $0.name == name }?.bytes }
+        set {
+            if let index = sections.firstIndex(where: { $0.name == name }) {
+                if let newValue { sections[index].bytes = newValue } else { sections.remove(at: index) }
+            } else if let newValue {
+                sections.append(StateSection(name: name, bytes: newValue))
+            }
+        }
+    }
+
+    /// The general-purpose registers (`regs`).
+    public var registers: Registers {
+        get { self["regs"].map(Registers.init(bytes:)) ?? Registers() }
+        set { self["regs"] = newValue.bytes }
+    }
+
+    /// The special registers (`sregs`, or the same leading fields of `sregs2`).
+    public var specialRegisters: SpecialRegisters {
+        get {
+            if let bytes = self["sregs"] { return SpecialRegisters(bytes: bytes) }
+            if let bytes = self["sregs2"] { return SpecialRegisters(sregs2: bytes) }
+            return SpecialRegisters(kvm_sregs())
+        }
+        set {
+            if self["sregs"] != nil || self["sregs2"] == nil {
+                self["sregs"] = newValue.bytes
+            } else if var bytes = self["sregs2"] {
+                newValue.write(intoSregs2: &bytes)
+                self["sregs2"] = bytes
+            }
+        }
+    }
+
+    /// The x87/SSE state of a backend without XSAVE (`fpu`); nil where `xsave` carries it.
+    public var fpu: FPUState? {
+        get { self["fpu"].map(FPUState.init(bytes:)) }
+        set { self["fpu"] = newValue?.bytes }
+    }
+
+    /// The x87 control word, from `fpu` or the legacy area of `xsave` (FXSAVE layout: FCW at byte 0).
+    public var x87ControlWord: UInt16? {
+        if let fpu { return fpu.fcw }
+        return self["xsave"].map { $0.loadLE(UInt16.self, at: 0) }
+    }
+
+    /// The value of one MSR in the `msrs` section.
+    public func msr(_ index: UInt32) -> UInt64? { MSRList(bytes: self["msrs"] ?? []).entries.first { $0.index == index }?.value }
+}
+
+/// The `msrs` section: `struct kvm_msr_entry` records (index, reserved, value).
+public struct MSRList: Hashable, Sendable {
+    public struct Entry: Hashable, Sendable {
+        public var index: UInt32
+        public var value: UInt64
+        public init(index: UInt32, value: UInt64) {
+            self.index = index
+            self.value = value
+        }
+    }
+
+    public var entries: [Entry]
+
+    public init(entries: [Entry]) { self.entries = entries }
+
+    public init(bytes: [UInt8]) {
+        var entries: [Entry] = []
+        var offset = 0
+        while offset + 16 <= bytes.count {
+            entries.append(Entry(index: bytes.loadLE(UInt32.self, at: offset), value: bytes.loadLE(UInt64.self, at: offset + 8)))
+            offset += 16
+        }
+        self.entries = entries
+    }
+
+    public var bytes: [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(entries.count * 16)
+        for entry in entries {
+            bytes.appendLE(entry.index)
+            bytes.appendLE(UInt32(0))
+            bytes.appendLE(entry.value)
+        }
+        return bytes
+    }
+
+    /// Names for the MSRs people ask about.
+    public static func name(_ index: UInt32) -> String {
+        let names: [UInt32: String] = [
+            0x10: "IA32_TSC", 0x1b: "IA32_APIC_BASE", 0x3b: "IA32_TSC_ADJUST", 0x174: "SYSENTER_CS", 0x175: "SYSENTER_ESP",
+            0x176: "SYSENTER_EIP", 0x277: "PAT", 0x6e0: "TSC_DEADLINE", 0xc0000080: "EFER", 0xc0000081: "STAR", 0xc0000082: "LSTAR",
+            0xc0000083: "CSTAR", 0xc0000084: "SFMASK", 0xc0000102: "KERNEL_GS_BASE", 0xc0000103: "TSC_AUX",
+            0x4b564d00: "KVM_WALL_CLOCK_NEW", 0x4b564d01: "KVM_SYSTEM_TIME_NEW", 0x4b564d02: "KVM_ASYNC_PF_EN",
+            0x4b564d03: "KVM_STEAL_TIME", 0x4b564d04: "KVM_PV_EOI_EN",
+        ]
+        return names[index] ?? "0x\(String(index, radix: 16))"
+    }
+}
+
+/// One CPUID leaf as `struct kvm_cpuid_entry2` holds it.
+public struct CPUIDEntry: Hashable, Sendable, Codable {
+    public var function: UInt32
+    public var index: UInt32
+    public var flags: UInt32
+    public var eax: UInt32, ebx: UInt32, ecx: UInt32, edx: UInt32
+
+    public init(function: UInt32, index: UInt32, flags: UInt32, eax: UInt32, ebx: UInt32, ecx: UInt32, edx: UInt32) {
+        self.function = function
+        self.index = index
+        self.flags = flags
+        self.eax = eax
+        self.ebx = ebx
+        self.ecx = ecx
+        self.edx = edx
+    }
+
+    /// The `cpuid` section: 40-byte records.
+    public static func list(_ bytes: [UInt8]) -> [CPUIDEntry] {
+        stride(from: 0, to: bytes.count - 39, by: 40).map { offset in
+            CPUIDEntry(
+                function: bytes.loadLE(UInt32.self, at: offset), index: bytes.loadLE(UInt32.self, at: offset + 4),
+                flags: bytes.loadLE(UInt32.self, at: offset + 8), eax: bytes.loadLE(UInt32.self, at: offset + 12),
+                ebx: bytes.loadLE(UInt32.self, at: offset + 16), ecx: bytes.loadLE(UInt32.self, at: offset + 20),
+                edx: bytes.loadLE(UInt32.self, at: offset + 24))
+        }
+    }
+
+    public static func bytes(_ entries: [CPUIDEntry]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        for entry in entries {
+            for value in [entry.function, entry.index, entry.flags, entry.eax, entry.ebx, entry.ecx, entry.edx, 0, 0, 0] { bytes.appendLE(value) }
+        }
+        return bytes
+    }
+}
+
+/// A whole VM's state: its own sections (irqchip, PIT, clock) and each vcpu's.
+///
+/// It travels in a versioned, self-describing binary format: a section it does not know, or a
+/// host that lacks a capability a section needs, is refused with an error naming it — before
+/// anything is restored, so that the migration rolls back.
+///
+///     "GMVS" | version: u16 | VM sections: u16 | vcpus: u16 | VM sections | per vcpu: count u16, sections
+///     section: name length u8 | name | capabilities u8 | each capability u16 | length u32 | bytes
+///
+/// Little-endian throughout.
+public struct VMState: Hashable, Sendable {
+    public static let magic: [UInt8] = Array("GMVS".utf8)
+    public static let version: UInt16 = 1
+    /// The largest section accepted (an xsave area is a few KiB; a CPUID list 3 KiB).
+    public static let maxSectionBytes = 1 << 20
+
+    public var vm: [StateSection]
+    public var vcpus: [VCPUState]
+
+    public init(vm: [StateSection], vcpus: [VCPUState]) {
+        self.vm = vm
+        self.vcpus = vcpus
+    }
+
+    public var encoded: [UInt8] {
+        var bytes = VMState.magic
+        bytes.appendLE(VMState.version)
+        bytes.appendLE(UInt16(truncatingIfNeeded: vm.count))
+        bytes.appendLE(UInt16(truncatingIfNeeded: vcpus.count))
+        func append(_ section: StateSection) {
+            let name = Array(section.name.utf8)
+            bytes.append(UInt8(truncatingIfNeeded: name.count))
+            bytes += name
+            let capabilities = section.kind?.capabilities ?? []
+            bytes.append(UInt8(truncatingIfNeeded: capabilities.count))
+            for capability in capabilities { bytes.appendLE(UInt16(truncatingIfNeeded: capability.rawValue)) }
+            bytes.appendLE(UInt32(truncatingIfNeeded: section.bytes.count))
+            bytes += section.bytes
+        }
+        for section in vm { append(section) }
+        for vcpu in vcpus {
+            bytes.appendLE(UInt16(truncatingIfNeeded: vcpu.sections.count))
+            for section in vcpu.sections { append(section) }
+        }
+        return bytes
+    }
+
+    /// Decodes a state, refusing anything this version does not know.
+    public init(decoding bytes: [UInt8]) throws(VMStateError) {
+        var reader = Reader(bytes: bytes)
+        guard try reader.take(4) == VMState.magic else { throw VMStateError("not a VM state (no GMVS magic)") }
+        let version = try reader.u16()
+        guard version == VMState.version else { throw VMStateError("VM state version \(version); this gmigrate reads version \(VMState.version)") }
+        let vmCount = Int(try reader.u16())
+        let vcpuCount = Int(try reader.u16())
+        func section(perVCPU: Bool) throws(VMStateError) -> StateSection {
+            let name = String(decoding: try reader.take(Int(try reader.u8())), as: UTF8.self)
+            let capabilityCount = Int(try reader.u8())
+            var capabilities: [Int] = []
+            for _ in 0..<capabilityCount { capabilities.append(Int(try reader.u16())) }
+            let length = Int(try reader.u32())
+            guard length <= VMState.maxSectionBytes else { throw VMStateError("section '\(name)' of \(length) bytes (at most \(VMState.maxSectionBytes))") }
+            let body = try reader.take(length)
+            guard let kind = StateSection.kinds[name] else {
+                throw VMStateError("section '\(name)' (\(length) bytes, needs capabilities \(capabilities)) is unknown to this VMM: it cannot restore it")
+            }
+            guard kind.perVCPU == perVCPU else { throw VMStateError("section '\(name)' is not a \(perVCPU ? "vcpu" : "VM") section") }
+            return StateSection(name: name, bytes: body)
+        }
+        var vm: [StateSection] = []
+        for _ in 0..<vmCount { vm.append(try section(perVCPU: false)) }
+        var vcpus: [VCPUState] = []
+        for _ in 0..<vcpuCount {
+            let count = Int(try reader.u16())
+            var sections: [StateSection] = []
+            for _ in 0..<count { sections.append(try section(perVCPU: true)) }
+            vcpus.append(VCPUState(sections: sections))
+        }
+        guard reader.isAtEnd else { throw VMStateError("\(bytes.count - reader.offset) bytes after the last vcpu") }
+        self.init(vm: vm, vcpus: vcpus)
+    }
+
+    /// The capabilities this state needs that `has` says a host lacks: each named with its section.
+    public func missingCapabilities(_ has: (Capability) -> Bool) -> [String] {
+        let sections = vm + vcpus.flatMap(\.sections)
+        var missing: [String] = []
+        for section in sections {
+            for capability in section.kind?.capabilities ?? [] where !has(capability) {
+                let text = "section '\(section.name)' needs capability \(capability.rawValue)"
+                if !missing.contains(text) { missing.append(text) }
+            }
+        }
+        return missing
+    }
+
+    private struct Reader {
+        let bytes: [UInt8]
+        var offset = 0
+        var isAtEnd: Bool { offset == bytes.count }
+
+        mutating func take(_ count: Int) throws(VMStateError) -> [UInt8] {
+            guard count >= 0, bytes.count - offset >= count else { throw VMStateError("the state ends inside a section (at byte \(offset))") }
+            defer { offset += count }
+            return Array(bytes[offset..<(offset + count)])
+        }
+        mutating func u8() throws(VMStateError) -> UInt8 { try take(1)[0] }
+        mutating func u16() throws(VMStateError) -> UInt16 { try take(2).loadLE(UInt16.self, at: 0) }
+        mutating func u32() throws(VMStateError) -> UInt32 { try take(4).loadLE(UInt32.self, at: 0) }
+    }
+}
+
+/// Why a VM state cannot be decoded or restored: the message names the section.
+public struct VMStateError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+extension Array where Element == UInt8 {
+    func loadLE<T: FixedWidthInteger>(_ type: T.Type, at offset: Int) -> T {
+        var value: T = 0
+        for index in 0..<MemoryLayout<T>.size where offset + index < count {
+            value |= T(self[offset + index]) << (8 * index)
+        }
+        return value
+    }
+
+    mutating func appendLE<T: FixedWidthInteger>(_ value: T) {
+        for index in 0..<MemoryLayout<T>.size { append(UInt8(truncatingIfNeeded: value >> (8 * index))) }
+    }
+}
+
+extension VMState {
+    /// How a restored state differs from the saved one, section by section, or nil if it does
+    /// not: the first difference, naming the section and the field (the register, the MSR, the
+    /// byte). What time moves by itself is not compared: the kvmclock and the PIT's counters
+    /// (the clock is set to advance), the LAPIC's current timer count, and the TSC MSR when the TSC
+    /// offset is what carries the guest's TSC (the offset is compared).
+    public static func difference(restored: VMState, saved: VMState) -> String? {
+        for section in saved.vm where !["clock", "pit2"].contains(section.name) {
+            guard let back = restored.vm.first(where: { $0.name == section.name })?.bytes else { return "VM section \(section.name): not read back" }
+            if let where_ = firstDifference(back, section.bytes) { return "VM section \(section.name): \(where_)" }
+        }
+        guard restored.vcpus.count == saved.vcpus.count else { return "\(restored.vcpus.count) vcpus read back, \(saved.vcpus.count) saved" }
+        for (index, (back, saved)) in zip(restored.vcpus, saved.vcpus).enumerated() {
+            if let difference = VCPUState.difference(restored: back, saved: saved) { return "vcpu \(index): \(difference)" }
+        }
+        return nil
+    }
+
+    static func firstDifference(_ a: [UInt8], _ b: [UInt8], ignoring ignored: Range<Int>? = nil, name: (Int) -> String = { "byte \($0)" }) -> String? {
+        guard a.count == b.count else { return "\(a.count) bytes read back, \(b.count) saved" }
+        for index in 0..<a.count where a[index] != b[index] && !(ignored?.contains(index) ?? false) {
+            return "\(name(index)): 0x\(String(b[index], radix: 16)) saved, 0x\(String(a[index], radix: 16)) read back"
+        }
+        return nil
+    }
+}
+
+extension VCPUState {
+    public static func difference(restored: VCPUState, saved: VCPUState) -> String? {
+        for section in saved.sections {
+            guard let back = restored[section.name] else { return "section \(section.name): not read back" }
+            switch section.name {
+            case "regs":
+                if let where_ = VMState.firstDifference(back, section.bytes, name: { "\(Registers.field(at: $0)) (byte \($0))" }) {
+                    return "section regs: \(where_)"
+                }
+            case "lapic":
+                // The current count (TMCCT, 0x390) runs down by itself.
+                if let where_ = VMState.firstDifference(back, section.bytes, ignoring: 0x390..<0x394, name: { "register 0x\(String($0 & ~0xf, radix: 16)) (byte \($0))" }) {
+                    return "section lapic: \(where_)"
+                }
+            case "msrs":
+                let backed = Dictionary(MSRList(bytes: back).entries.map { ($0.index, $0.value) }, uniquingKeysWith: { a, _ in a })
+                let carriedByOffset = saved["tsc-offset"] != nil
+                for entry in MSRList(bytes: section.bytes).entries {
+                    if entry.index == 0x10 && carriedByOffset { continue }
+                    guard let value = backed[entry.index] else { return "section msrs: MSR \(MSRList.name(entry.index)) not read back" }
+                    if value != entry.value {
+                        return "section msrs: MSR \(MSRList.name(entry.index)) set 0x\(String(entry.value, radix: 16)), read back 0x\(String(value, radix: 16))"
+                    }
+                }
+            default:
+                if let where_ = VMState.firstDifference(back, section.bytes) { return "section \(section.name): \(where_)" }
+            }
+        }
+        return nil
+    }
+}

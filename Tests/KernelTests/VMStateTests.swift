@@ -1,0 +1,30 @@
+import Foundation
+import Kernel
+import Testing
+
+@Suite("VM state sections")
+struct VMStateTests {
+    @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")
+    func roundTrip() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let cpuid = try kernel.supportedCPUID()
+        func makeVM() throws -> (KernelHandle, [KernelHandle]) {
+            let vm = try kernel.createVM(type: .default)
+            try kernel.createInterruptControllers(vm: vm)
+            let vcpus = try (0..<2).map { id in try kernel.createVCPU(vm: vm, id: UInt32(id)) }
+            for vcpu in vcpus { try kernel.setCPUID(vcpu, cpuid) }
+            return (vm, vcpus)
+        }
+        let (sourceVM, sourceVCPUs) = try makeVM()
+        let saved = VMState(vm: try kernel.vmState(sourceVM), vcpus: try sourceVCPUs.map { try kernel.vcpuState($0) })
+        let (targetVM, targetVCPUs) = try makeVM()
+        try kernel.setVMState(targetVM, saved.vm)
+        for (vcpu, state) in zip(targetVCPUs, saved.vcpus) { try kernel.setVCPUState(vcpu, state) }
+        let restored = VMState(vm: try kernel.vmState(targetVM), vcpus: try targetVCPUs.map { try kernel.vcpuState($0) })
+        #expect(VMState.difference(restored: restored, saved: saved) == nil, "\(VMState.difference(restored: restored, saved: saved) ?? "")")
+        print("sections:", saved.vm.map { $0.name }, saved.vcpus[0].sections.map { "\($0.name):\($0.bytes.count)" })
+        let decoded = try VMState(decoding: saved.encoded)
+        #expect(decoded == saved)
+        for handle in sourceVCPUs + targetVCPUs + [sourceVM, targetVM] { kernel.close(handle) }
+    }
+}
