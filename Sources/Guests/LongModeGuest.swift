@@ -136,3 +136,73 @@ public enum LongModeGuest {
     public static func reportAddress(_ vcpu: Int) -> UInt64 { block(vcpu) + 0x1000 }
     public static let reportBytes = 0x70
 }
+
+/// What the long-mode guest recorded, read at one moment of the host's monotonic clock.
+public struct LongModeSample: Codable, Equatable, Sendable {
+    public var hostNanoseconds: UInt64
+    public var vcpus: [LongModeGuest.VCPUReport]
+
+    public init(hostNanoseconds: UInt64, vcpus: [LongModeGuest.VCPUReport]) {
+        self.hostNanoseconds = hostNanoseconds
+        self.vcpus = vcpus
+    }
+}
+
+/// What a migration must not have disturbed in the long-mode guest: from a sample taken in the
+/// source before it, and two in the survivor after it.
+public struct LongModeCheck: Codable, Equatable, Sendable {
+    public struct VCPU: Codable, Equatable, Sendable {
+        public var iterations: UInt64
+        public var syscalls: UInt64
+        /// Timer interrupts a second, measured in the survivor.
+        public var timerHertz: Double
+        /// Guest time (kvmclock) that passed across the migration, against the host's.
+        public var guestElapsedNanoseconds: Int64
+        public var hostElapsedNanoseconds: Int64
+        public var violation: String?
+    }
+
+    public var vcpus: [VCPU]
+    public var problems: [String]
+    public var passed: Bool { problems.isEmpty }
+
+    public init(vcpus: [VCPU], problems: [String]) {
+        self.vcpus = vcpus
+        self.problems = problems
+    }
+
+    /// The tolerance between guest and host time across a migration (the guest checks its clock
+    /// every few microseconds of work, or after an idle of at most one timer period).
+    public static let clockTolerance: Int64 = 100_000_000
+
+    /// Checks every vcpu: no violation reported, its work and its syscalls continued, its timer
+    /// ticks at its rate (within half of it either way), and its kvmclock advanced as the
+    /// host's time did (neither frozen nor jumped).
+    public static func check(before: LongModeSample, after first: LongModeSample, later second: LongModeSample) -> LongModeCheck {
+        var problems: [String] = []
+        var vcpus: [VCPU] = []
+        guard before.vcpus.count == first.vcpus.count, first.vcpus.count == second.vcpus.count, !before.vcpus.isEmpty else {
+            return LongModeCheck(vcpus: [], problems: ["the guest reports \(before.vcpus.count), then \(first.vcpus.count) vcpus"])
+        }
+        let window = Double(Int64(bitPattern: second.hostNanoseconds &- first.hostNanoseconds)) / 1e9
+        for index in before.vcpus.indices {
+            let (a, b, c) = (before.vcpus[index], first.vcpus[index], second.vcpus[index])
+            let hertz = window > 0 ? Double(Int64(bitPattern: c.ticks &- b.ticks)) / window : 0
+            let guestElapsed = Int64(bitPattern: b.lastClock &- a.lastClock)
+            let hostElapsed = Int64(bitPattern: first.hostNanoseconds &- before.hostNanoseconds)
+            let vcpu = VCPU(
+                iterations: c.iterations, syscalls: c.syscalls, timerHertz: hertz, guestElapsedNanoseconds: guestElapsed,
+                hostElapsedNanoseconds: hostElapsed, violation: c.violationText)
+            vcpus.append(vcpu)
+            if let violation = c.violationText { problems.append("vcpu \(index): \(violation)") }
+            if c.iterations <= a.iterations { problems.append("vcpu \(index): its work did not continue (\(a.iterations) before, \(c.iterations) after)") }
+            if c.syscalls <= a.syscalls { problems.append("vcpu \(index): its syscalls did not continue (\(a.syscalls) before, \(c.syscalls) after)") }
+            let rate = Double(LongModeGuest.timerHertz)
+            if hertz < rate / 2 || hertz > rate * 1.5 { problems.append("vcpu \(index): its timer ticks at \(Int(hertz)) Hz, not \(LongModeGuest.timerHertz)") }
+            if abs(guestElapsed - hostElapsed) > clockTolerance {
+                problems.append("vcpu \(index): its kvmclock advanced \(guestElapsed / 1_000_000) ms while the host's advanced \(hostElapsed / 1_000_000) ms")
+            }
+        }
+        return LongModeCheck(vcpus: vcpus, problems: problems)
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import Guests
 import HostNet
 import Journal
 import Kernel
@@ -122,7 +123,10 @@ public final class ProcessEndpoints: EndpointProvider {
         if let spawn, spawnedPID == nil {
             do {
                 let process = try ProcessRun.spawnVMM(
-                    socket: targetSocket, backend: spawn.backend, name: "target", logFile: spawn.logFile, allowFaults: !kernelFaults.isEmpty)
+                    socket: targetSocket, backend: spawn.backend,
+                    // Each target its own name: on a model host the name is the process, and the
+                    // next hop's target must not be taken for this one.
+                    name: "target/" + ((targetSocket as NSString).lastPathComponent as NSString).deletingPathExtension, logFile: spawn.logFile, allowFaults: !kernelFaults.isEmpty)
                 targetProcess = process
                 spawnedPID = process.processIdentifier
             } catch {
@@ -253,6 +257,11 @@ public struct ProcessVerification: Codable, Sendable, Equatable {
     public var counterAfter: UInt32?
     public var sourceInodes: [String: String]
     public var targetInodes: [String: String]
+    /// The long-mode guest's own account: no violation, work, syscalls, timer and clocks going on.
+    public var guest: LongModeCheck?
+
+    /// The guest carried on: the long-mode guest's check, or the counter guest's counter.
+    public var passed: Bool { guest?.passed ?? counterContinued }
 
     public var registersAgree: Bool {
         guard let memory = counterAtPause, let register = registerAtPause else { return true }
@@ -296,6 +305,14 @@ public final class ProcessRun {
             return candidate
         }
         return "tinyvmm"
+    }
+
+    /// What the long-mode guest recorded, as a VMM's status says, with the host's time.
+    public static func sample(_ vmm: RemoteVMM) -> LongModeSample? {
+        guard (try? vmm.status()) != nil, let reports = vmm.lastGuestReport else { return nil }
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return LongModeSample(hostNanoseconds: UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec), vcpus: reports)
     }
 
     /// Starts a tinyvmm and waits until its socket answers.
@@ -357,6 +374,8 @@ public final class ProcessRun {
             id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + spawnBackend, coordinatorPID: getpid(),
             faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath)
         started.idempotencyKey = idempotencyKey
+        // The long-mode guest's account before the migration, for the comparison after it.
+        let sourceSample = (try? RemoteVMM(role: "source", socketPath: sourceSocket, timeout: plan.policy.stepTimeout)).flatMap(ProcessRun.sample)
         let journal = try MigrationRunner.begin(started, in: store)
         let provider = ProcessEndpoints(
             sourceSocket: sourceSocket, targetSocket: targetPath,
@@ -370,19 +389,30 @@ public final class ProcessRun {
         let survivor: RemoteVMM? = summary.state == .completed ? provider.targetVMM : summary.state == .rolledBack ? provider.sourceVMM : nil
         if let survivor, let source = provider.sourceVMM {
             let atPause = source.lastCounter
-            // The guest counts on: wait (bounded) for the survivor's counter to pass the pause's.
             var after: UInt32? = nil
-            let deadline = ContinuousClock.now + .seconds(5)
-            while ContinuousClock.now < deadline {
-                after = try? survivor.status().counter
-                if let after, let atPause, after > atPause { break }
-                if atPause == nil { break }
-                _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(10))
+            var guest: LongModeCheck? = nil
+            if let before = sourceSample, !before.vcpus.isEmpty {
+                // The long-mode guest: two samples in the survivor, a timer measure apart.
+                if let first = ProcessRun.sample(survivor) {
+                    _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(400))
+                    if let second = ProcessRun.sample(survivor) { guest = LongModeCheck.check(before: before, after: first, later: second) }
+                }
+                if guest == nil { guest = LongModeCheck(vcpus: [], problems: ["the survivor reports nothing of its guest"]) }
+            } else {
+                // The counter guest counts on: wait (bounded) for the survivor's counter to pass the pause's.
+                let deadline = ContinuousClock.now + .seconds(5)
+                while ContinuousClock.now < deadline {
+                    after = try? survivor.status().counter
+                    if let after, let atPause, after > atPause { break }
+                    if atPause == nil { break }
+                    _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(10))
+                }
             }
             verification = ProcessVerification(
-                counterAtPause: atPause, registerAtPause: source.pausedState?.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) },
+                counterAtPause: atPause, registerAtPause: guest == nil ? source.pausedState?.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) } : nil,
                 counterAtResume: summary.state == .completed ? provider.targetVMM?.counterAtRestore : nil, counterAfter: after,
-                sourceInodes: journal.entries.inodes(recordedBy: .prepare), targetInodes: journal.entries.inodes(recordedBy: .handOverMemory))
+                sourceInodes: journal.entries.inodes(recordedBy: .prepare), targetInodes: journal.entries.inodes(recordedBy: .handOverMemory),
+                guest: guest)
         }
         return ProcessRun(
             summary: summary, verification: verification, journalPath: journal.path, targetSocket: targetPath,

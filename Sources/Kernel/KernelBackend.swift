@@ -91,6 +91,10 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// `KVM_LINK_GUEST_MEMFD` (RFC): a new gmem file on `file`'s inode, bound to `vm`.
     func linkGuestMemfd(_ file: KernelHandle, into vm: KernelHandle, flags: UInt64) throws(KernelError) -> KernelHandle
 
+    /// `fcntl(F_DUPFD_CLOEXEC)`: a second handle on the same file, owned by the caller (a VMM
+    /// keeps the gmem file it was handed, so that it can hand it on as a source in turn).
+    func duplicate(_ handle: KernelHandle) throws(KernelError) -> KernelHandle
+
     /// `fstat`: the inode a gmem file is a view of.
     func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity
 

@@ -185,6 +185,22 @@ public struct CPUIDEntry: Hashable, Sendable, Codable {
         self.edx = edx
     }
 
+    /// The CPU model a VMM gives vcpu `id`: the kernel's supported CPUID with the fields that name
+    /// a CPU made the vcpu's own. KVM_GET_SUPPORTED_CPUID passes through the host's leaf 1 EBX
+    /// (and leaf 0xB/0x1F EDX), whose initial APIC ID is that of whichever host CPU ran the ioctl,
+    /// so two VMMs on one host would otherwise disagree; like QEMU, gmigrate sets it to the vcpu id.
+    public static func forVCPU(_ supported: [CPUIDEntry], id: UInt32) -> [CPUIDEntry] {
+        supported.map { entry in
+            var entry = entry
+            switch entry.function {
+            case 0x1: entry.ebx = (entry.ebx & 0x00FF_FFFF) | ((id & 0xFF) << 24)
+            case 0xB, 0x1F: entry.edx = id
+            default: break
+            }
+            return entry
+        }
+    }
+
     /// The `cpuid` section: 40-byte records.
     public static func list(_ bytes: [UInt8]) -> [CPUIDEntry] {
         stride(from: 0, to: bytes.count - 39, by: 40).map { offset in

@@ -196,6 +196,7 @@ public final class FaultInjectingBackend: KernelBackend {
         try check(.linkGuestMemfd)
         return try inner.linkGuestMemfd(file, into: vm, flags: flags)
     }
+    public func duplicate(_ handle: KernelHandle) throws(KernelError) -> KernelHandle { try inner.duplicate(handle) }
     public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
         try check(.inodeIdentity)
         return try inner.inodeIdentity(file)

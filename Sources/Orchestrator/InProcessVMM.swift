@@ -31,7 +31,9 @@ public final class InProcessVMM: VMMEndpoint {
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
     private var saved: VMState? = nil
-    /// The CPUID every vcpu was given (the source's, once a state was restored).
+    /// The CPUID this VMM configured (KVM_SET_CPUID2 at creation, from this kernel's CPU model):
+    /// what source and target compare. A restored state carries the source vcpus' own CPUID as
+    /// KVM reports it, which the target sets and reads back equal.
     private var cpuid: [CPUIDEntry] = []
     /// Which guest program this VMM loaded, if it loaded one.
     public private(set) var guest: GuestProgram?
@@ -109,6 +111,10 @@ public final class InProcessVMM: VMMEndpoint {
     public static let counterProgram: [UInt8] = [
         0x66, 0xFF, 0x06, 0x00, 0x20, 0x66, 0xA1, 0x00, 0x20, 0x66, 0xE7, 0x10, 0xEB, 0xF2,
     ]
+    /// Where the counter guest parks every vcpu but the boot one: `hlt; jmp back`. (Under KVM
+    /// with an in-kernel irqchip those vcpus wait for INIT/SIPI and never get there.)
+    public static let parkProgram: [UInt8] = [0xF4, 0xEB, 0xFD]
+    public static let parkAddress: UInt64 = 0x1800
     public static let programAddress: UInt64 = 0x1000
     public static let counterAddress: UInt64 = 0x2000
     public static let counterPort: UInt16 = 0x10
@@ -147,11 +153,12 @@ public final class InProcessVMM: VMMEndpoint {
                 if canWriteGuest(at: InProcessVMM.programAddress, count: 0x1004) {
                     try writeGuest(gpa: InProcessVMM.programAddress, bytes: program)
                     try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
-                    if let boot = vcpus.first {
-                        var state = try boot.value.state()
+                    try writeGuest(gpa: InProcessVMM.parkAddress, bytes: InProcessVMM.parkProgram)
+                    for (index, vcpu) in vcpus.enumerated() {
+                        var state = try vcpu.value.state()
                         state.specialRegisters.setFlatRealMode()
-                        state.registers.rip = InProcessVMM.programAddress
-                        try boot.value.setState(state)
+                        state.registers.rip = index == 0 ? InProcessVMM.programAddress : InProcessVMM.parkAddress
+                        try vcpu.value.setState(state)
                     }
                     guest = requested
                 }
@@ -248,14 +255,14 @@ public final class InProcessVMM: VMMEndpoint {
         do {
             let created = try backend.createVirtualMachine(type: type)
             try backend.createInterruptControllers(vm: created.handle)
-            let cpuid = try backend.supportedCPUID()
+            let supported = try backend.supportedCPUID()
             var made: [Owned<VCPU>] = []
             for id in 0...last {
                 let vcpu = try created.createVCPU(id: id)
-                try backend.setCPUID(vcpu.handle, cpuid)
+                try backend.setCPUID(vcpu.handle, CPUIDEntry.forVCPU(supported, id: id))
                 made.append(Owned(vcpu))
             }
-            self.cpuid = cpuid
+            self.cpuid = CPUIDEntry.forVCPU(supported, id: 0)
             self.type = type
             vm = Owned(created)
             vcpus = made
@@ -284,6 +291,11 @@ public final class InProcessVMM: VMMEndpoint {
                 let address = try backend.mapGuestMemfd(handle, offset: 0, length: gmem.size)
                 mappings[gmem.name] = Owned(GuestMapping(adopting: address, length: gmem.size, backend: backend))
                 let inode = try backend.inodeIdentity(handle)
+                // The file itself is kept (a handle of this VMM's own), so that this VMM can hand
+                // it on when it is the source of the next migration.
+                if let own = try? backend.duplicate(handle) {
+                    files[gmem.name] = Owned(GuestMemfd(backend: backend, handle: own, size: gmem.size, flags: gmem.flags))
+                }
                 sharedInodes[gmem.name] = inode
                 gmems[gmem.name] = .init(name: gmem.name, size: gmem.size, flags: gmem.flags, inode: inode)
                 return inode
@@ -424,7 +436,6 @@ public final class InProcessVMM: VMMEndpoint {
         }
         lastTimings = ["restore": (clock.now - began).nanoseconds]
         saved = state
-        if let restored = state.vcpus.first?["cpuid"] { cpuid = CPUIDEntry.list(restored) }
         isRunning = true
     }
 

@@ -21,7 +21,7 @@ let embeddedDemoPlan = """
         vmm: spawn
       vm:
         type: default
-        vcpus: 1
+        vcpus: 2
         guestMemfds:
           - name: ram
             size: 2Mi
@@ -60,6 +60,9 @@ struct Demo: ParsableCommand {
 
     @Option(name: .customLong("inject"), help: "Arm a fault: POINT=FAULT (gmigrate faults list). Repeatable.")
     var injections: [String] = []
+
+    @Option(help: "Migrate the guest this many times, each target the next source (A→B→C…).")
+    var hops: Int = 1
 
     @OptionGroup var output: OutputOptions
 
@@ -110,16 +113,20 @@ struct Demo: ParsableCommand {
         // The source tinyvmm, running the plan's VM.
         let planCopy = directory + "/plan.yaml"
         try planText.write(toFile: planCopy, atomically: true, encoding: .utf8)
+        guard hops >= 1, hops <= 1000 else { throw CommandFailure(code: .badInput, message: "--hops takes 1 to 1000") }
         let sourceProcess = try ProcessRun.spawnVMM(
             socket: sourceSocket, backend: kernelBackend, name: "demo/source", logFile: directory + "/source.log", plan: planCopy)
-        let started: [Process] = [sourceProcess]
+        var survivors: [Int32] = [sourceProcess.processIdentifier]
+        var lastSocket = sourceSocket
         defer {
             // The demo ends what it started, whatever the outcome: no VMM is left running.
-            for process in started where process.isRunning {
-                process.terminate()
-                if !ProcessWatch.waitForExit(process.processIdentifier, timeout: .seconds(2)) { kill(process.processIdentifier, SIGKILL) }
-                process.waitUntilExit()
+            (try? RemoteVMM(role: "demo", socketPath: lastSocket, timeout: .seconds(2)))?.shutdown()
+            for pid in survivors where ProcessWatch.isAlive(pid) {
+                if !ProcessWatch.waitForExit(pid, timeout: .seconds(2)) { kill(pid, SIGTERM) }
+                if !ProcessWatch.waitForExit(pid, timeout: .seconds(2)) { kill(pid, SIGKILL) }
             }
+            if sourceProcess.isRunning { sourceProcess.terminate() }
+            sourceProcess.waitUntilExit()
         }
         Thread.sleep(forTimeInterval: Double(warmup) / 1000)
         let journal = try openStateDirectory(directory)
@@ -128,47 +135,56 @@ struct Demo: ParsableCommand {
             print("source: tinyvmm pid \(sourceProcess.processIdentifier) at \(sourceSocket); target: spawned by the coordinator")
         }
         let json = output.json
-        let run: ProcessRun
-        do {
-            run = try ProcessRun.run(
-                plan: validPlan, planFile: planFile, strategy: resolved, journal: journal, faults: specs, sourceSocket: sourceSocket,
-                targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory,
-                progress: { step in if !json { printStep(step) } }, watcher: try? KVMEventWatcher())
-        } catch {
-            throw CommandFailure(code: .kernelFailed, message: "the demo could not run: \(error)")
+        struct Hop: Encodable {
+            var hop: Int
+            var summary: MigrationSummary
+            var verification: ProcessVerification?
+            var targetSocket: String
         }
-        let summary = run.summary
-        let verification = run.verification
-        // A retired source exits by itself; the target the coordinator spawned is shut down below.
-        let sourceExited = summary.state == .completed && ProcessWatch.waitForExit(sourceProcess.processIdentifier, timeout: .seconds(5))
-        if sourceExited { sourceProcess.waitUntilExit() }
-        if let pid = run.targetPID, summary.state == .completed {
-            (try? RemoteVMM(role: "demo", socketPath: run.targetSocket, timeout: .seconds(2)))?.shutdown()
-            _ = ProcessWatch.waitForExit(pid, timeout: .seconds(5))
+        var done: [Hop] = []
+        var code = GmigrateExitCode.success
+        for hop in 1...hops {
+            var hopPlan = validPlan
+            hopPlan.source = .socket(path: lastSocket)
+            let run: ProcessRun
+            do {
+                run = try ProcessRun.run(
+                    plan: hopPlan, planFile: planFile, strategy: resolved, journal: journal, faults: specs, sourceSocket: lastSocket,
+                    targetSocket: nil, spawnBackend: kernelBackend, vmmDirectory: directory,
+                    progress: { step in if !json && hop == 1 { printStep(step) } }, watcher: try? KVMEventWatcher())
+            } catch {
+                throw CommandFailure(code: .kernelFailed, message: "the demo could not run (hop \(hop)): \(error)")
+            }
+            let summary = run.summary
+            let verification = run.verification
+            if let pid = run.targetPID { survivors.append(pid) }
+            done.append(Hop(hop: hop, summary: summary, verification: verification, targetSocket: run.targetSocket))
+            if !json {
+                if hops > 1 { print("hop \(hop)/\(hops): " + summaryLine(summary)) } else { print(summaryLine(summary)) }
+                printOutcome(summary)
+                if let verification { printVerification(verification, completed: summary.state == .completed) }
+            }
+            code = outcomeCode(for: summary.state, verified: verification?.passed == true)
+            guard code == .success else { break }
+            // The retired source exits by itself; the target is the next hop's source.
+            let previous = survivors[survivors.count - 2]
+            let exited = ProcessWatch.waitForExit(previous, timeout: .seconds(5))
+            if !json && hop == 1 && exited && previous == sourceProcess.processIdentifier {
+                sourceProcess.waitUntilExit()
+                print("source process \(previous) exited with status \(sourceProcess.terminationStatus) after retiring its VM")
+            }
+            lastSocket = run.targetSocket
         }
-        if output.json {
+        if json {
             struct Report: Encodable {
                 var backend: String
-                var summary: MigrationSummary
-                var verification: ProcessVerification?
+                var hops: [Hop]
             }
-            print(encodeJSON(Report(backend: kernelBackend, summary: summary, verification: verification)))
+            print(encodeJSON(Report(backend: kernelBackend, hops: done)))
         } else {
-            print(summaryLine(summary))
-            printOutcome(summary)
-            if let verification {
-                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused (eax \(verification.registerAtPause.map(String.init) ?? "-")), \(verification.counterAtResume.map(String.init) ?? "-") in the target's memory when it resumed, \(verification.counterAfter.map(String.init) ?? "-") once it counted on — \(verification.counterContinued ? "continued, no write lost" : "NOT continued")")
-                for (name, inode) in verification.sourceInodes.sorted(by: { $0.key < $1.key }) where summary.state == .completed {
-                    let other = verification.targetInodes[name] ?? "?"
-                    print("memory '\(name)': source inode \(inode), target inode \(other) — \(inode == other ? "the same pages" : "a copy")")
-                }
-            }
-            if sourceExited {
-                print("source process \(sourceProcess.processIdentifier) exited with status \(sourceProcess.terminationStatus) after retiring its VM")
-            }
-            print("journal: gmigrate journal show \(summary.id) --state-dir \(directory)")
+            if hops > 1, code == .success { print("the guest moved \(hops) times; it runs in the VMM at \(lastSocket)") }
+            print("journal: gmigrate journal list --state-dir \(directory)")
         }
-        let code = outcomeCode(for: summary.state, verified: verification?.counterContinued == true)
         if code != .success { throw ExitCode(code.rawValue) }
     }
 }

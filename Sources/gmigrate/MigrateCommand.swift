@@ -68,6 +68,24 @@ func printOutcome(_ summary: MigrationSummary) {
     for fault in summary.unfiredFaults { print("warning: the fault \(fault) was armed and never fired (its point was not reached)") }
 }
 
+/// The verification of a migration between VMM processes: the long-mode guest's own account,
+/// or the counter guest's counter.
+func printVerification(_ verification: ProcessVerification, completed: Bool) {
+    if let guest = verification.guest {
+        for (index, vcpu) in guest.vcpus.enumerated() {
+            print(
+                "guest vcpu \(index): \(vcpu.iterations) iterations, \(vcpu.syscalls) syscalls, timer \(Int(vcpu.timerHertz.rounded())) Hz; kvmclock +\(vcpu.guestElapsedNanoseconds / 1_000_000) ms while the host's +\(vcpu.hostElapsedNanoseconds / 1_000_000) ms\(vcpu.violation.map { "; VIOLATION: \($0)" } ?? "")")
+        }
+        print(guest.passed ? "the guest noticed nothing: no invariant violated, its work, syscalls, timer and clocks went on" : "the guest's checks FAILED: " + guest.problems.joined(separator: "; "))
+    } else {
+        print("counter: \(verification.counterAtPause.map(String.init) ?? "-") when the source paused (eax \(verification.registerAtPause.map(String.init) ?? "-")), \(verification.counterAtResume.map(String.init) ?? "-") in the target's memory when it resumed, \(verification.counterAfter.map(String.init) ?? "-") once it counted on — \(verification.counterContinued ? "continued, no write lost" : "NOT continued")")
+    }
+    for (name, inode) in verification.sourceInodes.sorted(by: { $0.key < $1.key }) where completed {
+        let other = verification.targetInodes[name] ?? "?"
+        print("memory '\(name)': source inode \(inode), target inode \(other) — \(inode == other ? "the same pages" : "a copy")")
+    }
+}
+
 /// The exit code of a run's outcome (README's table).
 func outcomeCode(for state: TerminalState, verified: Bool) -> GmigrateExitCode {
     switch state {
@@ -246,13 +264,11 @@ struct Migrate: ParsableCommand {
             print(summaryLine(summary))
             printOutcome(summary)
             for problem in run.armingProblems { print("warning: faults could not be armed: \(problem)") }
-            if let verification = run.verification {
-                print("counter: \(verification.counterAtPause.map(String.init) ?? "-") at the pause (eax \(verification.registerAtPause.map(String.init) ?? "-")), \(verification.counterAtResume.map(String.init) ?? "-") at the resume, \(verification.counterAfter.map(String.init) ?? "-") later")
-            }
+            if let verification = run.verification { printVerification(verification, completed: summary.state == .completed) }
             if summary.state == .completed { print("the guest runs in the target VMM, pid \(run.targetPID.map(String.init) ?? "?"), at \(run.targetSocket)") }
             print("journal: gmigrate journal show \(summary.id) --state-dir \(state.stateDir)")
         }
-        let code = outcomeCode(for: summary.state, verified: run.verification?.counterContinued != false)
+        let code = outcomeCode(for: summary.state, verified: run.verification?.passed != false)
         if code != .success { throw ExitCode(code.rawValue) }
     }
 

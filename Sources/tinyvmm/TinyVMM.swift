@@ -190,6 +190,10 @@ final class VCPUThread: @unchecked Sendable {
                 usleep(2000)
             case .interrupted:
                 continue
+            case .halt:
+                // HLT exits to the VMM only without an in-kernel LAPIC (the model): a parked vcpu
+                // waits for nothing, so it naps and runs its halt loop again.
+                usleep(2000)
             default:
                 let rip = (try? kernel.vcpuState(vcpu))?.registers.rip
                 log.say("vcpu \(index): the guest stopped: \(exit) at rip 0x\(String(rip ?? 0, radix: 16))")

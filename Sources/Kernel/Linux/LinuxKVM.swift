@@ -281,6 +281,13 @@ public final class LinuxKVM: KernelBackend {
         }
     }
 
+    public func duplicate(_ handle: KernelHandle) throws(KernelError) -> KernelHandle {
+        let fd = fcntl(handle.raw, F_DUPFD_CLOEXEC, 0)
+        guard fd >= 0 else { throw .failed(operation: .inodeIdentity, errno: .current) }
+        state.withLock { _ = $0.open.insert(fd) }
+        return KernelHandle(raw: fd)
+    }
+
     public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
         guard let info = Syscalls.fstat(file.raw) else { throw .failed(operation: .inodeIdentity, errno: .current) }
         return InodeIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))

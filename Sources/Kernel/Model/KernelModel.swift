@@ -101,7 +101,7 @@ public final class KernelModel: KernelBackend {
                 type = s.vms[id]?.type
             }
             switch capability {
-            case .userMemory2, .guestMemfd, .immediateExit, .memoryFaultInfo, .preFaultMemory: return 1
+            case .userMemory2, .guestMemfd, .immediateExit, .memoryFaultInfo, .preFaultMemory, .extCPUID: return 1
             case .guestMemfdFlags: return Int((type?.supportedGuestMemfdFlags ?? [.mmap, .initShared]).rawValue)
             case .vmTypes: return options.vmTypes.reduce(0) { $0 | (1 << Int($1.rawValue)) }
             case .nrVCPUs: return options.recommendedVCPUs
@@ -277,6 +277,12 @@ public final class KernelModel: KernelBackend {
             }
             s.punch(inode: modelFile.inode, offset: offset, length: length)
         }
+    }
+
+    /// Model handles belong to one simulated process and are not duplicated: the model's VMMs
+    /// link (they never share a file they were handed).
+    public func duplicate(_ handle: KernelHandle) throws(KernelError) -> KernelHandle {
+        throw .unsupported(operation: .inodeIdentity, reason: "the model does not duplicate handles")
     }
 
     public func inodeIdentity(_ file: KernelHandle) throws(KernelError) -> InodeIdentity {
