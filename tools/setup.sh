@@ -14,8 +14,9 @@ fi
 
 # Debian packages: util-linux's setpriv runs clients as an unprivileged user in the tests; curl
 # for the README's API examples; libnl-3 (pkg-config) for netlink; iproute2 for the network tests;
-# systemd for systemd-socket-activate and systemd-analyze (the socket unit tests).
-packages=(util-linux curl pkg-config libnl-3-dev libnl-route-3-dev iproute2 systemd)
+# systemd for systemd-socket-activate and systemd-analyze (the socket unit tests); binutils to
+# assemble the guest programs (tools/build-guests, and the test that the embedded bytes match).
+packages=(util-linux curl pkg-config libnl-3-dev libnl-route-3-dev iproute2 systemd binutils)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -358,6 +358,13 @@ int ckvm_install_kick_handler(int signo) {
 
 unsigned long ckvm_thread_self(void) { return (unsigned long)pthread_self(); }
 
+int ckvm_unblock_signal(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
 int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }
 
 #include <linux/if.h>

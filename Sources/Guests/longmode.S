@@ -12,7 +12,7 @@
 # it loads the IDT, sets STAR/LSTAR/SFMASK, KERNEL_GS_BASE, the kvmclock and the LAPIC timer
 # (x2APIC, periodic, 250 Hz), then drops to ring 3 (IOPL 3, so that ring 3 may report through
 # port 0xE9). Ring 3 runs the workload: it counts; every 256 iterations it checks that
-# xmm0..xmm7 hold their values and that the TSC and the kvmclock never went back; every 2^18 it
+# xmm0..xmm7 hold their values and that the TSC and the kvmclock never went back; every 2^16 it
 # makes a syscall and checks that the ring-0 handler (LSTAR, KERNEL_GS_BASE) counted it. The
 # timer handler counts ticks. A violation is recorded in the user page (code, expected, seen)
 # and reported on port 0xE9 with its code. After each syscall ring 3 yields (INT3): ring 0
@@ -264,7 +264,7 @@ loop:
         call    check_clocks
         inc     qword ptr [rbx + CHECKS]
         mov     rax, [rbx + ITERATIONS]
-        test    eax, 0x3ffff
+        test    eax, 0xffff
         jnz     loop
         call    make_syscall
         int3

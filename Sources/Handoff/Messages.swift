@@ -7,14 +7,15 @@ import Plans
 /// One handoff message: a request from the coordinator or a VMM's reply (`ok` or `error`),
 /// with the fields its type uses. Version 2; docs/handoff.md lists every type and field.
 public struct HandoffMessage: Codable, Equatable, Sendable {
-    /// 3: the whole VM state (`state`, binary), the target's identity at create-vm, the guest's
+    /// 3: the whole VM state (`state`, binary) checked by the target before the point of no
+    /// return (check-state) and restored, the target's identity at create-vm, the guest's
     /// reports at status. 2: copy-memory replaces sync-copy (only populated pages, once the
     /// source is paused); arm-faults; every reply may carry the faults that fired.
     public static let protocolVersion = 3
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
-        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "pause", "resume",
+        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "pause", "check-state", "resume",
         "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "arm-faults", "shutdown",
     ]
     public static let knownTypes: Set<String> = requestTypes.union(["ok", "error"])

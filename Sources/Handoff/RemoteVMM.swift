@@ -302,6 +302,12 @@ public final class RemoteVMM: VMMEndpoint {
         try request(message, descriptors: isModel ? [] : [source.raw])
     }
 
+    public func checkState(_ state: VMState) throws(EndpointError) {
+        var message = HandoffMessage(type: "check-state", id: 0)
+        message.state = Data(state.encoded).base64EncodedString()
+        try request(message)
+    }
+
     public func restore(_ state: VMState) throws(EndpointError) {
         var message = HandoffMessage(type: "restore", id: 0)
         message.state = Data(state.encoded).base64EncodedString()

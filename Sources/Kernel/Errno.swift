@@ -17,6 +17,7 @@ public struct Errno: RawRepresentable, Error, Hashable, Sendable, Codable, Custo
     public static let notPermitted = Errno(rawValue: 1)  // EPERM
     public static let noSuchFileOrDirectory = Errno(rawValue: 2)  // ENOENT
     public static let interrupted = Errno(rawValue: 4)  // EINTR
+    public static let tryAgain = Errno(rawValue: 11)  // EAGAIN
     public static let ioError = Errno(rawValue: 5)  // EIO
     public static let noSuchDeviceOrAddress = Errno(rawValue: 6)  // ENXIO
     public static let argumentListTooLong = Errno(rawValue: 7)  // E2BIG

@@ -33,26 +33,32 @@ public enum KernelOperation: String, CaseIterable, Sendable, Codable, CustomStri
 /// What a kernel operation can answer besides success.
 ///
 /// `.failed` keeps the errno exactly as the kernel (or the model of it) returned it;
-/// `.unsupported` means the running kernel lacks the operation, found by probing.
+/// `.refused` is the same with what the kernel refused, where one call carries many items
+/// (KVM_SET_MSRS stops at the first MSR it refuses); `.unsupported` means the running kernel
+/// lacks the operation, found by probing.
 public enum KernelError: Error, Equatable, Sendable, CustomStringConvertible {
     case failed(operation: KernelOperation, errno: Errno)
+    case refused(operation: KernelOperation, errno: Errno, detail: String)
     case unsupported(operation: KernelOperation, reason: String)
 
     public var operation: KernelOperation {
         switch self {
-        case .failed(let operation, _), .unsupported(let operation, _): operation
+        case .failed(let operation, _), .refused(let operation, _, _), .unsupported(let operation, _): operation
         }
     }
 
     /// The errno, if the kernel answered with one.
     public var errno: Errno? {
-        if case .failed(_, let errno) = self { return errno }
-        return nil
+        switch self {
+        case .failed(_, let errno), .refused(_, let errno, _): errno
+        case .unsupported: nil
+        }
     }
 
     public var description: String {
         switch self {
         case .failed(let operation, let errno): "\(operation): \(errno.name) (\(errno.message))"
+        case .refused(let operation, let errno, let detail): "\(operation): \(errno.name) (\(errno.message)): \(detail)"
         case .unsupported(let operation, let reason): "\(operation): unsupported: \(reason)"
         }
     }

@@ -61,6 +61,15 @@ public struct VCPUState: Hashable, Sendable, Codable {
 
     public init(sections: [StateSection]) { self.sections = sections }
 
+    /// Only the named sections: what a VMM sets when it boots a vcpu, leaving the rest as KVM
+    /// made it (writing back MSRs read before KVM_SET_CPUID2 may be refused).
+    public func only(_ names: Set<String>) -> VCPUState {
+        VCPUState(sections: sections.filter { names.contains($0.name) })
+    }
+
+    /// The register sections a boot sets.
+    public static let bootSections: Set<String> = ["regs", "sregs", "sregs2"]
+
     /// A state of the three sections every backend has.
     public init(registers: Registers, specialRegisters: SpecialRegisters, fpu: FPUState) {
         sections = [
@@ -132,6 +141,35 @@ public struct MSRList: Hashable, Sendable {
 
     public var entries: [Entry]
 
+    /// KVM's paravirtual MSRs and the KVM_FEATURE_* bit (CPUID 0x40000001 EAX) that offers each
+    /// (Documentation/virt/kvm/x86/msr.rst, cpuid.rst).
+    public static let paravirtual: [UInt32: Int] = [
+        0x11: 0, 0x12: 0,  // MSR_KVM_WALL_CLOCK, MSR_KVM_SYSTEM_TIME: CLOCKSOURCE
+        0x4b56_4d00: 3, 0x4b56_4d01: 3,  // the _NEW pair: CLOCKSOURCE2
+        0x4b56_4d02: 4,  // ASYNC_PF_EN: ASYNC_PF
+        0x4b56_4d03: 5,  // STEAL_TIME
+        0x4b56_4d04: 6,  // PV_EOI_EN: PV_EOI
+        0x4b56_4d05: 12,  // POLL_CONTROL
+        0x4b56_4d06: 14, 0x4b56_4d07: 14,  // ASYNC_PF_INT, ASYNC_PF_ACK: ASYNC_PF_INT
+        0x4b56_4d08: 17,  // MIGRATION_CONTROL
+    ]
+
+    /// The KVM features a CPUID offers (leaf 0x40000001 EAX, under the "KVMKVMKVM" signature
+    /// at 0x40000000); none without that leaf.
+    public static func paravirtualFeatures(_ cpuid: [CPUIDEntry]) -> UInt32 {
+        guard let signature = cpuid.first(where: { $0.function == 0x4000_0000 }),
+            signature.ebx == 0x4b4d_564b, signature.ecx == 0x564b_4d56, signature.edx == 0x4d
+        else { return 0 }
+        return cpuid.first { $0.function == 0x4000_0001 }?.eax ?? 0
+    }
+
+    /// Whether MSR `index` belongs in a vcpu's state: any non-paravirtual MSR, a paravirtual one
+    /// only where `features` offers it.
+    public static func isOffered(_ index: UInt32, features: UInt32) -> Bool {
+        guard let bit = paravirtual[index] else { return true }
+        return features & (1 << UInt32(bit)) != 0
+    }
+
     public init(entries: [Entry]) { self.entries = entries }
 
     public init(bytes: [UInt8]) {
@@ -199,6 +237,41 @@ public struct CPUIDEntry: Hashable, Sendable, Codable {
             }
             return entry
         }
+    }
+
+    /// The entries without the bits KVM rewrites as the guest runs (kvm_update_cpuid_runtime):
+    /// leaf 1 OSXSAVE (CR4) and APIC (APIC_BASE), leaf 7 OSPKE (CR4), and leaf 0xD's XSAVE area
+    /// sizes (XCR0, XSS). A running vcpu's CPUID differs from its CPU model in these alone.
+    public static func withoutRuntimeBits(_ entries: [CPUIDEntry]) -> [CPUIDEntry] {
+        entries.map { entry in
+            var entry = entry
+            switch (entry.function, entry.index) {
+            case (0x1, _):
+                entry.ecx &= ~(UInt32(1) << 27)
+                entry.edx &= ~(UInt32(1) << 9)
+            case (0x7, 0): entry.ecx &= ~(UInt32(1) << 4)
+            case (0xD, 0), (0xD, 1): entry.ebx = 0
+            default: break
+            }
+            return entry
+        }
+    }
+
+    /// How CPUID `source` differs from `target`, leaf by leaf (the first difference, named with
+    /// its leaf and register); nil when they are the same.
+    public static func difference(_ source: [CPUIDEntry], _ target: [CPUIDEntry]) -> String? {
+        guard source != target else { return nil }
+        let key = { (entry: CPUIDEntry) in "\(entry.function).\(entry.index)" }
+        let targetLeaves = Dictionary(target.map { (key($0), $0) }, uniquingKeysWith: { a, _ in a })
+        for leaf in source {
+            let name = "leaf 0x\(String(leaf.function, radix: 16)).\(leaf.index)"
+            guard let other = targetLeaves[key(leaf)] else { return "\(name) is the source's, not the target's" }
+            for (register, a, b) in [("eax", leaf.eax, other.eax), ("ebx", leaf.ebx, other.ebx), ("ecx", leaf.ecx, other.ecx), ("edx", leaf.edx, other.edx)]
+            where a != b {
+                return "\(name) \(register): source 0x\(String(a, radix: 16)), target 0x\(String(b, radix: 16))"
+            }
+        }
+        return source.count == target.count ? "the leaves differ in flags or order" : "the source has \(source.count) leaves, the target \(target.count)"
     }
 
     /// The `cpuid` section: 40-byte records.
@@ -303,6 +376,11 @@ public struct VMState: Hashable, Sendable {
         self.init(vm: vm, vcpus: vcpus)
     }
 
+    /// Every capability some section of this state needs.
+    public var neededCapabilities: Set<Capability> {
+        Set((vm + vcpus.flatMap(\.sections)).flatMap { $0.kind?.capabilities ?? [] })
+    }
+
     /// The capabilities this state needs that `has` says a host lacks: each named with its section.
     public func missingCapabilities(_ has: (Capability) -> Bool) -> [String] {
         let sections = vm + vcpus.flatMap(\.sections)
@@ -340,7 +418,8 @@ public struct VMStateError: Error, Equatable, Sendable, CustomStringConvertible 
 }
 
 extension Array where Element == UInt8 {
-    func loadLE<T: FixedWidthInteger>(_ type: T.Type, at offset: Int) -> T {
+    /// The little-endian integer at `offset` (bytes past the end read as zero).
+    public func loadLE<T: FixedWidthInteger>(_ type: T.Type, at offset: Int) -> T {
         var value: T = 0
         for index in 0..<MemoryLayout<T>.size where offset + index < count {
             value |= T(self[offset + index]) << (8 * index)
@@ -348,7 +427,14 @@ extension Array where Element == UInt8 {
         return value
     }
 
-    mutating func appendLE<T: FixedWidthInteger>(_ value: T) {
+    /// Writes `value` little-endian at `offset` (bytes past the end are not written).
+    public mutating func storeLE<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        for index in 0..<MemoryLayout<T>.size where offset + index < count {
+            self[offset + index] = UInt8(truncatingIfNeeded: value >> (8 * index))
+        }
+    }
+
+    public mutating func appendLE<T: FixedWidthInteger>(_ value: T) {
         for index in 0..<MemoryLayout<T>.size { append(UInt8(truncatingIfNeeded: value >> (8 * index))) }
     }
 }
@@ -401,7 +487,7 @@ extension VCPUState {
                     if entry.index == 0x10 && carriedByOffset { continue }
                     guard let value = backed[entry.index] else { return "section msrs: MSR \(MSRList.name(entry.index)) not read back" }
                     if value != entry.value {
-                        return "section msrs: MSR \(MSRList.name(entry.index)) set 0x\(String(entry.value, radix: 16)), read back 0x\(String(value, radix: 16))"
+                        return "section msrs: MSR \(MSRList.name(entry.index)) saved 0x\(String(entry.value, radix: 16)), read back 0x\(String(value, radix: 16))"
                     }
                 }
             default:

@@ -83,7 +83,7 @@ public final class ScriptRunner {
         } catch {
             if let (name, _) = command.creates { missing.insert(name) }
             switch error {
-            case .failed(_, let errno): return "error \(errno.name)"
+            case .failed(_, let errno), .refused(_, let errno, _): return "error \(errno.name)"
             case .unsupported: return "unsupported"
             }
         }
@@ -159,7 +159,7 @@ public final class ScriptRunner {
             family[name] = nil
         case .boot(let vm, let id, let rip):
             guard let vcpu = vcpus[vm]![id] else { throw .failed(operation: .setVCPUState, errno: .noSuchDeviceOrAddress) }
-            var state = try vcpu.value.state()
+            var state = try vcpu.value.state().only(VCPUState.bootSections)
             state.specialRegisters.setFlatRealMode()
             state.registers.rip = rip
             try vcpu.value.setState(state)

@@ -162,6 +162,10 @@ public protocol VMMEndpoint: AnyObject {
     /// Tries to map one guest page, as a guest access would; nil if it mapped.
     func probeGuestMapping(gpa: UInt64) -> KernelError?
     func moveEncryptionContext(from source: KernelHandle) throws(EndpointError)
+    /// Whether this VMM can restore `state`, setting nothing: as many vcpus, every section known,
+    /// every capability a section needs present, and each vcpu's CPUID this VMM's CPU model.
+    /// Asked before the point of no return, so that a refusal rolls the migration back.
+    func checkState(_ state: VMState) throws(EndpointError)
     /// Restores the whole VM state and reads it back (a difference fails it, naming the section
     /// and the field, before any vcpu runs), then runs every vcpu.
     func restore(_ state: VMState) throws(EndpointError)

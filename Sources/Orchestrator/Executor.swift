@@ -368,10 +368,24 @@ public final class MigrationExecutor {
             return try verify(description, target: try target(timeout: timeout), strategy: started.strategy, confidential: machine.isConfidential)
         case .pauseSource:
             let source = try source(timeout: timeout)
-            let state = try source.pause()
+            var state = try source.pause()
             vmmTimings.merge(source.lastTimings) { _, b in b }
+            var details = source.guestDetails
+            if let alteration = faults.alteration(at: .state) {
+                state = state.altered(by: alteration)
+                details["altered"] = "injected fault state=alter:\(alteration)"
+            }
+            // The target says whether it can restore this state (format, capabilities, CPU
+            // model) while the source can still take the guest back: a refusal rolls back.
+            let checking = clock.now
+            do {
+                try target(timeout: timeout).checkState(state)
+            } catch {
+                throw EndpointError("the target refuses the saved state: \(error.message)", errno: error.errno, uncertain: error.uncertain)
+            }
+            vmmTimings["check-state"] = (clock.now - checking).nanoseconds
             let encoded = state.encoded
-            return source.guestDetails.merging([
+            return details.merging([
                 "vm-state": Data(encoded).base64EncodedString(), "vcpus": "\(state.vcpus.count)", "state-bytes": "\(encoded.count)",
                 "sections": (state.vm.map(\.name) + (state.vcpus.first?.sections.map(\.name) ?? [])).joined(separator: ","),
             ]) { _, b in b }
@@ -466,19 +480,9 @@ public final class MigrationExecutor {
         guard target.vcpus == description.vcpus else {
             throw EndpointError("cpuid-mismatch: the target has \(target.vcpus) vcpus, the source \(description.vcpus)")
         }
-        let source = description.cpuid ?? []
-        guard source != target.cpuid else { return }
-        let key = { (entry: CPUIDEntry) in "\(entry.function).\(entry.index)" }
-        let targetLeaves = Dictionary(target.cpuid.map { (key($0), $0) }, uniquingKeysWith: { a, _ in a })
-        for leaf in source {
-            guard let other = targetLeaves[key(leaf)] else {
-                throw EndpointError("cpuid-mismatch: leaf 0x\(String(leaf.function, radix: 16)).\(leaf.index) is the source's, not the target's")
-            }
-            for (register, a, b) in [("eax", leaf.eax, other.eax), ("ebx", leaf.ebx, other.ebx), ("ecx", leaf.ecx, other.ecx), ("edx", leaf.edx, other.edx)] where a != b {
-                throw EndpointError("cpuid-mismatch: leaf 0x\(String(leaf.function, radix: 16)).\(leaf.index) \(register): source 0x\(String(a, radix: 16)), target 0x\(String(b, radix: 16))")
-            }
+        if let difference = CPUIDEntry.difference(description.cpuid ?? [], target.cpuid) {
+            throw EndpointError("cpuid-mismatch: \(difference)")
         }
-        throw EndpointError("cpuid-mismatch: the source has \(source.count) leaves, the target \(target.cpuid.count)")
     }
 
     /// The source VM must be the one the plan describes (the validator checked the plan; this
@@ -532,7 +536,7 @@ public final class MigrationExecutor {
             switch target.probeGuestMapping(gpa: first.guestPhysAddr) {
             case nil:
                 throw EndpointError("the target mapped guest memory before the encryption context moved")
-            case .failed(_, let errno)?:
+            case .failed(_, let errno)?, .refused(_, let errno, _)?:
                 details["target-maps-before-move"] = errno.name
             case .unsupported(_, let reason)?:
                 details["target-maps-before-move"] = "not checkable here: \(reason)"

@@ -60,10 +60,29 @@ public final class FaultInjector: Sendable {
     /// Every armed fault that fired at least once, as it was armed.
     public var fired: [FaultSpec] { firedSpecs.withLock { $0 } }
 
+    /// Fires the `alter:` fault armed at `point`, if any and if `applies` to it: the piece of
+    /// state to break.
+    public func alteration(at point: FaultPoint, applies: (StateAlteration) -> Bool = { _ in true }) -> StateAlteration? {
+        armed.withLock { specs -> StateAlteration? in
+            guard let index = specs.firstIndex(where: { $0.point == point }), case .alter(let alteration) = specs[index].fault,
+                applies(alteration)
+            else { return nil }
+            let spec = specs[index]
+            firedSpecs.withLock { if !$0.contains(spec) { $0.append(spec) } }
+            if let count = spec.count {
+                if count <= 1 { specs.remove(at: index) } else { specs[index].count = count - 1 }
+            }
+            return alteration
+        }
+    }
+
     /// Fires the fault armed at `point`, if any: sleeps, exits, or returns the errno to fail with.
     public func hit(_ point: FaultPoint) -> Errno? {
         let fault = armed.withLock { specs -> Fault? in
-            guard let index = specs.firstIndex(where: { $0.point == point }) else { return nil }
+            guard let index = specs.firstIndex(where: { spec in
+                if case .alter = spec.fault { return false }
+                return spec.point == point
+            }) else { return nil }
             let spec = specs[index]
             firedSpecs.withLock { if !$0.contains(spec) { $0.append(spec) } }
             if let count = spec.count {
@@ -77,6 +96,8 @@ public final class FaultInjector: Sendable {
         case .crash:
             onCrash(point)
             return nil
+        case .alter:
+            return nil  // taken by alteration(at:), never here
         case .delay(let duration):
             let end = Date().addingTimeInterval(Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18)
             let interrupted = interruption.withLock { $0 }
@@ -157,7 +178,8 @@ public final class FaultInjectingBackend: KernelBackend {
     }
     public func setVCPUState(_ vcpu: KernelHandle, _ state: VCPUState) throws(KernelError) {
         try check(.setVCPUState)
-        try inner.setVCPUState(vcpu, state)
+        let alteration = faults.alteration(at: .kernel(.setVCPUState))
+        try inner.setVCPUState(vcpu, alteration.map { state.altered(by: $0) } ?? state)
     }
     public func createInterruptControllers(vm: KernelHandle) throws(KernelError) {
         try check(.createInterruptControllers)
@@ -174,7 +196,8 @@ public final class FaultInjectingBackend: KernelBackend {
     }
     public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
         try check(.setVMState)
-        try inner.setVMState(vm, sections)
+        let alteration = faults.alteration(at: .kernel(.setVMState)) { VMState.alter(sections, by: $0) != sections }
+        try inner.setVMState(vm, alteration.map { VMState.alter(sections, by: $0) } ?? sections)
     }
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
         try check(.runVCPU)

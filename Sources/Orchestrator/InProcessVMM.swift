@@ -31,9 +31,9 @@ public final class InProcessVMM: VMMEndpoint {
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
     private var saved: VMState? = nil
-    /// The CPUID this VMM configured (KVM_SET_CPUID2 at creation, from this kernel's CPU model):
-    /// what source and target compare. A restored state carries the source vcpus' own CPUID as
-    /// KVM reports it, which the target sets and reads back equal.
+    /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
+    /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
+    /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
     private var cpuid: [CPUIDEntry] = []
     /// Which guest program this VMM loaded, if it loaded one.
     public private(set) var guest: GuestProgram?
@@ -155,7 +155,7 @@ public final class InProcessVMM: VMMEndpoint {
                     try writeGuest(gpa: InProcessVMM.counterAddress, bytes: [0, 0, 0, 0])
                     try writeGuest(gpa: InProcessVMM.parkAddress, bytes: InProcessVMM.parkProgram)
                     for (index, vcpu) in vcpus.enumerated() {
-                        var state = try vcpu.value.state()
+                        var state = try vcpu.value.state().only(VCPUState.bootSections)
                         state.specialRegisters.setFlatRealMode()
                         state.registers.rip = index == 0 ? InProcessVMM.programAddress : InProcessVMM.parkAddress
                         try vcpu.value.setState(state)
@@ -262,7 +262,11 @@ public final class InProcessVMM: VMMEndpoint {
                 try backend.setCPUID(vcpu.handle, CPUIDEntry.forVCPU(supported, id: id))
                 made.append(Owned(vcpu))
             }
-            self.cpuid = CPUIDEntry.forVCPU(supported, id: 0)
+            // The model is what KVM made of it: a host may rewrite what it was given (PVM sets the
+            // host's own feature bits in leaf 1), and that is what the guest sees and what moves.
+            var effective: [CPUIDEntry] = []
+            if let first = made.first, let bytes = try first.value.state()["cpuid"] { effective = CPUIDEntry.list(bytes) }
+            self.cpuid = effective.isEmpty ? CPUIDEntry.forVCPU(supported, id: 0) : effective
             self.type = type
             vm = Owned(created)
             vcpus = made
@@ -413,14 +417,38 @@ public final class InProcessVMM: VMMEndpoint {
     /// back: a section that differs from what was saved fails the restore, naming it, before
     /// any vcpu runs. A section this kernel cannot restore, or a capability it lacks, fails
     /// it before anything is set.
-    public func restore(_ state: VMState) throws(EndpointError) {
-        if isRunning { return }
-        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+    public func checkState(_ state: VMState) throws(EndpointError) {
+        guard vm != nil else { throw EndpointError("\(role): no VM to restore into") }
         guard state.vcpus.count == vcpus.count else {
             throw EndpointError("\(role): \(state.vcpus.count) vcpu states for \(vcpus.count) vcpus")
         }
-        let missing = state.missingCapabilities { capability in ((try? backend.checkExtension(capability, vm: nil)) ?? 0) > 0 }
+        let unknown = Set((state.vm + state.vcpus.flatMap(\.sections)).filter { $0.kind == nil }.map(\.name))
+        guard unknown.isEmpty else {
+            throw EndpointError("\(role): the state has sections this VMM does not know: \(unknown.sorted().joined(separator: ", "))")
+        }
+        var has: [Capability: Bool] = [:]
+        for capability in state.neededCapabilities {
+            do { has[capability] = try backend.checkExtension(capability, vm: nil) > 0 } catch { throw EndpointError(error) }
+        }
+        let missing = state.missingCapabilities { has[$0] ?? false }
         guard missing.isEmpty else { throw EndpointError("\(role): this host cannot restore the state: " + missing.joined(separator: "; ")) }
+        // Each vcpu's CPUID must be the CPU model this VMM gave it (the coordinator compared the
+        // two VMMs' models before the pause; this is the state's own).
+        for (index, vcpu) in state.vcpus.enumerated() {
+            guard let bytes = vcpu["cpuid"], let id = UInt32(exactly: index) else { continue }
+            let model = CPUIDEntry.forVCPU(cpuid, id: id)
+            if let difference = CPUIDEntry.difference(
+                CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), CPUIDEntry.withoutRuntimeBits(model))
+            {
+                throw EndpointError("\(role): cpuid-mismatch: vcpu \(index)'s saved CPUID is not this VMM's CPU model: \(difference)")
+            }
+        }
+    }
+
+    public func restore(_ state: VMState) throws(EndpointError) {
+        if isRunning { return }
+        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+        try checkState(state)
         let clock = ContinuousClock()
         let began = clock.now
         do {

@@ -25,6 +25,7 @@ func kvmReason(_ error: KernelError) -> String {
     case .failed(_, let errno) where errno == .permissionDenied:
         "permission denied (EACCES): run as root or as a member of the kvm group"
     case .failed(_, let errno): "\(errno.name) (\(errno.message))"
+    case .refused(_, let errno, let detail): "\(errno.name) (\(errno.message)): \(detail)"
     case .unsupported(_, let reason): reason
     }
 }

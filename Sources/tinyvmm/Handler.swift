@@ -239,7 +239,7 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 switch vmm.probeGuestMapping(gpa: request.gpa ?? 0) {
                 case nil: break
-                case .failed(_, let errno)?: reply.errno = errno.rawValue
+                case .failed(_, let errno)?, .refused(_, let errno, _)?: reply.errno = errno.rawValue
                 case .unsupported(_, let reason)?: reply.message = reason
                 }
             case "move-enc-context":
@@ -247,6 +247,13 @@ final class TinyVMM: HandoffHandler {
                 defer { if !isModel { close(handle.raw) } }
                 try vmm.moveEncryptionContext(from: handle)
                 log.say("the encryption context moved in")
+            case "check-state":
+                try expectNone(descriptors)
+                guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("check-state needs state") }
+                let state: VMState
+                do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("check-state: \(error.message)") }
+                try vmm.checkState(state)
+                log.say("checked the state: \(state.vcpus.count) vcpus, every section known and restorable here")
             case "restore":
                 try expectNone(descriptors)
                 guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("restore needs state") }

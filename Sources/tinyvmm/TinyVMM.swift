@@ -1,6 +1,7 @@
 import ArgumentParser
 import CKVM
 import Foundation
+import Guests
 import Handoff
 import Kernel
 import Orchestrator
@@ -42,8 +43,8 @@ struct TinyVMMCommand: ParsableCommand {
     @Option(help: "Source role: write a known pattern into this much guest memory (e.g. 64Mi, 2Gi) before the guest starts, from --populate-at: a populated guest for copy tests and benchmarks. Each 8 bytes of page P hold P.")
     var populate: String?
 
-    @Option(help: "Where --populate starts (a guest physical address; default 1Mi, above the guest program).")
-    var populateAt: String = "1Mi"
+    @Option(help: "Where --populate starts (a guest physical address; default 2Mi, above either guest program).")
+    var populateAt: String = "2Mi"
 
     @Option(help: "Source role: the guest program, long-mode (64-bit, every vcpu; linux only) or counter (16-bit, vcpu 0). Default: long-mode on linux, counter on the model.")
     var guest: String?
@@ -95,6 +96,11 @@ struct TinyVMMCommand: ParsableCommand {
             case "counter": program = .counter(InProcessVMM.quietCounterProgram)
             case let other:
                 log.say("unknown guest '\(other)' (long-mode or counter)")
+                throw ExitCode(2)
+            }
+            let programEnd: UInt64 = if case .longMode = program { LongModeGuest.memoryNeeded } else { InProcessVMM.counterAddress + 4 }
+            if let population, population.gpa < programEnd {
+                log.say("--populate-at \(populateAt) would overwrite the \(program.name) guest, which lives below 0x\(String(programEnd, radix: 16))")
                 throw ExitCode(2)
             }
             do {
@@ -165,6 +171,9 @@ final class VCPUThread: @unchecked Sendable {
     }
 
     private func loop() {
+        // The kick must reach this thread even where the process was started with it blocked
+        // (a test runner's mask is inherited across exec).
+        _ = ckvm_unblock_signal(VCPUThread.kickSignal)
         condition.withLock { threadID = UInt(ckvm_thread_self()) }
         var lastExitWasIO = false
         while !condition.withLock({ stopRequested }) {

@@ -87,7 +87,7 @@ struct EndpointTests {
         let remote = try RemoteVMM(role: "target", socketPath: socket, timeout: .milliseconds(200))
         defer { remote.shutdown() }
         do {
-            try remote.restore([])
+            try remote.restore(VMState(vm: [], vcpus: []))
             Issue.record("a restore that is never answered succeeded")
         } catch {
             #expect(error.uncertain, "\(error)")
@@ -156,9 +156,9 @@ struct SocketDryRunTests {
         #expect(failing.status == 6, "\(failing.stdout)")
         // A plan whose VM is not the source's: refused, with the difference.
         let other = fixture.directory + "/other.yaml"
-        try String(contentsOfFile: fixture.plan, encoding: .utf8).replacingOccurrences(of: "vcpus: 1", with: "vcpus: 2").write(toFile: other, atomically: true, encoding: .utf8)
+        try String(contentsOfFile: fixture.plan, encoding: .utf8).replacingOccurrences(of: "vcpus: 2", with: "vcpus: 3").write(toFile: other, atomically: true, encoding: .utf8)
         let mismatch = try gmigrate(["migrate", other, "--dry-run"])
         #expect(mismatch.status == 4, "\(mismatch.stdout)\(mismatch.stderr)")
-        #expect(mismatch.stderr.contains("1 vcpus, the plan says 2"), "\(mismatch.stderr)")
+        #expect(mismatch.stderr.contains("2 vcpus, the plan says 3"), "\(mismatch.stderr)")
     }
 }

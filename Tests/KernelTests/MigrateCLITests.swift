@@ -118,9 +118,15 @@ struct MigrateCLITests {
     @Test func faultsList() throws {
         let result = try gmigrate(["faults", "list", "--json"])
         let points = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [[String: String]])
-        #expect(points.count == MigrationStep.allCases.count * 2 + 17, "a point before and after every step, and one at each of the 17 faultable kernel calls")
+        #expect(
+            points.count == MigrationStep.allCases.count * 2 + 21 + 1,
+            "a point before and after every step, one at each of the 21 faultable kernel calls, and the state in transit")
+        #expect(points.contains { $0["point"] == "state" })
         #expect(points.contains { $0["point"] == "before:bind-memslots" })
         #expect(points.contains { $0["point"] == "kernel:link-guest-memfd" })
+        for call in ["create-irqchip", "set-cpuid", "get-vm-state", "set-vm-state"] {
+            #expect(points.contains { $0["point"] == "kernel:" + call }, "the VM state's calls are faultable: \(call)")
+        }
     }
 }
 

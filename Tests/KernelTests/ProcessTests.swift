@@ -55,8 +55,11 @@ final class ProcessFixture {
     let backend: String
     var pids: [Int32] = []
 
+    /// A source VMM running `guest` (the counter guest by default: its count in memory and in
+    /// eax pins down the switch-over exactly; the long-mode guest has its own tests).
     init(
-        strategy: String = "auto", backend: String = "linux", allowFaults: Bool = false, extra: [String] = [], edit: (String) -> String = { $0 }
+        strategy: String = "auto", backend: String = "linux", guest: String = "counter", allowFaults: Bool = false, extra: [String] = [],
+        edit: (String) -> String = { $0 }
     ) throws {
         directory = temporaryDirectory("gmigrate-proc")
         self.backend = backend
@@ -69,7 +72,7 @@ final class ProcessFixture {
         try edit(text).write(toFile: plan, atomically: true, encoding: .utf8)
         source = try ProcessRun.spawnVMMForTests(
             tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
-            name: "test/source", logFile: directory + "/source.log", plan: plan, allowFaults: allowFaults, extra: extra)
+            name: "test/source", logFile: directory + "/source.log", plan: plan, allowFaults: allowFaults, extra: ["--guest", guest] + extra)
         pids.append(source.processIdentifier)
         // The guest counts before the migration.
         let counts = waitUntil {
@@ -93,6 +96,22 @@ final class ProcessFixture {
         return try gmigrate(arguments + extra)
     }
 
+    /// Other state directories the test migrated this guest with: their targets are finished too.
+    var otherStateDirectories: [String] = []
+
+    /// A fresh state directory for another migration of this fixture's guest.
+    func stateDirectory() -> String {
+        let made = temporaryDirectory("gmigrate-proc-s")
+        otherStateDirectories.append(made)
+        return made
+    }
+
+    /// The journals in a state directory.
+    static func journals(in directory: String) -> [JournalContents] {
+        let ids = ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []).filter { $0.hasSuffix(".log") }
+        return ids.compactMap { try? Journal.read(stateDirectory: directory, id: String($0.dropLast(4))) }
+    }
+
     /// The journal of the (only) migration.
     func journal() throws -> JournalContents {
         let ids = ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []).filter { $0.hasSuffix(".log") }
@@ -107,15 +126,19 @@ final class ProcessFixture {
 
     /// Asks every VMM still answering to exit, then checks that no process is left.
     func finish(sourceLocation: SourceLocation = #_sourceLocation) {
-        if let pid = try? journal().targetPID { pids.append(pid) }
-        for socket in [sourceSocket] + ((try? started().targetSocket).flatMap { $0 }.map { [$0] } ?? []) {
+        var sockets = [sourceSocket]
+        for contents in ([directory] + otherStateDirectories).flatMap(Self.journals(in:)) {
+            if let pid = contents.targetPID { pids.append(pid) }
+            if let socket = contents.started?.targetSocket { sockets.append(socket) }
+        }
+        for socket in sockets {
             (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
         }
         for pid in Set(pids) {
             #expect(waitUntil { !isAlive(pid) }, "VMM process \(pid) is left running", sourceLocation: sourceLocation)
             if isAlive(pid) { kill(pid, SIGKILL) }
         }
-        try? FileManager.default.removeItem(atPath: directory)
+        for made in [directory] + otherStateDirectories { try? FileManager.default.removeItem(atPath: made) }
     }
 }
 
@@ -151,10 +174,10 @@ struct SwitchOver {
     init(_ contents: JournalContents) {
         let pause = contents.entries.outcomes.last { $0.step == .pauseSource && $0.ok && $0.direction == .forward }
         counterAtPause = pause?.details["counter"].flatMap { UInt32($0) }
-        if let text = pause?.details["vcpu-states"], let data = Data(base64Encoded: text),
-            let states = try? JSONDecoder().decode([VCPUState].self, from: data)
+        if let text = pause?.details["vm-state"], let data = Data(base64Encoded: text),
+            let state = try? VMState(decoding: [UInt8](data))
         {
-            eaxAtPause = states.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) }
+            eaxAtPause = state.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) }
         }
         counterAtRestore = contents.entries.outcomes.last { $0.step == .resumeTarget && $0.ok }?.details["counter"].flatMap { UInt32($0) }
     }
@@ -385,7 +408,7 @@ struct ProcessTests {
         let summary = try #require(report["summary"] as? [String: Any])
         #expect((summary["unfiredFaults"] as? [String]) == [], "it fired")
         #expect((summary["reason"] as? String ?? "").contains("EEXIST"))
-        let never = try gmigrate(["migrate", fixture.plan, "--state-dir", temporaryDirectory("s"), "--inject", "kernel:punch-hole=errno:EIO"])
+        let never = try gmigrate(["migrate", fixture.plan, "--state-dir", fixture.stateDirectory(), "--inject", "kernel:punch-hole=errno:EIO"])
         #expect(never.status == 0, "\(never.stdout)\(never.stderr)")
         #expect(never.stdout.contains("warning: the fault kernel:punch-hole=errno:EIO was armed and never fired"), "\(never.stdout)")
     }
@@ -395,9 +418,9 @@ struct ProcessTests {
         _ = try Backend.linux.make()
         let fixture = try ProcessFixture(strategy: "share") { $0 + "  faults:\n    - before:bind-memslots=errno:EIO\n" }
         defer { fixture.finish() }
-        let ignored = try gmigrate(["migrate", fixture.plan, "--state-dir", temporaryDirectory("s"), "--inject", "after:prepare=errno:EIO"])
+        let ignored = try gmigrate(["migrate", fixture.plan, "--state-dir", fixture.stateDirectory(), "--inject", "after:prepare=errno:EIO"])
         #expect(ignored.stdout.contains("spec.faults are ignored"), "\(ignored.stdout)")
-        let honoured = try gmigrate(["migrate", fixture.plan, "--state-dir", temporaryDirectory("s"), "--allow-faults"])
+        let honoured = try gmigrate(["migrate", fixture.plan, "--state-dir", fixture.stateDirectory(), "--allow-faults"])
         #expect(honoured.status == 6, "\(honoured.stdout)")
         #expect(honoured.stdout.contains("injected fault before:bind-memslots: EIO"))
     }
@@ -442,7 +465,9 @@ struct ProcessTests {
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(result.stdout.hasPrefix("gmigrate demo: a live guest moves between two tinyvmm processes on real KVM"))
         #expect(result.stdout.contains("strategy share"))
-        #expect(result.stdout.contains("continued, no write lost"))
+        // The long-mode guest on 2 vcpus: its interrupts, syscalls and clock went on.
+        #expect(result.stdout.contains("guest vcpu 1:"))
+        #expect(result.stdout.contains("the guest noticed nothing: no invariant violated, its work, syscalls, timer and clocks went on"))
         #expect(result.stdout.contains("the same pages"))
         #expect(result.stdout.contains("exited with status 0 after retiring its VM"))
         #expect(try processes(named: "tinyvmm").filter { pid in
@@ -476,8 +501,12 @@ func processes(named name: String) throws -> [Int32] {
 /// Hostile input to a VMM: nothing crashes it, nothing leaks a descriptor.
 @Suite("Handoff decoder", .serialized)
 struct HandoffDecoderTests {
-    func openDescriptors(_ pid: Int32) -> Int {
-        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).count
+    /// What each open descriptor of `pid` is ("3 socket:[123]", ...), sorted.
+    func openDescriptors(_ pid: Int32) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return names.map { name in
+            "\(name) " + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(name)")) ?? "?")
+        }.sorted()
     }
 
     func rawConnection(_ socket: String) throws -> Int32 {

@@ -290,6 +290,9 @@ long ckvm_fd_description(int fd, char *buffer, unsigned long length);
 int ckvm_install_kick_handler(int signo);
 /** The calling thread's id, and a signal sent to a thread. */
 unsigned long ckvm_thread_self(void);
+/* Unblocks `signo` in the calling thread: a process inherits its blocked mask from whoever
+   spawned it, and a kick that stays blocked never interrupts KVM_RUN. */
+int ckvm_unblock_signal(int signo);
 int ckvm_kick_thread(unsigned long thread, int signo);
 
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and

@@ -423,19 +423,24 @@ public final class LinuxKVM: KernelBackend {
         } else {
             sections.append(.init(name: "sregs", bytes: try get(fd, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
         }
-        let indices = readableMSRs(vcpu)
+        // CPUID as set (none before KVM_SET_CPUID2: then there is nothing to carry).
+        var cpuid = [UInt8](repeating: 0, count: 8 + 256 * Int(CKVM_SIZEOF_CPUID_ENTRY2))
+        var cpuidSection: StateSection? = nil
+        cpuid.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(256), as: UInt32.self) }
+        if cpuid.withUnsafeMutableBytes({ Syscalls.ioctl(fd, CKVM_GET_CPUID2, $0.baseAddress) }) == 0 {
+            let count = Int(cpuid.loadLE(UInt32.self, at: 0))
+            if count > 0 { cpuidSection = .init(name: "cpuid", bytes: Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))])) }
+        }
+        // Like QEMU, a KVM paravirtual MSR moves only where the vcpu's CPUID offers its feature:
+        // KVM refuses to set one the guest was not offered (MSR_KVM_ASYNC_PF_INT, say).
+        let features = MSRList.paravirtualFeatures(CPUIDEntry.list(cpuidSection?.bytes ?? []))
+        let indices = readableMSRs(vcpu).filter { MSRList.isOffered($0, features: features) }
         var msrs = MSRList(entries: indices.map { .init(index: $0, value: 0) }).bytes
         guard msrIoctl(vcpu, CKVM_GET_MSRS, &msrs) == Int32(indices.count) else { throw .failed(operation: .getVCPUState, errno: .current) }
         sections.append(.init(name: "msrs", bytes: msrs))
         if hasIRQChip { sections.append(.init(name: "lapic", bytes: try get(fd, CKVM_GET_LAPIC, size: Int(CKVM_SIZEOF_LAPIC)))) }
         if support.debugRegisters { sections.append(.init(name: "debugregs", bytes: try get(fd, CKVM_GET_DEBUGREGS, size: Int(CKVM_SIZEOF_DEBUGREGS)))) }
-        // CPUID as set (none before KVM_SET_CPUID2: then there is nothing to carry).
-        var cpuid = [UInt8](repeating: 0, count: 8 + 256 * Int(CKVM_SIZEOF_CPUID_ENTRY2))
-        cpuid.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(256), as: UInt32.self) }
-        if cpuid.withUnsafeMutableBytes({ Syscalls.ioctl(fd, CKVM_GET_CPUID2, $0.baseAddress) }) == 0 {
-            let count = Int(cpuid.loadLE(UInt32.self, at: 0))
-            if count > 0 { sections.append(.init(name: "cpuid", bytes: Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))]))) }
-        }
+        if let cpuidSection { sections.append(cpuidSection) }
         if support.tscKhz {
             let khz = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
             guard khz > 0 else { throw .failed(operation: .getVCPUState, errno: .current) }
@@ -504,7 +509,12 @@ public final class LinuxKVM: KernelBackend {
                 let written = msrIoctl(vcpu, CKVM_SET_MSRS, &records)
                 guard written == Int32(batch.count) else {
                     // KVM_SET_MSRS stops at the first MSR it refuses: `written` names it.
-                    throw .failed(operation: .setVCPUState, errno: written < 0 ? .current : .invalidArgument)
+                    guard written >= 0, let refused = batch.dropFirst(Int(written)).first else {
+                        throw .failed(operation: .setVCPUState, errno: .current)
+                    }
+                    throw .refused(
+                        operation: .setVCPUState, errno: .invalidArgument,
+                        detail: "section msrs: KVM_SET_MSRS refused MSR 0x\(String(refused.index, radix: 16)) = 0x\(String(refused.value, radix: 16)) (\(written) of \(batch.count) written)")
                 }
             }
             if !all.contains(where: { $0.index == deadline }), let lapic = newState["lapic"] {
@@ -584,7 +594,9 @@ public final class LinuxKVM: KernelBackend {
         let reason = run.load(fromByteOffset: RunLayout.exitReason, as: UInt32.self)
         let union = run + RunLayout.union
         if result < 0 {
-            if error == .interrupted { return .interrupted }
+            // EAGAIN: a vcpu waiting for INIT/SIPI (an AP of an in-kernel irqchip) was woken
+            // by something other than a signal; the VMM simply runs it again.
+            if error == .interrupted || error == .tryAgain { return .interrupted }
             if error == .badAddress && reason == CKVM_EXIT_MEMORY_FAULT {
                 return .memoryFault(
                     address: union.load(fromByteOffset: 8, as: UInt64.self),
