@@ -428,8 +428,11 @@ struct ReadmeCurlTests {
 import Handoff
 
 enum ProcessRunHelper {
+    /// A source VMM running the counter guest: the daemon's tests watch its count go on (the
+    /// long-mode guest has its own tests).
     static func spawn(socket: String, plan: String, log: String) throws -> Process {
-        try ProcessRun.spawnVMMForTests(tinyvmm: try executable("tinyvmm"), socket: socket, backend: "linux", name: "daemon-test", logFile: log, plan: plan)
+        try ProcessRun.spawnVMMForTests(
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "linux", name: "daemon-test", logFile: log, plan: plan, extra: ["--guest", "counter"])
     }
 }
 

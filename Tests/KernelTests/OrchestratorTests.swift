@@ -99,8 +99,9 @@ enum KernelCalls {
             // The target VMM's VM is made as the source's was: irqchip and PIT, each vcpu's CPUID.
             .createInterruptControllers: .createTarget, .setCPUID: .createTarget,
             // The VM's own state (irqchip, PIT, clock) is saved at the pause and restored at the
-            // resume, after the target checked it has every capability the state needs.
-            .getVMState: .pauseSource, .setVMState: .resumeTarget, .checkExtension: .resumeTarget,
+            // resume.
+            // The target checks the capabilities the state needs at the pause (check-state).
+            .getVMState: .pauseSource, .setVMState: .resumeTarget, .checkExtension: .pauseSource,
         ]
         switch strategy {
         case .link:
