@@ -94,8 +94,10 @@ public enum LongModeGuest {
         public var syscallsMade: UInt64
         public var ready: Bool
         public var checks: UInt64
+        /// Whether ring 0 turned AVX on, so that ymm0..ymm7's upper halves are checked too.
+        public var avx: Bool
 
-        /// The user page's bytes (0x70 of them).
+        /// The user page's bytes (0x80 of them).
         public init(bytes: [UInt8]) {
             func quad(_ offset: Int) -> UInt64 {
                 (0..<8).reduce(UInt64(0)) { $0 | UInt64(offset + $1 < bytes.count ? bytes[offset + $1] : 0) << (8 * UInt64($1)) }
@@ -114,6 +116,7 @@ public enum LongModeGuest {
             syscallsMade = quad(0x58)
             ready = quad(0x60) != 0
             checks = quad(0x68)
+            avx = quad(0x78) != 0
         }
 
         /// The violation in words: which register or clock, expected and seen.
@@ -125,6 +128,7 @@ public enum LongModeGuest {
             case 2: what = "the kvmclock went back"
             case 3: what = "a syscall was not counted by its handler (LSTAR, KERNEL_GS_BASE)"
             case 0x10...0x17: what = "xmm\(violationCode - 0x10) changed"
+            case 0x20...0x27: what = "ymm\(violationCode - 0x20)'s upper half changed"
             case 0x100...0x11f: what = "exception \(violationCode - 0x100) in ring 0 or 3"
             default: what = "violation \(violationCode)"
             }
@@ -134,7 +138,7 @@ public enum LongModeGuest {
 
     /// The user page of a vcpu, where its report is.
     public static func reportAddress(_ vcpu: Int) -> UInt64 { block(vcpu) + 0x1000 }
-    public static let reportBytes = 0x70
+    public static let reportBytes = 0x80
 }
 
 /// What the long-mode guest recorded, read at one moment of the host's monotonic clock.
@@ -159,6 +163,8 @@ public struct LongModeCheck: Codable, Equatable, Sendable {
         /// Guest time (kvmclock) that passed across the migration, against the host's.
         public var guestElapsedNanoseconds: Int64
         public var hostElapsedNanoseconds: Int64
+        /// Whether the guest holds AVX state (ymm upper halves) and checks it.
+        public var avx: Bool
         public var violation: String?
     }
 
@@ -192,10 +198,11 @@ public struct LongModeCheck: Codable, Equatable, Sendable {
             let hostElapsed = Int64(bitPattern: first.hostNanoseconds &- before.hostNanoseconds)
             let vcpu = VCPU(
                 iterations: c.iterations, syscalls: c.syscalls, timerHertz: hertz, guestElapsedNanoseconds: guestElapsed,
-                hostElapsedNanoseconds: hostElapsed, violation: c.violationText)
+                hostElapsedNanoseconds: hostElapsed, avx: c.avx, violation: c.violationText)
             vcpus.append(vcpu)
             if let violation = c.violationText { problems.append("vcpu \(index): \(violation)") }
             if c.iterations <= a.iterations { problems.append("vcpu \(index): its work did not continue (\(a.iterations) before, \(c.iterations) after)") }
+            if a.avx && !c.avx { problems.append("vcpu \(index): its AVX state is gone") }
             if c.syscalls <= a.syscalls { problems.append("vcpu \(index): its syscalls did not continue (\(a.syscalls) before, \(c.syscalls) after)") }
             let rate = Double(LongModeGuest.timerHertz)
             if hertz < rate / 2 || hertz > rate * 1.5 { problems.append("vcpu \(index): its timer ticks at \(Int(hertz)) Hz, not \(LongModeGuest.timerHertz)") }

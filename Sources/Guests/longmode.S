@@ -11,8 +11,9 @@
 # the block's kernel stack top, TR = the block's TSS. Ring 0 is short (this host emulates it):
 # it loads the IDT, sets STAR/LSTAR/SFMASK, KERNEL_GS_BASE, the kvmclock and the LAPIC timer
 # (x2APIC, periodic, 250 Hz), then drops to ring 3 (IOPL 3, so that ring 3 may report through
-# port 0xE9). Ring 3 runs the workload: it counts; every 256 iterations it checks that
-# xmm0..xmm7 hold their values and that the TSC and the kvmclock never went back; every 2^16 it
+# port 0xE9); where CPUID offers XSAVE and AVX, ring 0 also sets CR4.OSXSAVE and XCR0 (x87, SSE,
+# AVX). Ring 3 runs the workload: it counts; every 256 iterations it checks that xmm0..xmm7
+# (and, with AVX, ymm0..ymm7's upper halves) hold their values and that the TSC and the kvmclock never went back; every 2^16 it
 # makes a syscall and checks that the ring-0 handler (LSTAR, KERNEL_GS_BASE) counted it. The
 # timer handler counts ticks. A violation is recorded in the user page (code, expected, seen)
 # and reported on port 0xE9 with its code. After each syscall ring 3 yields (INT3): ring 0
@@ -42,6 +43,7 @@
         .set READY, 0x60             # 1 once ring 3 runs
         .set CHECKS, 0x68            # checks done
         .set YIELDS, 0x70            # INT3 idles
+        .set AVX, 0x78               # 1 where ring 0 turned AVX on (ymm upper halves checked)
         .set IDT, 0x7000
         .set REPORT_PORT, 0xe9
 
@@ -156,6 +158,23 @@ entry:
         mov     eax, 250000
         wrmsr
 
+        # AVX where the CPU offers it (CPUID.1:ECX XSAVE, bit 26, and AVX, bit 28): CR4.OSXSAVE,
+        # then XCR0 = x87 | SSE | AVX. Ring 3 then holds known values in ymm0..7's upper halves.
+        mov     eax, 1
+        xor     ecx, ecx
+        cpuid
+        and     ecx, 0x14000000
+        cmp     ecx, 0x14000000
+        jne     5f
+        mov     rax, cr4
+        or      rax, 0x40000
+        mov     cr4, rax
+        xor     ecx, ecx
+        mov     eax, 7
+        xor     edx, edx
+        xsetbv
+        mov     qword ptr [rsi + USER + AVX], 1
+5:
         # To ring 3, interrupts on, IOPL 3.
         push    0x23
         lea     rax, [rsi + 0x3000]
@@ -254,6 +273,17 @@ user:
         punpcklqdq xmm\n, xmm\n
         .endr
         lea     rbx, [rsi + USER]
+        # With AVX, ymm0..ymm7's upper halves: other known values, distinct per register and vcpu.
+        cmp     qword ptr [rbx + AVX], 0
+        je      1f
+        .irp    n, 0, 1, 2, 3, 4, 5, 6, 7
+        mov     rax, 0x1010101010101010 * (\n + 1) + 0x0f0f0f0f
+        add     rax, rdi
+        movq    xmm8, rax
+        punpcklqdq xmm8, xmm8
+        vinsertf128 ymm\n, ymm\n, xmm8, 1
+        .endr
+1:
         mov     qword ptr [rbx + READY], 1
 loop:
         inc     qword ptr [rbx + ITERATIONS]
@@ -270,7 +300,7 @@ loop:
         int3
         jmp     loop
 
-# Each xmm register still holds its value.
+# Each xmm register still holds its value, and with AVX each ymm's upper half its own.
 check_sse:
         .irp    n, 0, 1, 2, 3, 4, 5, 6, 7
         mov     rax, 0x0101010101010101 * (\n + 1)
@@ -287,6 +317,25 @@ check_sse:
         call    violation
 1:
         .endr
+        cmp     qword ptr [rbx + AVX], 0
+        je      3f
+        .irp    n, 0, 1, 2, 3, 4, 5, 6, 7
+        mov     rax, 0x1010101010101010 * (\n + 1) + 0x0f0f0f0f
+        add     rax, rdi
+        movq    xmm8, rax
+        punpcklqdq xmm8, xmm8
+        vextractf128 xmm9, ymm\n, 1
+        pcmpeqd xmm8, xmm9
+        pmovmskb ecx, xmm8
+        cmp     ecx, 0xffff
+        je      2f
+        mov     rdx, rax
+        movq    rax, xmm9
+        mov     ecx, 0x20 + \n
+        call    violation
+2:
+        .endr
+3:
         ret
 
 # The TSC and the kvmclock only go forward; the largest steps are kept for the verifier.

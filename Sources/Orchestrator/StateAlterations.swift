@@ -47,6 +47,12 @@ extension VCPUState {
                 for i in offset..<(offset + 16) { bytes[i] = ~bytes[i] }
                 state[name] = bytes
             }
+        case .ymm:
+            // The AVX component of the (standard-format) XSAVE area starts at 576: the upper
+            // halves of ymm0..ymm15, 16 bytes each.
+            guard var bytes = state["xsave"], bytes.count >= 576 + 64 else { break }
+            for i in (576 + 48)..<(576 + 64) { bytes[i] = ~bytes[i] }
+            state["xsave"] = bytes
         case .lapic:
             // The LVT timer register (0x320): bit 16 masks it.
             guard var bytes = state["lapic"], bytes.count >= 0x324 else { break }

@@ -62,6 +62,8 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
     case msr(UInt32)
     /// xmm3 inverted in every vcpu's XSAVE (or FPU) area: the guest's SSE check sees it.
     case xsave
+    /// ymm3's upper half inverted in every vcpu's XSAVE area (its AVX component).
+    case ymm
     /// The LAPIC timer's LVT masked on every vcpu: timer interrupts stop.
     case lapic
     /// The kvmclock ten seconds ahead: guest time jumps.
@@ -74,6 +76,7 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
         switch text {
         case "cpuid": self = .cpuid
         case "xsave": self = .xsave
+        case "ymm": self = .ymm
         case "lapic": self = .lapic
         case "clock": self = .clock
         default:
@@ -92,6 +95,7 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
         case .cpuid: "cpuid"
         case .msr(let index): "msr:0x\(String(index, radix: 16))"
         case .xsave: "xsave"
+        case .ymm: "ymm"
         case .lapic: "lapic"
         case .clock: "clock"
         case .section(let name): "section:\(name)"
@@ -162,7 +166,7 @@ public struct FaultSpec: Hashable, Sendable, Codable, CustomStringConvertible {
             fault = .delay(duration)
         } else if faultText.hasPrefix("alter:") {
             guard let alteration = StateAlteration(String(faultText.dropFirst(6))) else {
-                throw FaultSpecError("'\(faultText)': alter:WHAT takes cpuid, msr:0xINDEX, xsave, lapic, clock or section:NAME")
+                throw FaultSpecError("'\(faultText)': alter:WHAT takes cpuid, msr:0xINDEX, xsave, ymm, lapic, clock or section:NAME")
             }
             fault = .alter(alteration)
         } else {

@@ -74,7 +74,7 @@ func printVerification(_ verification: ProcessVerification, completed: Bool) {
     if let guest = verification.guest {
         for (index, vcpu) in guest.vcpus.enumerated() {
             print(
-                "guest vcpu \(index): \(vcpu.iterations) iterations, \(vcpu.syscalls) syscalls, timer \(Int(vcpu.timerHertz.rounded())) Hz; kvmclock +\(vcpu.guestElapsedNanoseconds / 1_000_000) ms while the host's +\(vcpu.hostElapsedNanoseconds / 1_000_000) ms\(vcpu.violation.map { "; VIOLATION: \($0)" } ?? "")")
+                "guest vcpu \(index): \(vcpu.iterations) iterations, \(vcpu.syscalls) syscalls, \(vcpu.avx ? "SSE and AVX" : "SSE") registers checked, timer \(Int(vcpu.timerHertz.rounded())) Hz; kvmclock +\(vcpu.guestElapsedNanoseconds / 1_000_000) ms while the host's +\(vcpu.hostElapsedNanoseconds / 1_000_000) ms\(vcpu.violation.map { "; VIOLATION: \($0)" } ?? "")")
         }
         print(guest.passed ? "the guest noticed nothing: no invariant violated, its work, syscalls, timer and clocks went on" : "the guest's checks FAILED: " + guest.problems.joined(separator: "; "))
     } else {
