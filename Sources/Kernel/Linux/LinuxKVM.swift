@@ -403,7 +403,9 @@ public final class LinuxKVM: KernelBackend {
 
     /// Every section this host offers, in QEMU's save order: vcpu events first (reading MP state
     /// may act on a pending INIT/SIPI), MP state, regs, xsave (or fpu), xcrs, sregs2 (or sregs),
-    /// MSRs, LAPIC, debug registers; then CPUID, the TSC frequency and offset, nested state.
+    /// MSRs (the paravirtual ones the vcpu's CPUID offers), LAPIC, debug registers; then CPUID,
+    /// the TSC frequency and offset. Nested state is not saved: no host gmigrate was tested on
+    /// offers KVM_CAP_NESTED_STATE, and a state that would need it says so (`nested` section).
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
         let support = stateSupport()
         let hasIRQChip = state.withLock { s in s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false }
@@ -471,8 +473,8 @@ public final class LinuxKVM: KernelBackend {
     }
 
     /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
-    /// writes are checked against it), the TSC frequency, sregs2 (EFER before nested state),
-    /// events (the SMM flag), nested state, regs, xsave, xcrs, MSRs but the TSC deadline, events
+    /// writes are checked against it), the TSC frequency, sregs2, events (the SMM flag), regs,
+    /// xsave, xcrs, MSRs but the TSC deadline, events
     /// again, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline (restoring the
     /// LAPIC resets the deadline timer), debug registers, and last the TSC offset (which decides
     /// the guest TSC whatever the TSC MSR wrote).
