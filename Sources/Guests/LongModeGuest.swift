@@ -163,6 +163,9 @@ public struct LongModeCheck: Codable, Equatable, Sendable {
         /// Guest time (kvmclock) that passed across the migration, against the host's.
         public var guestElapsedNanoseconds: Int64
         public var hostElapsedNanoseconds: Int64
+        /// The largest step the guest saw its kvmclock take between two of its checks, since it
+        /// booted: across a migration it may grow to the blackout, not beyond.
+        public var largestClockStepNanoseconds: UInt64
         /// Whether the guest holds AVX state (ymm upper halves) and checks it.
         public var avx: Bool
         public var violation: String?
@@ -182,9 +185,12 @@ public struct LongModeCheck: Codable, Equatable, Sendable {
     public static let clockTolerance: Int64 = 100_000_000
 
     /// Checks every vcpu: no violation reported, its work and its syscalls continued, its timer
-    /// ticks at its rate (within half of it either way), and its kvmclock advanced as the
-    /// host's time did (neither frozen nor jumped).
-    public static func check(before: LongModeSample, after first: LongModeSample, later second: LongModeSample) -> LongModeCheck {
+    /// ticks at its rate (within half of it either way), its kvmclock advanced as the host's time
+    /// did (neither frozen nor jumped), and no step of its kvmclock between two of its checks
+    /// made during the migration was longer than the blackout (plus the tolerance).
+    public static func check(
+        before: LongModeSample, after first: LongModeSample, later second: LongModeSample, blackoutNanoseconds: Int64? = nil
+    ) -> LongModeCheck {
         var problems: [String] = []
         var vcpus: [VCPU] = []
         guard before.vcpus.count == first.vcpus.count, first.vcpus.count == second.vcpus.count, !before.vcpus.isEmpty else {
@@ -198,10 +204,16 @@ public struct LongModeCheck: Codable, Equatable, Sendable {
             let hostElapsed = Int64(bitPattern: first.hostNanoseconds &- before.hostNanoseconds)
             let vcpu = VCPU(
                 iterations: c.iterations, syscalls: c.syscalls, timerHertz: hertz, guestElapsedNanoseconds: guestElapsed,
-                hostElapsedNanoseconds: hostElapsed, avx: c.avx, violation: c.violationText)
+                hostElapsedNanoseconds: hostElapsed, largestClockStepNanoseconds: c.maxClockStep, avx: c.avx, violation: c.violationText)
             vcpus.append(vcpu)
             if let violation = c.violationText { problems.append("vcpu \(index): \(violation)") }
             if c.iterations <= a.iterations { problems.append("vcpu \(index): its work did not continue (\(a.iterations) before, \(c.iterations) after)") }
+            if let blackout = blackoutNanoseconds, b.maxClockStep > a.maxClockStep,
+                Int64(clamping: b.maxClockStep) > blackout + clockTolerance
+            {
+                problems.append(
+                    "vcpu \(index): its kvmclock jumped \(b.maxClockStep / 1_000_000) ms between two checks during a blackout of \(blackout / 1_000_000) ms")
+            }
             if a.avx && !c.avx { problems.append("vcpu \(index): its AVX state is gone") }
             if c.syscalls <= a.syscalls { problems.append("vcpu \(index): its syscalls did not continue (\(a.syscalls) before, \(c.syscalls) after)") }
             let rate = Double(LongModeGuest.timerHertz)

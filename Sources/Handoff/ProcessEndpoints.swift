@@ -395,7 +395,9 @@ public final class ProcessRun {
                 // The long-mode guest: two samples in the survivor, a timer measure apart.
                 if let first = ProcessRun.sample(survivor) {
                     _ = ProcessWatch.waitForExit(survivor.peer.pid, timeout: .milliseconds(400))
-                    if let second = ProcessRun.sample(survivor) { guest = LongModeCheck.check(before: before, after: first, later: second) }
+                    if let second = ProcessRun.sample(survivor) { 
+                        guest = LongModeCheck.check(before: before, after: first, later: second, blackoutNanoseconds: summary.blackoutNanoseconds)
+                    }
                 }
                 if guest == nil { guest = LongModeCheck(vcpus: [], problems: ["the survivor reports nothing of its guest"]) }
             } else {
