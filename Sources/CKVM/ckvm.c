@@ -202,12 +202,33 @@ static int unix_address(const char *path, struct sockaddr_un *address) {
     return 0;
 }
 
-int ckvm_listen_unix(const char *path, int backlog) {
+/* Makes `path` free for a listening socket without taking it from anyone: nothing there, or
+ * a stale socket (connect refused: its listener is gone), which is removed. A live socket
+ * answers EADDRINUSE; anything that is not a socket (a file, a directory, a symbolic link)
+ * EEXIST: neither is touched. */
+int ckvm_clear_stale_socket(const char *path) {
+    struct stat status;
+    if (lstat(path, &status) < 0) return errno == ENOENT ? 0 : -1;
+    if (!S_ISSOCK(status.st_mode)) { errno = EEXIST; return -1; }
     struct sockaddr_un address;
     if (unix_address(path, &address) < 0) return -1;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
-    unlink(path);
+    int connected;
+    do { connected = connect(fd, (struct sockaddr *)&address, sizeof address); } while (connected < 0 && errno == EINTR);
+    int saved = errno;
+    close(fd);
+    if (connected == 0) { errno = EADDRINUSE; return -1; }
+    if (saved != ECONNREFUSED) { errno = saved; return -1; }
+    return unlink(path) < 0 && errno != ENOENT ? -1 : 0;
+}
+
+int ckvm_listen_unix(const char *path, int backlog) {
+    struct sockaddr_un address;
+    if (unix_address(path, &address) < 0) return -1;
+    if (ckvm_clear_stale_socket(path) < 0) return -1;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
     if (bind(fd, (struct sockaddr *)&address, sizeof address) < 0 || listen(fd, backlog) < 0) {
         int saved = errno;
         close(fd);
@@ -364,6 +385,28 @@ int ckvm_unblock_signal(int signo) {
     sigaddset(&set, signo);
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
+
+int ckvm_reset_signals(void) {
+    /* Dispositions first (an ignored SIGTERM survives exec), then the mask. */
+    for (int signo = 1; signo < NSIG; signo++) {
+        if (signo == SIGKILL || signo == SIGSTOP) continue;
+        struct sigaction current;
+        if (sigaction(signo, NULL, &current) == 0 && current.sa_handler == SIG_IGN) signal(signo, SIG_DFL);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    return pthread_sigmask(SIG_SETMASK, &none, NULL);
+}
+
+int ckvm_set_signal_mask(const void *mask) { return pthread_sigmask(SIG_SETMASK, (const sigset_t *)mask, NULL); }
+
+int ckvm_clear_signal_mask(void *saved) {
+    sigset_t none;
+    sigemptyset(&none);
+    return pthread_sigmask(SIG_SETMASK, &none, (sigset_t *)saved);
+}
+
+unsigned long ckvm_sigset_size(void) { return sizeof(sigset_t); }
 
 int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }
 

@@ -190,6 +190,20 @@ public struct ConfigError: Error, CustomStringConvertible {
     public init(message: String) { self.message = message }
 }
 
+/// The daemon's socket path holds something it must not replace: another program's live
+/// socket (EADDRINUSE), or something that is not a socket (EEXIST).
+public struct SocketPathTaken: Error, CustomStringConvertible {
+    public var socket: String
+    public var errno: Int32
+    public var description: String {
+        switch errno {
+        case EADDRINUSE: "\(socket): another program listens on this socket; refusing to replace it"
+        case EEXIST: "\(socket) exists and is not a socket; refusing to replace it"
+        default: "\(socket): \(String(cString: strerror(errno)))"
+        }
+    }
+}
+
 /// Another daemon serves this socket already.
 public struct SocketInUse: Error, CustomStringConvertible {
     public var socket: String

@@ -199,16 +199,19 @@ public final class CoordinatorCore: @unchecked Sendable {
             throw CoordinatorProblem(status: 400, code: "syntax-error", title: "The plan is not YAML or JSON",
                 detail: report.diagnostics.first?.message ?? "unparseable", diagnostics: report.diagnostics)
         }
-        guard let plan = report.plan, let strategy = report.strategy?.chosen else {
+        guard let validPlan = report.plan, let strategy = report.strategy?.chosen else {
             throw CoordinatorProblem(status: 422, code: report.diagnostics.first { $0.severity == .error }?.code ?? "invalid-plan",
                 title: "The plan is invalid", detail: "\(report.errorCount) problem(s); see diagnostics", diagnostics: report.diagnostics)
         }
-        for path in [plan.source, plan.target].compactMap({ endpoint -> String? in
-            if case .socket(let path) = endpoint { return path }
-            return nil
-        }) where !config.vmmSocketDirectories.contains(where: { path.hasPrefix(($0.hasSuffix("/") ? $0 : $0 + "/")) }) {
-            throw CoordinatorProblem(status: 403, code: "path-outside-directories", title: "A VMM socket outside the configured directories",
-                detail: "\(path) is not under \(config.vmmSocketDirectories.joined(separator: ", ")) (vmmSocketDirectories)")
+        // Socket paths are resolved (symbolic links, `.` and `..`) before they are checked
+        // against vmmSocketDirectories, and the migration uses the resolved path: the check and
+        // the use see the same file, and one VM has one key however its path is written.
+        var plan = validPlan
+        if case .socket(let path) = plan.source { plan.source = .socket(path: try resolvedSocket(path, role: "source")) }
+        if case .socket(let path) = plan.target { plan.target = .socket(path: try resolvedSocket(path, role: "target")) }
+        if case .socket(let source) = plan.source, plan.target == .socket(path: source) {
+            throw CoordinatorProblem(status: 422, code: "source-is-target", title: "The source and the target are one VMM",
+                detail: "\(source) is both the source's and the target's socket")
         }
         if plan.source == .inProcess && plan.target != .inProcess || plan.source != .inProcess && plan.target == .inProcess {
             throw CoordinatorProblem(status: 422, code: "invalid-endpoint", title: "Mixed endpoints",
@@ -235,13 +238,37 @@ public final class CoordinatorCore: @unchecked Sendable {
             return record
         }()
         let faults = config.allowFaults ? plan.faults : []
-        let thread = Thread { [self] in
+        let thread = Thread { [self, plan] in
             execute(record, plan: plan, strategy: strategy, faults: faults, idempotencyKey: idempotencyKey)
             lock.withLock { threads -= 1 }
         }
         thread.name = "migration \(id)"
         thread.start()
         return (record.snapshot, true)
+    }
+
+    /// The real path of a VMM socket (its directory's, for a socket not created yet), checked
+    /// to lie under one of the configured directories (themselves resolved).
+    func resolvedSocket(_ path: String, role: String) throws(CoordinatorProblem) -> String {
+        func real(_ path: String) -> String? {
+            guard let resolved = realpath(path, nil) else { return nil }
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        let name = (path as NSString).lastPathComponent
+        let found = real(path) ?? real((path as NSString).deletingLastPathComponent).map { $0 + "/" + name }
+        // A path that does not exist is still checked, lexically, so that outside stays 403.
+        let resolved = found ?? (path as NSString).standardizingPath
+        let directories = config.vmmSocketDirectories.map { real($0) ?? $0 }
+        guard directories.contains(where: { resolved.hasPrefix($0.hasSuffix("/") ? $0 : $0 + "/") }) else {
+            throw CoordinatorProblem(status: 403, code: "path-outside-directories", title: "A VMM socket outside the configured directories",
+                detail: "the \(role)'s \(path) (\(resolved)) is not under \(config.vmmSocketDirectories.joined(separator: ", ")) (vmmSocketDirectories)")
+        }
+        guard found != nil, name != "..", name != "." else {
+            throw CoordinatorProblem(status: 422, code: "socket-unresolvable", title: "A VMM socket path that does not resolve",
+                detail: "the \(role)'s \(path): its directory does not exist")
+        }
+        return resolved
     }
 
     /// Cancels before the point of no return; refuses after it.

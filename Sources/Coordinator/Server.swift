@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import Hummingbird
 import HummingbirdCore
@@ -216,6 +217,12 @@ public enum DaemonServer {
             throw SocketInUse(socket: socket)
         }
         defer { close(lockFD) }
+        // Only a stale socket (its listener gone) is replaced; another program's live socket,
+        // a file or a directory at the path is refused before any state is touched.
+        if activation == nil, ckvm_clear_stale_socket(socket) != 0 {
+            let error = errno
+            throw SocketPathTaken(socket: socket, errno: error)
+        }
         let reports = core.recoverAndLoad()
         logger.info("recovered \(reports.count) unfinished migration(s); serving on \(socket)\(activation == nil ? "" : " (socket-activated, descriptor \(activation?.descriptor ?? -1))")")
 

@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import Guests
 import HostNet
@@ -335,6 +336,13 @@ public final class ProcessRun {
         log?.seekToEndOfFile()
         process.standardOutput = log
         process.standardError = log
+        // The VMM starts with no signal blocked: posix_spawn passes on the calling thread's
+        // mask, and a coordinator run by a test runner or a service manager may block SIGTERM
+        // (a VMM that survives SIGTERM) or SIGUSR1 (tinyvmm's vcpu kick). tinyvmm also resets
+        // ignored dispositions itself.
+        var saved = [UInt8](repeating: 0, count: Int(ckvm_sigset_size()))
+        _ = saved.withUnsafeMutableBytes { ckvm_clear_signal_mask($0.baseAddress) }
+        defer { _ = saved.withUnsafeBytes { ckvm_set_signal_mask($0.baseAddress) } }
         try process.run()
         // Ready when its socket accepts (it listens before it serves).
         let deadline = ContinuousClock.now + .seconds(10)

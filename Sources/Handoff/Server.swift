@@ -33,7 +33,14 @@ public final class HandoffServer {
     /// Listens and serves until a request asks the VMM to end.
     public func serve() throws(HandoffError) {
         let listener = ckvm_listen_unix(socket, 4)
-        guard listener >= 0 else { throw HandoffError(.io, "listening on \(socket): \(String(cString: strerror(errno)))", errno: .current) }
+        guard listener >= 0 else {
+            let why = switch errno {
+            case EADDRINUSE: "another program listens on this socket; refusing to replace it"
+            case EEXIST: "something that is not a socket is there; refusing to replace it"
+            default: String(cString: strerror(errno))
+            }
+            throw HandoffError(.io, "listening on \(socket): \(why)", errno: .current)
+        }
         _ = chmod(socket, 0o600)
         defer {
             close(listener)

@@ -194,9 +194,14 @@ public final class HandoffConnection: @unchecked Sendable {
 
     /// Checks that exactly `expected` descriptors came, each of the named kind; closes them all
     /// and throws otherwise.
+    /// What /proc/self/fd shows for each kind a message carries, exactly: a memfd named
+    /// `kvm-gmem` is `/memfd:kvm-gmem (deleted)`, not a guest_memfd, and a file cannot pose as an
+    /// anonymous inode (its link is an absolute path).
+    public static let descriptorLinks = ["kvm-gmem": "anon_inode:[kvm-gmem]", "kvm-vm": "anon_inode:kvm-vm", "net/tun": "/dev/net/tun"]
+
     public static func check(_ descriptors: [Int32], expected kinds: [String]) throws(HandoffError) {
         let actual = descriptors.map(kind(of:))
-        guard actual.count == kinds.count, zip(actual, kinds).allSatisfy({ $0.0.contains($0.1) }) else {
+        guard actual.count == kinds.count, zip(actual, kinds).allSatisfy({ $0.0 == (descriptorLinks[$0.1] ?? $0.1) }) else {
             for descriptor in descriptors { Glibc.close(descriptor) }
             throw HandoffError(
                 .unexpectedDescriptors,

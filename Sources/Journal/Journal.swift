@@ -45,6 +45,11 @@ public struct JournalError: Error, Equatable, Sendable, CustomStringConvertible 
         case notFound = "not-found"
         /// The journal holds its `finished` record: nothing may follow it.
         case finished
+        /// The state directory (or its journal directory) is not safe to trust: writable by
+        /// others, owned by another user, or an entry in it is a symbolic link.
+        case unsafe
+        /// A migration id that is not a journal's name (it would leave the journal directory).
+        case invalidID = "invalid-id"
     }
 
     public var kind: Kind
@@ -144,55 +149,114 @@ public final class MigrationJournal: @unchecked Sendable {
 }
 
 /// The state directory: its lock, and the journals in it.
+///
+/// Every file in it is opened relative to the directory's own descriptor with `O_NOFOLLOW`:
+/// a symbolic link planted as `lock` or `journal/X.log` is refused, never followed (root would
+/// otherwise truncate and write its target). The state directory and its journal directory
+/// must belong to the user running the coordinator and be writable by nobody else.
 public final class Journal: Sendable {
     public let directory: String
     private let lockFD: Int32
+    private let directoryFD: Int32
+    private let journalFD: Int32
 
     /// Opens (creating if needed) the state directory and takes its lock.
-    /// - Throws: `.locked` if another coordinator holds it.
+    /// - Throws: `.locked` if another coordinator holds it; `.unsafe` if the directory, its
+    ///   journal directory or its lock could be changed by another user or is a symbolic link.
     public init(stateDirectory: String) throws(JournalError) {
         directory = stateDirectory
         try Journal.makeDirectory(stateDirectory)
-        try Journal.makeDirectory(stateDirectory + "/journal")
+        let directoryFD = try Journal.openDirectory(stateDirectory, followLink: true)
+        let journalFD: Int32
+        do {
+            try Journal.makeDirectory(stateDirectory + "/journal")
+            journalFD = try Journal.openDirectory(stateDirectory + "/journal", followLink: false)
+        } catch {
+            Glibc.close(directoryFD)
+            throw error
+        }
         let lockPath = stateDirectory + "/lock"
-        let fd = Glibc.open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw JournalError(.io, "\(lockPath): \(String(cString: strerror(errno)))", errno: errno) }
+        let fd = openat(directoryFD, "lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0o600)
+        guard fd >= 0 else {
+            let error = errno
+            Glibc.close(directoryFD)
+            Glibc.close(journalFD)
+            if error == ELOOP { throw JournalError(.unsafe, "\(lockPath) is a symbolic link: refused (remove it)", errno: error) }
+            throw JournalError(.io, "\(lockPath): \(String(cString: strerror(error)))", errno: error)
+        }
+        func fail(_ error: JournalError) -> JournalError {
+            Glibc.close(fd)
+            Glibc.close(directoryFD)
+            Glibc.close(journalFD)
+            return error
+        }
+        var status = stat()
+        guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
+            throw fail(JournalError(.unsafe, "\(lockPath) is not a regular file: refused"))
+        }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             let error = errno
-            Glibc.close(fd)
             if error == EWOULDBLOCK {
-                throw JournalError(.locked, "\(stateDirectory) is in use by another coordinator (its lock is held)", errno: error)
+                throw fail(JournalError(.locked, "\(stateDirectory) is in use by another coordinator (its lock is held)", errno: error))
             }
-            throw JournalError(.io, "\(lockPath): flock: \(String(cString: strerror(error)))", errno: error)
+            throw fail(JournalError(.io, "\(lockPath): flock: \(String(cString: strerror(error)))", errno: error))
         }
         // Record who holds it, for the operator.
         let pid = "\(getpid())\n"
         _ = ftruncate(fd, 0)
         _ = pid.withCString { Glibc.write(fd, $0, strlen($0)) }
         lockFD = fd
+        self.directoryFD = directoryFD
+        self.journalFD = journalFD
     }
 
-    deinit { Glibc.close(lockFD) }
+    deinit {
+        Glibc.close(lockFD)
+        Glibc.close(journalFD)
+        Glibc.close(directoryFD)
+    }
 
     func journalPath(_ id: String) -> String { directory + "/journal/" + id + ".log" }
 
+    /// Whether `id` can name a journal: letters, digits, `.`, `_` and `-`, not starting with a
+    /// dot, at most 200 characters (so that no id leaves the journal directory).
+    public static func isValidID(_ id: String) -> Bool {
+        let bytes = Array(id.utf8)
+        guard (1...200).contains(bytes.count), bytes[0] != UInt8(ascii: ".") else { return false }
+        return bytes.allSatisfy { byte in
+            (byte >= 48 && byte <= 57) || (byte >= 65 && byte <= 90) || (byte >= 97 && byte <= 122) || byte == 45 || byte == 46 || byte == 95
+        }
+    }
+
+    static func checkID(_ id: String) throws(JournalError) {
+        guard isValidID(id) else {
+            throw JournalError(.invalidID, "'\(id)' is not a migration id (letters, digits, '.', '_' and '-', not starting with '.')")
+        }
+    }
+
     /// Creates the journal of a new migration.
     public func create(id: String) throws(JournalError) -> MigrationJournal {
+        try Journal.checkID(id)
         let path = journalPath(id)
-        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o600)
+        let fd = openat(journalFD, id + ".log", O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw JournalError(.io, "\(path): \(String(cString: strerror(errno)))", errno: errno) }
-        try Journal.syncDirectory(directory + "/journal")
+        guard fsync(journalFD) == 0 else {
+            let error = errno
+            Glibc.close(fd)
+            throw JournalError(.io, "\(directory)/journal: fsync: \(String(cString: strerror(error)))", errno: error)
+        }
         return MigrationJournal(id: id, path: path, fd: fd, contents: JournalContents(entries: [], tornTailBytes: 0, corruption: nil, validLength: 0, lastCRC: 0))
     }
 
     /// Opens an existing journal for appending. A torn tail is cut off (it was never synced, so
     /// its effect never started); a corrupt journal is refused.
     public func reopen(id: String) throws(JournalError) -> (MigrationJournal, JournalContents) {
+        try Journal.checkID(id)
         let path = journalPath(id)
         let contents = try Journal.read(path: path)
         if let corruption = contents.corruption { throw JournalError(.corrupt, corruption) }
-        let fd = Glibc.open(path, O_WRONLY | O_APPEND | O_CLOEXEC)
-        guard fd >= 0 else { throw JournalError(.io, "\(path): \(String(cString: strerror(errno)))", errno: errno) }
+        let fd = openat(journalFD, id + ".log", O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW)
+        guard fd >= 0 else { throw JournalError(errno == ELOOP ? .unsafe : .io, "\(path): \(String(cString: strerror(errno)))", errno: errno) }
         if contents.tornTailBytes > 0 {
             guard ftruncate(fd, off_t(contents.validLength)) == 0, fdatasync(fd) == 0 else {
                 let error = errno
@@ -206,20 +270,19 @@ public final class Journal: Sendable {
     /// The ids of every journal in the directory, oldest first (ids sort by time).
     public func ids() -> [String] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []
-        return names.filter { $0.hasSuffix(".log") }.map { String($0.dropLast(4)) }.sorted()
+        return names.filter { $0.hasSuffix(".log") }.map { String($0.dropLast(4)) }.filter(Journal.isValidID).sorted()
     }
 
     /// Reads one journal without the lock (for `journal show` and `list`).
     public static func read(stateDirectory: String, id: String) throws(JournalError) -> JournalContents {
-        try read(path: stateDirectory + "/journal/" + id + ".log")
+        try checkID(id)
+        return try read(path: stateDirectory + "/journal/" + id + ".log")
     }
 
     /// Reads and verifies a journal file: the CRC chain, the header check and the sequence.
+    /// The file itself must not be a symbolic link.
     public static func read(path: String) throws(JournalError) -> JournalContents {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw JournalError(.notFound, "\(path): no such journal")
-        }
-        let bytes = [UInt8](data)
+        let bytes = try readRegularFile(path)
         var entries: [JournalEntry] = []
         var offset = 0
         var crc: UInt32 = 0
@@ -284,6 +347,61 @@ public final class Journal: Sendable {
             }
             written += result
         }
+    }
+
+    /// Reads a whole regular file opened with `O_NOFOLLOW` (at most a journal's worth).
+    static func readRegularFile(_ path: String) throws(JournalError) -> [UInt8] {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else {
+            let error = errno
+            if error == ENOENT { throw JournalError(.notFound, "\(path): no such journal", errno: error) }
+            if error == ELOOP { throw JournalError(.unsafe, "\(path) is a symbolic link: refused", errno: error) }
+            throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
+        }
+        defer { Glibc.close(fd) }
+        var status = stat()
+        guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
+            throw JournalError(.unsafe, "\(path) is not a regular file: refused")
+        }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw JournalError(.io, "\(path): read: \(String(cString: strerror(errno)))", errno: errno)
+            }
+            if count == 0 { return bytes }
+            bytes.append(contentsOf: chunk[0..<count])
+        }
+    }
+
+    /// Opens a directory of the state directory and checks that only this user can change it:
+    /// owned by the effective uid (or root), writable by neither group nor others, and (for an
+    /// entry of the state directory) not a symbolic link.
+    static func openDirectory(_ path: String, followLink: Bool) throws(JournalError) -> Int32 {
+        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (followLink ? 0 : O_NOFOLLOW))
+        guard fd >= 0 else {
+            let error = errno
+            if error == ELOOP || error == ENOTDIR { throw JournalError(.unsafe, "\(path) is a symbolic link or not a directory: refused", errno: error) }
+            throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
+        }
+        var status = stat()
+        guard fstat(fd, &status) == 0 else {
+            let error = errno
+            Glibc.close(fd)
+            throw JournalError(.io, "\(path): fstat: \(String(cString: strerror(error)))", errno: error)
+        }
+        if status.st_uid != geteuid() && status.st_uid != 0 {
+            Glibc.close(fd)
+            throw JournalError(.unsafe, "\(path) belongs to uid \(status.st_uid), not to this user (uid \(geteuid())): refused")
+        }
+        if status.st_mode & 0o022 != 0 {
+            Glibc.close(fd)
+            throw JournalError(
+                .unsafe, "\(path) is writable by \(status.st_mode & 0o002 != 0 ? "others" : "its group") (mode \(String(status.st_mode & 0o7777, radix: 8))): refused; chmod go-w it")
+        }
+        return fd
     }
 
     static func makeDirectory(_ path: String) throws(JournalError) {

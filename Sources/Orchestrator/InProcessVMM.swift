@@ -529,12 +529,29 @@ public final class InProcessVMM: VMMEndpoint {
         slots.values.first { gpa >= $0.slot.guestPhysAddr && gpa < $0.slot.guestPhysAddr + $0.slot.size }.map { ($0.slot, $0.strategy) }
     }
 
-    public func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
+    /// The mapping and offset of `count` bytes of guest memory at `gpa`, all in one host-mapped
+    /// slot; an error for a range that leaves it (or a count out of range), never a trap.
+    private func mapped(gpa: UInt64, count: Int) throws(EndpointError) -> (mapping: Owned<GuestMapping>, offset: UInt64) {
         guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
-            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
+            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory", errno: .invalidArgument)
         }
+        let inSlot = gpa - slot.guestPhysAddr
+        guard count >= 0, let length = UInt64(exactly: count), length <= slot.size - inSlot else {
+            throw EndpointError(
+                "\(role): \(count) bytes at gpa 0x\(String(gpa, radix: 16)) leave slot \(slot.slot) (0x\(String(slot.guestPhysAddr, radix: 16)), \(slot.size) bytes)",
+                errno: .invalidArgument)
+        }
+        let offset = slot.offset + inSlot
+        guard offset <= mapping.value.length, length <= mapping.value.length - offset else {
+            throw EndpointError("\(role): \(count) bytes at gpa 0x\(String(gpa, radix: 16)) leave the mapping of '\(slot.guestMemfd)'", errno: .invalidArgument)
+        }
+        return (mapping, offset)
+    }
+
+    public func readGuest(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
+        let (mapping, offset) = try mapped(gpa: gpa, count: count)
         do {
-            return try mapping.value.read(offset: slot.offset + (gpa - slot.guestPhysAddr), count: count)
+            return try mapping.value.read(offset: offset, count: count)
         } catch {
             throw EndpointError(error)
         }
@@ -548,23 +565,19 @@ public final class InProcessVMM: VMMEndpoint {
 
     /// Reads guest memory past the fault points: a report of the guest, not a migration's call.
     func readGuestUnfaulted(gpa: UInt64, count: Int) throws(EndpointError) -> [UInt8] {
-        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
-            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
-        }
+        let (mapping, offset) = try mapped(gpa: gpa, count: count)
         let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
         do {
-            return try kernel.readMemory(address: mapping.value.address &+ slot.offset &+ (gpa - slot.guestPhysAddr), count: count)
+            return try kernel.readMemory(address: mapping.value.address &+ offset, count: count)
         } catch {
             throw EndpointError(error)
         }
     }
 
     public func writeGuest(gpa: UInt64, bytes: [UInt8]) throws(EndpointError) {
-        guard let (slot, _) = slotContaining(gpa), let mapping = mappings[slot.guestMemfd] else {
-            throw EndpointError("\(role): gpa 0x\(String(gpa, radix: 16)) is not in host-mapped guest memory")
-        }
+        let (mapping, offset) = try mapped(gpa: gpa, count: bytes.count)
         do {
-            try mapping.value.write(offset: slot.offset + (gpa - slot.guestPhysAddr), bytes: bytes)
+            try mapping.value.write(offset: offset, bytes: bytes)
         } catch {
             throw EndpointError(error)
         }

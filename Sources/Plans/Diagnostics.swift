@@ -49,6 +49,7 @@ public enum PlanRule: String, Sendable, CaseIterable, Codable {
     case wrongKind = "wrong-kind"
     case invalidName = "invalid-name"
     case invalidEndpoint = "invalid-endpoint"
+    case sourceIsTarget = "source-is-target"
     // The kernel's gmem and memslot rules
     case misaligned = "misaligned"
     case zeroSize = "zero-size"
@@ -74,6 +75,7 @@ public enum PlanRule: String, Sendable, CaseIterable, Codable {
     // Policy
     case invalidDuration = "invalid-duration"
     case nonPositiveDuration = "non-positive-duration"
+    case durationTooLong = "duration-too-long"
     // Faults for test suites
     case invalidFault = "invalid-fault"
     // This host (--host)

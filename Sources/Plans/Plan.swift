@@ -83,6 +83,10 @@ public struct Policy: Sendable, Equatable, Codable {
 
     public static let defaultMaxBlackout: Duration = .milliseconds(50)
     public static let defaultStepTimeout: Duration = .seconds(5)
+    /// The longest duration a plan may give (`duration-too-long` beyond it): a day. Every
+    /// timeout derived from a plan stays far from any integer limit (milliseconds in an
+    /// Int32 for SO_RCVTIMEO, nanoseconds in an Int64).
+    public static let maximumDuration: Duration = .seconds(86_400)
 }
 
 /// Parses `50ms`, `5s`, `1m`, `250us`, `100ns`, `1h`; nil for anything else.
@@ -94,7 +98,11 @@ public func parseDuration(_ text: String) -> Duration? {
     for (suffix, unit) in units where text.hasSuffix(suffix) {
         let number = text.dropLast(suffix.count)
         // "ms" also ends in "s": take the longest suffix that leaves a number.
-        guard !number.isEmpty, number.allSatisfy({ $0.isNumber || $0 == "." }), let value = Double(number) else { continue }
+        guard !number.isEmpty, number.allSatisfy({ $0.isNumber || $0 == "." }), let value = Double(number), value.isFinite else { continue }
+        // Beyond the maximum, the value is not multiplied (which could trap): it is answered
+        // as just over the maximum, which the parser reports as too long.
+        let seconds = value * Double(unit.components.seconds) + value * Double(unit.components.attoseconds) / 1e18
+        guard seconds <= Double(Policy.maximumDuration.components.seconds) else { return Policy.maximumDuration + .nanoseconds(1) }
         return unit * value
     }
     return nil
@@ -104,7 +112,8 @@ extension Duration {
     /// `50ms`, `5s`, `1.5s`: the shortest exact rendering used in reports.
     public var text: String {
         let (seconds, attoseconds) = components
-        let nanoseconds = Int64(seconds) * 1_000_000_000 + attoseconds / 1_000_000_000
+        // Int128: no duration a Duration can hold traps here.
+        let nanoseconds = Int128(seconds) * 1_000_000_000 + Int128(attoseconds / 1_000_000_000)
         if nanoseconds % 1_000_000_000 == 0 { return "\(nanoseconds / 1_000_000_000)s" }
         if nanoseconds % 1_000_000 == 0 { return "\(nanoseconds / 1_000_000)ms" }
         if nanoseconds % 1_000 == 0 { return "\(nanoseconds / 1_000)us" }

@@ -151,6 +151,10 @@ struct PlanParser {
             report(.invalidDuration, path, "'\(text)' is not a duration (a number with ns, us, ms, s, m or h: 50ms, 5s)", at: node)
             return nil
         }
+        guard value <= Policy.maximumDuration else {
+            report(.durationTooLong, path, "'\(text)' is longer than the maximum, a day (\(Policy.maximumDuration.text))", at: node)
+            return nil
+        }
         return value
     }
 

@@ -156,6 +156,12 @@ struct PlanValidator {
         validateSlots(draft)
         validateNICs(draft)
         validateStrategy(draft)
+        // One VMM cannot be both ends: `/run/a.sock` and `/run/./a.sock` are one socket.
+        if case .socket(let source)? = draft.source, case .socket(let target)? = draft.target,
+            (source as NSString).standardizingPath == (target as NSString).standardizingPath
+        {
+            report(.sourceIsTarget, "spec.target.vmm", "\(target) is the source's socket too: a VM migrates into another VMM")
+        }
         for (path, value) in [("spec.policy.maxBlackout", draft.maxBlackout), ("spec.policy.stepTimeout", draft.stepTimeout)] {
             if let value, value <= .zero {
                 report(.nonPositiveDuration, path, "\(value.text) is not a positive duration")

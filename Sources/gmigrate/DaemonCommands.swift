@@ -53,6 +53,8 @@ struct Daemon: AsyncParsableCommand {
             try await DaemonServer.run(listeners: listeners, core: core, logger: logger)
         } catch let error as SocketInUse {
             throw CommandFailure(code: .stateDirectoryLocked, message: "\(error)")
+        } catch let error as SocketPathTaken {
+            throw CommandFailure(code: .badInput, message: "\(error)")
         }
     }
 

@@ -140,9 +140,51 @@ final class TinyVMM: HandoffHandler {
 
     private var counter: UInt32? { vmm.readCounter() }
 
+    /// Where this VMM stands, which decides the requests it takes: a target-only request
+    /// (memory, bindings, restore, undo) is refused by a VMM whose VM runs, and a source-only
+    /// one (pause, retire) by a VMM still being built.
+    enum Phase: String {
+        /// No VM yet: a spawned target before create-vm.
+        case empty
+        /// A target's VM being assembled: memory, memslots, state.
+        case building
+        /// The guest runs: a source, or a target after its restore (the next hop's source).
+        case running
+        /// A source paused by the coordinator: it resumes (rollback) or retires.
+        case paused
+    }
+
+    private var paused = false
+
+    var phase: Phase {
+        if vmm.vmHandle == nil { return .empty }
+        if paused { return .paused }
+        return vmm.isRunning ? .running : .building
+    }
+
+    /// The requests each phase takes; hello, status, read-guest, arm-faults and shutdown are
+    /// always taken.
+    static let allowed: [Phase: Set<String>] = [
+        .empty: ["create-vm", "destroy", "unbind", "release-memory"],
+        .building: [
+            "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "move-enc-context", "check-state",
+            "restore", "destroy", "unbind", "release-memory", "describe",
+        ],
+        .running: ["describe", "pause", "resume", "bindings", "probe-mapping"],
+        .paused: ["describe", "pause", "resume", "retire", "bindings", "probe-mapping"],
+    ]
+    static let always: Set<String> = ["hello", "status", "read-guest", "arm-faults", "shutdown"]
+
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
         var reply = HandoffMessage(type: "ok", id: request.id)
         do {
+            let phase = self.phase
+            if !TinyVMM.always.contains(request.type), HandoffMessage.requestTypes.contains(request.type),
+                !(TinyVMM.allowed[phase] ?? []).contains(request.type)
+            {
+                for descriptor in descriptors { close(descriptor) }
+                throw EndpointError("\(request.type) is refused: this VMM is \(phase.rawValue), and a \(phase.rawValue) VMM does not take it", errno: .notPermitted)
+            }
             switch request.type {
             case "hello":
                 try expectNone(descriptors)
@@ -173,6 +215,7 @@ final class TinyVMM: HandoffHandler {
                 stopGuest()
                 let stopped = clock.now
                 let state = try vmm.pause()
+                paused = true
                 reply.state = Data(state.encoded).base64EncodedString()
                 reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false
@@ -182,6 +225,7 @@ final class TinyVMM: HandoffHandler {
             case "resume":
                 try expectNone(descriptors)
                 try vmm.resume()
+                paused = false
                 startGuest()
                 reply.running = vmm.isRunning && guestRuns
                 log.say("resumed")
@@ -201,6 +245,7 @@ final class TinyVMM: HandoffHandler {
                 guard let gmem = request.gmem, let strategy = request.strategy else { throw EndpointError("receive-memory needs gmem and strategy") }
                 let handle = try single(descriptors, request, kind: "kvm-gmem")
                 defer { if !isModel { close(handle.raw) } }
+                try checkSize(handle, of: gmem)
                 reply.inode = try vmm.receiveMemory(gmem, from: handle, strategy: strategy)
                 log.say("received '\(gmem.name)' by \(strategy.rawValue): inode \(reply.inode?.description ?? "?")")
             case "receive-nics":
@@ -224,6 +269,7 @@ final class TinyVMM: HandoffHandler {
                 guard let gmem = request.gmem else { throw EndpointError("copy-memory needs gmem") }
                 let handle = try single(descriptors, request, kind: "kvm-gmem")
                 defer { if !isModel { close(handle.raw) } }
+                try checkSize(handle, of: gmem)
                 let copy = try vmm.copyMemory(gmem, from: handle)
                 reply.copy = copy
                 log.say("copied '\(gmem.name)' from the paused source: \(copy.bytesCopied) of \(copy.bytesTotal) bytes populated (\(copy.method))")
@@ -330,6 +376,17 @@ final class TinyVMM: HandoffHandler {
         let fresh = faults.fired.filter { !reportedFaults.contains($0) }
         reportedFaults.formUnion(fresh)
         return fresh.isEmpty ? nil : fresh.map(\.description)
+    }
+
+    /// A received guest_memfd is the size its description says (a smaller file must not be
+    /// mapped as the larger one).
+    private func checkSize(_ handle: KernelHandle, of gmem: VMDescription.Gmem) throws {
+        guard !isModel else { return }
+        var status = stat()
+        guard fstat(handle.raw, &status) == 0 else { throw EndpointError("fstat of the received guest_memfd: \(String(cString: strerror(errno)))") }
+        guard status.st_size >= 0, UInt64(status.st_size) == gmem.size else {
+            throw EndpointError("the received guest_memfd for '\(gmem.name)' holds \(status.st_size) bytes, not the \(gmem.size) its description says")
+        }
     }
 
     private func expectNone(_ descriptors: [Int32]) throws {

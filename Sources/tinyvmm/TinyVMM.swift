@@ -50,6 +50,9 @@ struct TinyVMMCommand: ParsableCommand {
     var guest: String?
 
     mutating func run() throws {
+        // Whoever started us may have blocked or ignored signals (a test runner, a daemon): a
+        // VMM stops on SIGTERM, and SIGUSR1 kicks its vcpus.
+        _ = ckvm_reset_signals()
         let name = self.name ?? "tinyvmm-\(getpid())"
         let log = Log(name: name)
         let kernel: any KernelBackend

@@ -16,10 +16,16 @@ func gmigrate(_ arguments: [String], environment: [String: String]? = nil) throw
         binary,
     ]
     guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
-        throw CancellationError()
+        // A product that is not built is a failure of the test, never a skip.
+        throw FixtureError("gmigrate is not built (looked in \(candidates.map(\.path).joined(separator: ", ")))")
     }
+    return try run(executable.path, arguments, environment: environment)
+}
+
+/// Runs a program to its end from the repository's root; its exit status and output.
+func run(_ path: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
     let process = Process()
-    process.executableURL = executable
+    process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
     process.currentDirectoryURL = URL(fileURLWithPath: repositoryRoot)
     if let environment { process.environment = environment }
@@ -28,12 +34,23 @@ func gmigrate(_ arguments: [String], environment: [String: String]? = nil) throw
     process.standardOutput = out
     process.standardError = err
     try process.run()
+    // Both pipes drained at once: a child that fills one while we wait on the other never hangs.
+    final class Box: @unchecked Sendable {
+        var data = Data()
+    }
+    let stderr = Box()
+    let done = DispatchSemaphore(value: 0)
+    let errorHandle = err.fileHandleForReading
+    Thread {
+        stderr.data = errorHandle.readDataToEndOfFile()
+        done.signal()
+    }.start()
     let stdout = out.fileHandleForReading.readDataToEndOfFile()
-    let stderr = err.fileHandleForReading.readDataToEndOfFile()
+    done.wait()
     process.waitUntilExit()
     return CommandResult(
         status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
-        stderr: String(decoding: stderr, as: UTF8.self))
+        stderr: String(decoding: stderr.data, as: UTF8.self))
 }
 
 func temporaryFile(_ text: String, name: String = "t.kscript") throws -> String {

@@ -262,7 +262,12 @@ int ckvm_poll_any(const int *fds, int count, int milliseconds);
 
 /* ---- UNIX sockets, SCM_RIGHTS, peer credentials, vcpu kicks (ckvm.c, _GNU_SOURCE) ------ */
 
-/** A listening SOCK_STREAM UNIX socket at path (unlinked first), CLOEXEC. -1/errno on failure. */
+/** Frees path for a listening socket: 0 if nothing is there or a stale socket (connect
+ *  refused) was removed; -1 with EADDRINUSE for a live socket, EEXIST for anything that is not a
+ *  socket (neither is touched). */
+int ckvm_clear_stale_socket(const char *path);
+/** A listening SOCK_STREAM UNIX socket at path (a stale socket there is replaced; a live one or a
+ *  non-socket is refused, see ckvm_clear_stale_socket), CLOEXEC. -1/errno on failure. */
 int ckvm_listen_unix(const char *path, int backlog);
 /** accept4(CLOEXEC), retrying EINTR. */
 int ckvm_accept(int listener);
@@ -293,6 +298,14 @@ unsigned long ckvm_thread_self(void);
 /* Unblocks `signo` in the calling thread: a process inherits its blocked mask from whoever
    spawned it, and a kick that stays blocked never interrupts KVM_RUN. */
 int ckvm_unblock_signal(int signo);
+/** For a process started by another that may have blocked or ignored signals (a test runner,
+ *  a daemon): every ignored signal back to its default, and no signal blocked. */
+int ckvm_reset_signals(void);
+/** The calling thread's mask emptied; the old one saved in `saved` (ckvm_sigset_size bytes). */
+int ckvm_clear_signal_mask(void *saved);
+/** The calling thread's mask set from `mask` (saved by ckvm_clear_signal_mask). */
+int ckvm_set_signal_mask(const void *mask);
+unsigned long ckvm_sigset_size(void);
 int ckvm_kick_thread(unsigned long thread, int signo);
 
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and

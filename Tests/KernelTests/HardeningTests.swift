@@ -1,0 +1,399 @@
+import CKVM
+import Coordinator
+import Foundation
+import Handoff
+import Journal
+import Kernel
+import Orchestrator
+import Plans
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One connection to a VMM's handoff socket that speaks raw messages: what a hostile or
+/// confused coordinator could send.
+final class RawPeer {
+    let connection: HandoffConnection
+    private var nextID = 1
+
+    init(_ socket: String) throws {
+        connection = try HandoffConnection.connect(path: socket)
+        connection.setTimeout(.seconds(5))
+        var hello = HandoffMessage(type: "hello", id: 0)
+        hello.version = HandoffMessage.protocolVersion
+        let reply = try ask(hello)
+        guard reply.type == "ok" else { throw FixtureError("hello refused: \(reply.message ?? "?")") }
+    }
+
+    /// Sends one request (with descriptors) and returns its reply.
+    @discardableResult
+    func ask(_ message: HandoffMessage, descriptors: [Int32] = []) throws -> HandoffMessage {
+        var message = message
+        message.id = nextID
+        nextID += 1
+        try connection.send(message, descriptors: descriptors)
+        let (reply, received) = try connection.receive()
+        for fd in received { close(fd) }
+        return reply
+    }
+
+    func ask(_ type: String, _ edit: (inout HandoffMessage) -> Void = { _ in }) throws -> HandoffMessage {
+        var message = HandoffMessage(type: type, id: 0)
+        edit(&message)
+        return try ask(message)
+    }
+}
+
+/// A tinyvmm on the model (or on real KVM), with its directory; shut down at the end.
+final class VMMUnderTest {
+    let directory: String
+    let socket: String
+    let process: Process
+
+    init(_ name: String, source: Bool, backend: String = "model", guest: String = "counter") throws {
+        directory = temporaryDirectory("gmigrate-" + name)
+        socket = directory + "/vmm.sock"
+        var plan: String? = nil
+        if source {
+            plan = directory + "/plan.yaml"
+            let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
+            try text.write(toFile: plan!, atomically: true, encoding: .utf8)
+        }
+        process = try ProcessRun.spawnVMMForTests(
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
+            name: "hardening/" + name, logFile: directory + "/vmm.log", plan: plan, extra: source ? ["--guest", guest] : [])
+    }
+
+    var log: String { (try? String(contentsOfFile: directory + "/vmm.log", encoding: .utf8)) ?? "" }
+
+    func stop() {
+        (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
+        if !ProcessWatch.waitForExit(process.processIdentifier, timeout: .seconds(5)) { process.terminate() }
+        process.waitUntilExit()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+@Suite("Hostile peers and hosts: VMM requests", .serialized)
+struct VMMRequestHardeningTests {
+    /// Requests within the protocol's types but outside the VM: each answered by an error, and
+    /// the VMM and its guest live on.
+    @Test func outOfRangeRequestsAreAnsweredNotFatal() throws {
+        let vmm = try VMMUnderTest("ranges", source: true)
+        defer { vmm.stop() }
+        let peer = try RawPeer(vmm.socket)
+        // The demo's slot is 2 MiB at 0: 16 bytes from its last 8 leave it.
+        for (gpa, count) in [(UInt64(2 << 20) - 8, 16), (UInt64(2 << 20) - 1, 2), (UInt64.max - 4, 16), (0, Int.max)] {
+            let reply = try peer.ask("read-guest") {
+                $0.gpa = gpa
+                $0.count = count
+            }
+            if count == Int.max {
+                // Clamped to 64 KiB by the VMM: inside the slot, answered.
+                #expect(reply.type == "ok")
+            } else {
+                #expect(reply.type == "error", "read-guest of \(count) bytes at 0x\(String(gpa, radix: 16))")
+            }
+        }
+        let target = try VMMUnderTest("ranges-target", source: false)
+        defer { target.stop() }
+        let empty = try RawPeer(target.socket)
+        for vcpus in [-1, 0, 1 << 40, Int.max, Int.min] {
+            let reply = try empty.ask("create-vm") {
+                $0.vmType = .default
+                $0.vcpus = vcpus
+            }
+            #expect(reply.type == "error", "create-vm with \(vcpus) vcpus")
+            #expect(reply.message?.contains("vcpus") == true)
+        }
+        #expect(vmm.process.isRunning && target.process.isRunning)
+        let status = try peer.ask("status")
+        #expect(status.running == true, "the source's guest runs on")
+    }
+
+    /// A running source refuses what only a target being built may be asked; a target being
+    /// built refuses what only a source may be asked. Its status stays true.
+    @Test func requestsOutsideTheVMMsPhaseAreRefused() throws {
+        let source = try VMMUnderTest("phase-source", source: true)
+        defer { source.stop() }
+        let peer = try RawPeer(source.socket)
+        for type in ["unbind", "release-memory", "restore", "check-state", "destroy", "bind", "create-vm"] {
+            let reply = try peer.ask(type) {
+                $0.slots = []
+                $0.strategy = .share
+                $0.vmType = .default
+                $0.vcpus = 2
+            }
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is running") == true, "a running source refuses \(type): \(reply)")
+        }
+        let status = try peer.ask("status")
+        #expect(status.running == true, "status says running, and it is")
+        let counter = status.counter ?? 0
+        #expect(waitUntil(5) { ((try? peer.ask("status"))?.counter ?? 0) > counter }, "the guest still counts")
+
+        let target = try VMMUnderTest("phase-target", source: false)
+        defer { target.stop() }
+        let empty = try RawPeer(target.socket)
+        for type in ["pause", "retire", "resume", "describe", "restore", "bind"] {
+            let reply = try empty.ask(type) {
+                $0.slots = []
+                $0.strategy = .share
+            }
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is empty") == true, "an empty target refuses \(type): \(reply)")
+        }
+        #expect(try empty.ask("create-vm") { $0.vmType = .default; $0.vcpus = 2 }.type == "ok")
+        for type in ["pause", "retire"] {
+            let reply = try empty.ask(type)
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is building") == true, "a target being built refuses \(type)")
+        }
+    }
+
+    /// A descriptor's kind is checked exactly: a memfd named `kvm-gmem` is not a guest_memfd,
+    /// and a guest_memfd smaller than its description is not mapped as the larger one.
+    @Test func forgedDescriptorsAreRefused() throws {
+        _ = try Backend.linux.make()
+        let target = try VMMUnderTest("forged", source: false, backend: "linux")
+        defer { target.stop() }
+        let peer = try RawPeer(target.socket)
+        #expect(try peer.ask("create-vm") { $0.vmType = .default; $0.vcpus = 1 }.type == "ok")
+        let gmem = try JSONDecoder().decode(
+            VMDescription.Gmem.self, from: Data(#"{"name": "ram", "size": 2097152, "flags": 3, "inode": {"device": 1, "inode": 1}}"#.utf8))
+        // A file whose path holds the kind's name: a substring check took it for a guest_memfd.
+        let impostor = target.directory + "/anon_inode:[kvm-gmem]"
+        #expect(FileManager.default.createFile(atPath: impostor, contents: Data(count: 2 << 20)))
+        let memfd = open(impostor, O_RDWR)
+        #expect(memfd >= 0)
+        defer { close(memfd) }
+        var request = HandoffMessage(type: "receive-memory", id: 0)
+        request.gmem = gmem
+        request.strategy = .share
+        let forged = try peer.ask(request, descriptors: [memfd])
+        #expect(forged.type == "error")
+        #expect(forged.message?.contains("received [\(impostor)]") == true, "the refusal names what came: \(forged.message ?? "")")
+        // A real guest_memfd of 4 KiB described as 2 MiB.
+        let kernel = try LinuxKVM()
+        let vm = try kernel.createVirtualMachine()
+        let small = try vm.createGuestMemfd(size: 4096, flags: [.mmap, .initShared])
+        let short = try peer.ask(request, descriptors: [small.handle.raw])
+        #expect(short.type == "error")
+        #expect(short.message?.contains("holds 4096 bytes") == true, "\(short.message ?? "")")
+        #expect(target.process.isRunning)
+    }
+}
+
+@Suite("Hostile peers and hosts: the state directory", .serialized)
+struct StateDirectoryHardeningTests {
+    /// `lock` planted as a symbolic link: refused, and its target is neither truncated nor written.
+    @Test func aSymlinkedLockIsNotFollowed() throws {
+        let directory = temporaryDirectory("gmigrate-symlock")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let state = directory + "/state"
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let victim = directory + "/victim"
+        try "precious\n".write(toFile: victim, atomically: true, encoding: .utf8)
+        try FileManager.default.createSymbolicLink(atPath: state + "/lock", withDestinationPath: victim)
+        #expect { _ = try Journal(stateDirectory: state) } throws: { error in
+            (error as? JournalError)?.kind == .unsafe && "\(error)".contains("symbolic link")
+        }
+        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
+        let result = try gmigrate(["journal", "list", "--state-dir", state])
+        #expect(result.status != 0 || !result.stdout.contains("precious"))
+    }
+
+    /// A journal planted as a symbolic link is not reopened for appending (recovery would write
+    /// into its target), and reading it is refused too.
+    @Test func aSymlinkedJournalIsNotFollowed() throws {
+        let directory = temporaryDirectory("gmigrate-symjournal")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let state = directory + "/state"
+        let victim = directory + "/victim"
+        try "precious\n".write(toFile: victim, atomically: true, encoding: .utf8)
+        let store = try Journal(stateDirectory: state)
+        try FileManager.default.createSymbolicLink(atPath: state + "/journal/20260101T000000-x-0000000000000001.log", withDestinationPath: victim)
+        #expect { _ = try store.reopen(id: "20260101T000000-x-0000000000000001") } throws: { error in
+            (error as? JournalError)?.kind == .unsafe
+        }
+        let reports = MigrationRunner.recoverAll(store, provider: recoveryProvider)
+        #expect(reports.count == 1 && reports.first?.state == nil, "recovery does not act on it: \(reports)")
+        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
+        // An id that would leave the journal directory is no id.
+        #expect { _ = try Journal.read(stateDirectory: state, id: "../../victim") } throws: { error in
+            (error as? JournalError)?.kind == .invalidID
+        }
+    }
+
+    /// A state directory (or its journal directory) that others may write is refused, with a
+    /// clear error and the journal exit code, before anything is written.
+    @Test(arguments: ["state", "state/journal"])
+    func aWritableStateDirectoryIsRefused(_ which: String) throws {
+        let directory = temporaryDirectory("gmigrate-writable")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let state = directory + "/state"
+        _ = try Journal(stateDirectory: state)
+        #expect(chmod(directory + "/" + which, 0o777) == 0)
+        #expect { _ = try Journal(stateDirectory: state) } throws: { error in
+            (error as? JournalError)?.kind == .unsafe && "\(error)".contains("writable by others")
+        }
+        let result = try gmigrate(["migrate", "migration-plans/demo.yaml", "--backend", "model", "--state-dir", state])
+        #expect(result.status == 10, "\(result.stdout)\(result.stderr)")
+        #expect(result.stderr.contains("writable by others"))
+        #expect((try FileManager.default.contentsOfDirectory(atPath: state + "/journal")).isEmpty, "nothing was written")
+    }
+}
+
+@Suite("Hostile peers and hosts: plans and sockets", .serialized)
+struct PlanPathHardeningTests {
+    func plan(source: String, target: String, name: String = "demo") throws -> String {
+        try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: source)
+            .replacingOccurrences(of: "vmm: spawn", with: "vmm: \(target)")
+            .replacingOccurrences(of: "name: demo-processes", with: "name: \(name)")
+    }
+
+    /// `..` and symbolic links do not lead out of vmmSocketDirectories, and one VM written two
+    /// ways is still one VM (409 for the second migration).
+    @Test func socketPathsAreResolvedBeforeTheyAreChecked() throws {
+        let daemon = try DaemonFixture(backend: "model")
+        defer { daemon.stop() }
+        let allowed = daemon.directory + "/vmms"
+        // Short paths: a socket path has 108 bytes.
+        let elsewhere = "/tmp/ge-" + String(UUID().uuidString.prefix(8))
+        try FileManager.default.createDirectory(atPath: elsewhere, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: elsewhere) }
+        try FileManager.default.createDirectory(atPath: allowed, withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: allowed + "/escape", withDestinationPath: elsewhere)
+        let outside = elsewhere + "/x.sock"
+        for path in [daemon.directory + "/vmms/../../" + (elsewhere as NSString).lastPathComponent + "/x.sock", allowed + "/escape/x.sock"] {
+            let answer = try daemon.call("POST", "/v1/migrations", body: try plan(source: path, target: "spawn"))
+            #expect(answer.status == 403, "\(path): \(answer.text)")
+            #expect(daemon.json(answer)["code"] as? String == "path-outside-directories")
+        }
+        #expect(!FileManager.default.fileExists(atPath: outside))
+        // One source VMM, named through `..` and through a symbolic link: one VM, one key, and
+        // the second migration of it is refused while the first runs.
+        let socket = daemon.directory + "/s.sock"
+        let planFile = daemon.directory + "/source-plan.yaml"
+        try plan(source: socket, target: "spawn").write(toFile: planFile, atomically: true, encoding: .utf8)
+        let source = try ProcessRun.spawnVMMForTests(
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + daemon.directory + "/state/model-host.json", name: "hardening/key",
+            logFile: daemon.directory + "/s.log", plan: planFile, extra: ["--guest", "counter"])
+        defer {
+            (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
+            source.waitUntilExit()
+        }
+        try FileManager.default.createSymbolicLink(atPath: allowed + "/link.sock", withDestinationPath: socket)
+        let held = try plan(source: allowed + "/../s.sock", target: "spawn", name: "first") + "  faults:\n    - before:create-target=delay:3s\n"
+        let first = try daemon.call("POST", "/v1/migrations", body: held)
+        #expect(first.status == 202, "\(first.text)")
+        #expect(daemon.json(first)["vm"] as? String == socket, "the VM's key is its resolved socket")
+        let second = try daemon.call("POST", "/v1/migrations", body: try plan(source: allowed + "/link.sock", target: "spawn", name: "second"))
+        #expect(second.status == 409, "\(second.text)")
+        #expect(daemon.json(second)["code"] as? String == "vm-migrating")
+        let id = try #require(daemon.json(first)["id"] as? String)
+        _ = try daemon.call("POST", "/v1/migrations/\(id)/cancel")
+        #expect(try daemon.waitFinished(id)["state"] as? String == "rolled-back")
+        // Same socket as source and target: invalid, whichever way it is written.
+        let same = try daemon.call("POST", "/v1/migrations", body: try plan(source: daemon.directory + "/a.sock", target: daemon.directory + "/./a.sock"))
+        #expect(same.status == 422)
+        #expect(daemon.json(same)["code"] as? String == "source-is-target")
+    }
+
+    /// The longest duration a plan accepts is a day: the validator refuses more (the daemon
+    /// crashed on it once), and the daemon answers 422 and lives on.
+    @Test func durationsHaveAMaximum() throws {
+        let daemon = try DaemonFixture(backend: "model")
+        defer { daemon.stop() }
+        let text = try demoPlan().replacingOccurrences(of: "stepTimeout: 60s", with: "stepTimeout: 9999999999999h")
+        let answer = try daemon.call("POST", "/v1/migrations", body: text)
+        #expect(answer.status == 422)
+        #expect(daemon.json(answer)["code"] as? String == "duration-too-long")
+        #expect(daemonIsHealthy(daemon.socket))
+        #expect(Duration.seconds(Int64.max).text.hasSuffix("s"), "rendering the longest Duration does not trap")
+    }
+}
+
+@Suite("Hostile peers and hosts: sockets and signals", .serialized)
+struct SocketHardeningTests {
+    /// tinyvmm does not take a live VMM's socket, nor a file's path; a stale socket is replaced.
+    @Test func tinyvmmTakesOnlyAStaleSocket() throws {
+        let live = try VMMUnderTest("live", source: false)
+        defer { live.stop() }
+        let tinyvmm = try executable("tinyvmm")
+        func start(_ socket: String) throws -> CommandResult {
+            try run(tinyvmm, ["--socket", socket, "--backend", "model", "--model-host", live.directory + "/host2.json", "--name", "second"])
+        }
+        let second = try start(live.socket)
+        #expect(second.status != 0)
+        #expect(second.stderr.contains("another program listens on this socket"), "\(second.stderr)")
+        #expect(HandoffConnection.probe(path: live.socket) == 0, "the live VMM's socket still answers")
+        let file = live.directory + "/file.sock"
+        try "not a socket".write(toFile: file, atomically: true, encoding: .utf8)
+        let onFile = try start(file)
+        #expect(onFile.status != 0 && onFile.stderr.contains("not a socket"), "\(onFile.stderr)")
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "not a socket")
+        // A stale socket (nobody listens) is replaced.
+        let stale = live.directory + "/stale.sock"
+        let listener = ckvm_listen_unix(stale, 1)
+        close(listener)
+        let replacing = try VMMUnderTestAt(socket: stale, directory: live.directory)
+        #expect(HandoffConnection.probe(path: stale) == 0)
+        replacing.stop()
+    }
+
+    /// The daemon does not unlink another program's live socket, nor a file, and says so
+    /// before recovery runs.
+    @Test func theDaemonTakesOnlyAStaleSocket() throws {
+        let live = try VMMUnderTest("daemon-live", source: false)
+        defer { live.stop() }
+        let config = live.directory + "/config.yaml"
+        try "allowedUIDs: [0]\nbackend: model\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let result = try gmigrate(["daemon", "--socket", live.socket, "--state-dir", live.directory + "/state", "--config", config])
+        #expect(result.status == 2, "\(result.stderr)")
+        #expect(result.stderr.contains("another program listens on this socket"), "\(result.stderr)")
+        #expect(HandoffConnection.probe(path: live.socket) == 0)
+        let file = live.directory + "/plain"
+        try "x".write(toFile: file, atomically: true, encoding: .utf8)
+        let onFile = try gmigrate(["daemon", "--socket", file, "--state-dir", live.directory + "/state", "--config", config])
+        #expect(onFile.status == 2 && onFile.stderr.contains("is not a socket"), "\(onFile.stderr)")
+    }
+
+    /// A VMM the coordinator spawns starts with no signal blocked and none ignored, whatever
+    /// the coordinator's own mask (a test runner's, a service manager's).
+    @Test func spawnedVMMsStartWithADefaultSignalMask() throws {
+        var blocked = sigset_t()
+        sigemptyset(&blocked)
+        for signal in [SIGTERM, SIGHUP, SIGINT, SIGUSR1] { sigaddset(&blocked, signal) }
+        var old = sigset_t()
+        pthread_sigmask(SIG_BLOCK, &blocked, &old)
+        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
+        let previous = signal(SIGTERM, SIG_IGN)
+        defer { signal(SIGTERM, previous) }
+        let vmm = try VMMUnderTest("signals", source: false)
+        defer { try? FileManager.default.removeItem(atPath: vmm.directory) }
+        let status = try String(contentsOfFile: "/proc/\(vmm.process.processIdentifier)/status", encoding: .utf8)
+        let line = status.split(separator: "\n").first { $0.hasPrefix("SigBlk:") } ?? ""
+        #expect(line.hasSuffix("0000000000000000"), "\(line)")
+        kill(vmm.process.processIdentifier, SIGTERM)
+        #expect(ProcessWatch.waitForExit(vmm.process.processIdentifier, timeout: .seconds(10)), "SIGTERM ends the VMM")
+        vmm.process.waitUntilExit()
+    }
+}
+
+/// A tinyvmm started at a given socket (for the stale-socket case).
+struct VMMUnderTestAt {
+    let process: Process
+    let socket: String
+    init(socket: String, directory: String) throws {
+        self.socket = socket
+        process = try ProcessRun.spawnVMMForTests(
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host3.json", name: "hardening/stale",
+            logFile: directory + "/stale.log", plan: nil)
+    }
+    func stop() {
+        (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
+        process.waitUntilExit()
+    }
+}
