@@ -103,6 +103,9 @@ public struct BearerToken: Sendable {
         guard status.st_mode & S_IFMT == S_IFREG else {
             throw ConfigError(message: "\(path) (tcp.tokenFile): not a regular file")
         }
+        guard status.st_uid == geteuid() else {
+            throw ConfigError(message: "\(path) (tcp.tokenFile): owned by uid \(status.st_uid), not by the daemon's uid \(geteuid()); another user could have chosen the token")
+        }
         guard status.st_mode & 0o077 == 0 else {
             throw ConfigError(message: "\(path) (tcp.tokenFile): mode \(String(status.st_mode & 0o777, radix: 8)) lets others read the token; chmod 600 it")
         }
@@ -122,9 +125,11 @@ public struct BearerToken: Sendable {
         let prefix = "bearer "
         guard authorization.count > prefix.count, authorization.prefix(prefix.count).lowercased() == prefix else { return false }
         let offered = Array(authorization.dropFirst(prefix.count).utf8)
-        var difference = UInt8(truncatingIfNeeded: offered.count ^ bytes.count)
+        // The lengths compared in full (a difference truncated to a byte let 256·k extra
+        // characters through), then every byte of the token, whatever the offered length.
+        var difference = offered.count == bytes.count ? 0 : 1
         for index in 0..<bytes.count {
-            difference |= bytes[index] ^ (index < offered.count ? offered[index] : 0)
+            difference |= Int(bytes[index] ^ (index < offered.count ? offered[index] : 0))
         }
         return difference == 0
     }

@@ -100,7 +100,16 @@ struct AuthorizationMiddleware: RouterMiddleware {
         else {
             return problemResponse(CoordinatorProblem(status: 403, code: "forbidden", title: "Forbidden", detail: "the peer's credentials cannot be read"))
         }
-        guard allowedUIDs.contains(credential.uid) || allowedGIDs.contains(credential.gid) else {
+        var groups: Set<UInt32> = [credential.gid]
+        if !allowedGIDs.isEmpty, !allowedGIDs.contains(credential.gid), !allowedUIDs.contains(credential.uid) {
+            // Supplementary groups too (SO_PEERGROUPS), as the documentation promises.
+            if let buffer: ckvm_peer_groups = try? await provider.unsafeGetSocketOption(
+                level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERGROUPS)
+            ).get() {
+                groups.formUnion(peerGroups(buffer, pid: credential.pid))
+            }
+        }
+        guard allowedUIDs.contains(credential.uid) || !allowedGIDs.isDisjoint(with: groups) else {
             logger.warning("refused", metadata: ["pid": "\(credential.pid)", "uid": "\(credential.uid)", "gid": "\(credential.gid)", "path": "\(request.uri.path)"])
             return problemResponse(CoordinatorProblem(
                 status: 403, code: "forbidden", title: "Forbidden",
@@ -109,6 +118,19 @@ struct AuthorizationMiddleware: RouterMiddleware {
         context.peer = credential
         return try await next(request, context)
     }
+}
+
+/// The supplementary groups in an SO_PEERGROUPS buffer. The kernel returns them sorted and the
+/// buffer comes zero-filled, so trailing zeros are padding; a buffer of zeros only is either no
+/// group or group 0 alone, which the peer's /proc status settles.
+func peerGroups(_ buffer: ckvm_peer_groups, pid: Int32) -> [UInt32] {
+    let all = withUnsafeBytes(of: buffer.gids) { Array($0.bindMemory(to: UInt32.self)) }
+    guard let last = all.lastIndex(where: { $0 != 0 }) else {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix("Groups:") } ?? ""
+        return line.split(separator: "\t").dropFirst().joined(separator: " ").split(separator: " ").compactMap { UInt32($0) }.filter { $0 == 0 }
+    }
+    return Array(all[...last])
 }
 
 /// The HTTP API (docs/openapi.yaml) in front of the coordinator core.

@@ -1,4 +1,5 @@
-import Coordinator
+import CKVM
+@testable import Coordinator
 import Foundation
 import Journal
 import Testing
@@ -252,6 +253,30 @@ struct DaemonTests {
         #expect(output.contains("uid 65534"))
         let log = try String(contentsOfFile: daemon.logFile, encoding: .utf8)
         #expect(log.contains("\"message\":\"refused\"") && log.contains("\"uid\":\"65534\""), "the refusal is logged")
+    }
+
+    /// allowedGIDs admits a member of the group through a supplementary group, not only
+    /// through its primary group (SO_PEERGROUPS); a non-member is still refused.
+    @Test func aSupplementaryGroupIsAllowed() throws {
+        let daemon = try DaemonFixture(config: "socketGroup: 4343\nallowedGIDs: [4343]")
+        defer { daemon.stop() }
+        _ = chmod(daemon.directory, 0o755)
+        // Anyone may connect: the daemon's own check is what is tested.
+        _ = chmod(daemon.socket, 0o666)
+        func get(groups: String) throws -> String {
+            let result = try run("/usr/bin/setpriv", [
+                "--reuid=65534", "--regid=65534", "--groups=\(groups)", "/usr/bin/curl", "-s", "-w", "\n%{http_code}", "--unix-socket", daemon.socket,
+                "http://localhost/v1/migrations",
+            ])
+            return result.stdout
+        }
+        let member = try get(groups: "4343")
+        #expect(member.hasSuffix("\n200"), "\(member)")
+        let several = try get(groups: "100,4343,5000")
+        #expect(several.hasSuffix("\n200"), "\(several)")
+        let stranger = try get(groups: "100")
+        #expect(stranger.hasSuffix("\n403"), "\(stranger)")
+        #expect(peerGroups(ckvm_peer_groups(), pid: getpid()).allSatisfy { $0 == 0 }, "zeros only: group 0 only if /proc says so")
     }
 
     /// kill -9 of the daemon mid-migration; the restarted daemon recovers it before serving:

@@ -236,6 +236,8 @@ struct ListenerTests {
         #expect(wrong.headers.contains("error=\"invalid_token\""))
         let prefix = try curl(["-H", "Authorization: Bearer \(token.dropLast())", base + "/healthz"])
         #expect(prefix.status == 401, "a prefix of the token is not the token")
+        let longer = try curl(["-H", "Authorization: Bearer \(token)\(String(repeating: "x", count: 256))", base + "/healthz"])
+        #expect(longer.status == 401, "the token and 256 more characters is not the token (the length difference is not cut to a byte)")
 
         let plan = directory + "/plan.yaml"
         try demoPlan(name: "over-tcp").write(toFile: plan, atomically: true, encoding: .utf8)
@@ -274,6 +276,9 @@ struct ListenerTests {
         _ = chmod(tokenFile, 0o600)
         try "short\n".write(toFile: tokenFile, atomically: false, encoding: .utf8)
         try start("at least 16 characters")
+        try "0123456789abcdef0123\n".write(toFile: tokenFile, atomically: false, encoding: .utf8)
+        #expect(chown(tokenFile, 4242, 4242) == 0)
+        try start("owned by uid 4242, not by the daemon's uid")
         let bad = try gmigrate(["daemon", "--socket", directory + "/g.sock", "--state-dir", directory + "/state", "--log-format", "xml"])
         #expect(bad.status == 2 && bad.stderr.contains("--log-format: 'xml' is none of text, json"), "\(bad.stderr)")
     }

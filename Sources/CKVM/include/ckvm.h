@@ -298,6 +298,9 @@ unsigned long ckvm_thread_self(void);
 /* Unblocks `signo` in the calling thread: a process inherits its blocked mask from whoever
    spawned it, and a kick that stays blocked never interrupts KVM_RUN. */
 int ckvm_unblock_signal(int signo);
+/** Room for SO_PEERGROUPS: a peer's supplementary groups (the kernel returns them sorted;
+ *  getsockopt through SwiftNIO zero-fills the rest). */
+typedef struct ckvm_peer_groups { unsigned int gids[1024]; } ckvm_peer_groups;
 /** For a process started by another that may have blocked or ignored signals (a test runner,
  *  a daemon): every ignored signal back to its default, and no signal blocked. */
 int ckvm_reset_signals(void);
