@@ -13,6 +13,11 @@ import Yams
 /// allowFaults: false          # honour plans' spec.faults (test suites only)
 /// maxBodyBytes: 1048576
 /// logFormat: text             # text | json (JSON lines)
+/// maxConnections: 64          # per listener (UNIX socket, TCP): beyond it a connection is closed at once
+/// headerTimeoutSeconds: 10    # a request's head must arrive within this
+/// idleTimeoutSeconds: 60      # a connection with no request for this long is closed
+/// drainSeconds: 30            # SIGTERM waits at most this for running migrations (recovery takes them up)
+/// keepFinishedJournals: 1000  # the newest finished migrations kept; older journals are deleted
 /// tcp:                        # optional: also serve on a loopback TCP port
 ///   host: 127.0.0.1           #   127.0.0.0/8, ::1 or localhost only
 ///   port: 8421                #   0 = any free port (logged)
@@ -27,12 +32,18 @@ public struct DaemonConfig: Codable, Sendable, Equatable {
     public var allowFaults: Bool = false
     public var maxBodyBytes: Int = 1 << 20
     public var logFormat: String = "text"
+    public var maxConnections: Int = 64
+    public var headerTimeoutSeconds: Int = 10
+    public var idleTimeoutSeconds: Int = 60
+    public var drainSeconds: Int = 30
+    public var keepFinishedJournals: Int = 1000
     public var tcp: TCPListenerConfig?
 
     public init() {}
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case allowedUIDs, allowedGIDs, socketGroup, vmmSocketDirectories, backend, allowFaults, maxBodyBytes, logFormat, tcp
+        case allowedUIDs, allowedGIDs, socketGroup, vmmSocketDirectories, backend, allowFaults, maxBodyBytes, logFormat, maxConnections
+        case headerTimeoutSeconds, idleTimeoutSeconds, drainSeconds, keepFinishedJournals, tcp
     }
 
     public init(from decoder: any Decoder) throws {
@@ -46,6 +57,11 @@ public struct DaemonConfig: Codable, Sendable, Equatable {
         allowFaults = try container.decodeIfPresent(Bool.self, forKey: .allowFaults) ?? defaults.allowFaults
         maxBodyBytes = try container.decodeIfPresent(Int.self, forKey: .maxBodyBytes) ?? defaults.maxBodyBytes
         logFormat = try container.decodeIfPresent(String.self, forKey: .logFormat) ?? defaults.logFormat
+        maxConnections = try container.decodeIfPresent(Int.self, forKey: .maxConnections) ?? defaults.maxConnections
+        headerTimeoutSeconds = try container.decodeIfPresent(Int.self, forKey: .headerTimeoutSeconds) ?? defaults.headerTimeoutSeconds
+        idleTimeoutSeconds = try container.decodeIfPresent(Int.self, forKey: .idleTimeoutSeconds) ?? defaults.idleTimeoutSeconds
+        drainSeconds = try container.decodeIfPresent(Int.self, forKey: .drainSeconds) ?? defaults.drainSeconds
+        keepFinishedJournals = try container.decodeIfPresent(Int.self, forKey: .keepFinishedJournals) ?? defaults.keepFinishedJournals
         tcp = try container.decodeIfPresent(TCPListenerConfig.self, forKey: .tcp)
     }
 
@@ -121,6 +137,13 @@ public struct DaemonConfig: Codable, Sendable, Equatable {
         }
         if config.maxBodyBytes < 1024 {
             throw ConfigError(message: "\(place(root.mapping?["maxBodyBytes"], "maxBodyBytes")): \(config.maxBodyBytes) is below 1024 bytes")
+        }
+        for (field, value, range) in [
+            ("maxConnections", config.maxConnections, 1...65536), ("headerTimeoutSeconds", config.headerTimeoutSeconds, 1...3600),
+            ("idleTimeoutSeconds", config.idleTimeoutSeconds, 1...86400), ("drainSeconds", config.drainSeconds, 0...86400),
+            ("keepFinishedJournals", config.keepFinishedJournals, 1...1_000_000),
+        ] where !range.contains(value) {
+            throw ConfigError(message: "\(place(root.mapping?[field], field)): \(value) is outside \(range.lowerBound)...\(range.upperBound)")
         }
         for (index, directory) in config.vmmSocketDirectories.enumerated() where !directory.hasPrefix("/") {
             throw ConfigError(message: "\(place(root.mapping?["vmmSocketDirectories"]?.sequence?[index], "vmmSocketDirectories[\(index)]")): '\(directory)' is not an absolute path")

@@ -40,8 +40,8 @@ final class MigrationRecord: @unchecked Sendable {
     private var view: MigrationView
     private var events: [MigrationEvent] = []
     private var subscribers: [UUID: AsyncStream<MigrationEvent>.Continuation] = [:]
-    /// Keeps in-process VMMs (and the surviving VM) alive after the migration.
-    var keepAlive: AnyObject?
+    /// The journal begun when the migration was accepted (VMM processes).
+    var begun: MigrationJournal?
 
     init(view: MigrationView) { self.view = view }
 
@@ -100,7 +100,9 @@ public final class CoordinatorCore: @unchecked Sendable {
     public let metrics = PrometheusCollectorRegistry()
     private let lock = NSLock()
     private var records: [String: MigrationRecord] = [:]
-    private var idempotency: [String: String] = [:]
+    /// Each Idempotency-Key's migration and the plan it was given (a reuse with another plan is
+    /// refused). Looked up and inserted under one lock: one key makes at most one migration.
+    private var idempotency: [String: (id: String, plan: MigrationPlan)] = [:]
     private var threads = 0
     private var accepting = true
     let backendChoice: String  // linux | model
@@ -151,10 +153,34 @@ public final class CoordinatorCore: @unchecked Sendable {
             record.update { view in MigrationEvent(kind: "finished", state: view.state, reason: view.reason) }
             lock.withLock {
                 records[id] = record
-                if let key = started.idempotencyKey { idempotency[key] = id }
+                if let key = started.idempotencyKey { idempotency[key] = (id, started.plan) }
             }
         }
+        pruneFinished()
         return reports
+    }
+
+    /// Retention: keeps the newest `keepFinishedJournals` finished migrations (ids sort by
+    /// time); older ones leave memory and the state directory. Unfinished ones are never touched.
+    func pruneFinished() {
+        let doomed = lock.withLock { () -> [String] in
+            // Stuck ones are not finished in their journals: recovery still needs them.
+            let finished = records.values.filter { $0.isFinished && $0.snapshot.state != "stuck" }.map(\.id).sorted()
+            let excess = finished.count - config.keepFinishedJournals
+            guard excess > 0 else { return [] }
+            let doomed = Array(finished.prefix(excess))
+            for id in doomed { records[id] = nil }
+            idempotency = idempotency.filter { !doomed.contains($0.value.id) }
+            return doomed
+        }
+        for id in doomed {
+            do {
+                try journal.remove(id: id)
+            } catch {
+                logger.warning("retention: the journal could not be deleted", metadata: ["migration": "\(id)", "error": "\(error)"])
+            }
+        }
+        if !doomed.isEmpty { logger.info("retention: deleted \(doomed.count) finished journal(s) beyond keepFinishedJournals") }
     }
 
     /// A VM's identity, for "already migrating": its source VMM's socket, or the plan's name in-process.
@@ -164,6 +190,9 @@ public final class CoordinatorCore: @unchecked Sendable {
     }
 
     // MARK: - Requests
+
+    /// The states `GET /v1/migrations?state=` filters on.
+    public static let listableStates = ["queued", "running", "unfinished", "completed", "rolled-back", "stuck", "lost"]
 
     public func list(state: String?) -> [MigrationView] {
         let all = lock.withLock { Array(records.values) }.map(\.snapshot).sorted { $0.id < $1.id }
@@ -191,9 +220,6 @@ public final class CoordinatorCore: @unchecked Sendable {
     /// Accepts a migration: validates, refuses a VM already migrating (409), starts it.
     /// Returns the migration and whether it is new (an idempotent resubmission is not).
     public func submit(_ text: String, idempotencyKey: String?) throws(CoordinatorProblem) -> (MigrationView, Bool) {
-        if let key = idempotencyKey, let id = lock.withLock({ idempotency[key] }), let existing = view(id) {
-            return (existing, false)
-        }
         let report = validate(text)
         guard report.parsed else {
             throw CoordinatorProblem(status: 400, code: "syntax-error", title: "The plan is not YAML or JSON",
@@ -219,9 +245,20 @@ public final class CoordinatorCore: @unchecked Sendable {
         }
         let vm = CoordinatorCore.vmKey(plan)
         let id = MigrationRunner.newID(plan.name)
+        let faults = config.allowFaults ? plan.faults : []
+        // The key's lookup, the one-migration-per-VM check and the journal's first record happen
+        // under one lock: one key makes at most one migration, and a migration answered 202 is
+        // on disk (a crash after the answer leaves a journal that recovery finds).
         lock.lock()
-        let record = try { () throws(CoordinatorProblem) -> MigrationRecord in
+        let (record, isNew) = try { () throws(CoordinatorProblem) -> (MigrationRecord, Bool) in
             defer { lock.unlock() }
+            if let key = idempotencyKey, let existing = idempotency[key] {
+                guard existing.plan == plan else {
+                    throw CoordinatorProblem(status: 422, code: "idempotency-key-reused", title: "The Idempotency-Key was used with another plan",
+                        detail: "'\(key)' made migration \(existing.id) of another plan; a key names one request")
+                }
+                if let record = records[existing.id] { return (record, false) }
+            }
             guard accepting else {
                 throw CoordinatorProblem(status: 503, code: "shutting-down", title: "The daemon is shutting down", detail: "no new migrations")
             }
@@ -232,12 +269,24 @@ public final class CoordinatorCore: @unchecked Sendable {
             let record = MigrationRecord(view: MigrationView(
                 id: id, plan: plan.name, vm: vm, state: "queued", strategy: strategy.rawValue, steps: [], pointOfNoReturnPassed: false,
                 cancelRequested: false))
+            if case .socket(let sourceSocket) = plan.source {
+                var targetSocket: String? = nil
+                if case .socket(let path) = plan.target { targetSocket = path }
+                let started = ProcessRun.startedRecord(
+                    id: id, plan: plan, planFile: "(submitted)", strategy: strategy, faults: faults, sourceSocket: sourceSocket,
+                    targetSocket: targetSocket, spawnBackend: spawnBackend, vmmDirectory: vmmDirectory, idempotencyKey: idempotencyKey)
+                do {
+                    record.begun = try MigrationRunner.begin(started, in: journal)
+                } catch {
+                    throw CoordinatorProblem(status: 503, code: "journal-failed", title: "The migration could not be journaled", detail: "\(error)")
+                }
+            }
             records[id] = record
-            if let idempotencyKey { idempotency[idempotencyKey] = id }
+            if let idempotencyKey { idempotency[idempotencyKey] = (id, plan) }
             threads += 1
-            return record
+            return (record, true)
         }()
-        let faults = config.allowFaults ? plan.faults : []
+        guard isNew else { return (record.snapshot, false) }
         let thread = Thread { [self, plan] in
             execute(record, plan: plan, strategy: strategy, faults: faults, idempotencyKey: idempotencyKey)
             lock.withLock { threads -= 1 }
@@ -246,6 +295,9 @@ public final class CoordinatorCore: @unchecked Sendable {
         thread.start()
         return (record.snapshot, true)
     }
+
+    var spawnBackend: String { backendChoice == "linux" ? "linux" : "model:" + modelHostFile }
+    var vmmDirectory: String { stateDirectory + "/vmm" }
 
     /// The real path of a VMM socket (its directory's, for a socket not created yet), checked
     /// to lie under one of the configured directories (themselves resolved).
@@ -291,14 +343,20 @@ public final class CoordinatorCore: @unchecked Sendable {
         return record.snapshot
     }
 
-    /// Stops accepting, cancels what has not passed its point of no return, waits for the rest.
-    public func drain() {
+    /// Stops accepting, cancels what has not passed its point of no return, and waits for the
+    /// rest at most `drainSeconds`: a step blocked on a VMM that does not answer must not hold
+    /// the daemon for ever. What still runs then is journaled, and the next start recovers it,
+    /// as after a crash. Returns the migrations left running.
+    @discardableResult
+    public func drain() -> [String] {
         let running = lock.withLock { () -> [MigrationRecord] in
             accepting = false
             return records.values.filter { !$0.isFinished }
         }
         for record in running where !record.snapshot.pointOfNoReturnPassed { _ = try? cancel(record.id) }
-        while lock.withLock({ threads }) > 0 { Thread.sleep(forTimeInterval: 0.02) }
+        let deadline = ContinuousClock.now + .seconds(config.drainSeconds)
+        while lock.withLock({ threads }) > 0, ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        return lock.withLock { records.values.filter { !$0.isFinished }.map(\.id).sorted() }
     }
 
     // MARK: - Running one migration
@@ -339,16 +397,17 @@ public final class CoordinatorCore: @unchecked Sendable {
                 let run = try InProcessRun.run(
                     plan: plan, planFile: "(submitted)", strategy: strategy, backend: backend, journal: journal, faults: faults,
                     progress: progress, cancelReason: cancelReason, observer: observer, idempotencyKey: idempotencyKey, id: record.id)
-                record.keepAlive = run
+                // The run, its VMMs and their VMs end here: a daemon keeps no finished
+                // migration's kernel objects (each held descriptors and kernel threads).
                 summary = run.summary
             } else if case .socket(let sourceSocket) = plan.source {
                 var targetSocket: String? = nil
                 if case .socket(let path) = plan.target { targetSocket = path }
                 let run = try ProcessRun.run(
                     plan: plan, planFile: "(submitted)", strategy: strategy, journal: journal, faults: faults, sourceSocket: sourceSocket,
-                    targetSocket: targetSocket, spawnBackend: backendChoice == "linux" ? "linux" : "model:" + modelHostFile,
-                    vmmDirectory: stateDirectory + "/vmm", progress: progress, cancelReason: cancelReason, observer: observer,
-                    idempotencyKey: idempotencyKey, id: record.id, watcher: watcher,
+                    targetSocket: targetSocket, spawnBackend: spawnBackend,
+                    vmmDirectory: vmmDirectory, progress: progress, cancelReason: cancelReason, observer: observer,
+                    idempotencyKey: idempotencyKey, id: record.id, begun: record.begun, watcher: watcher,
                     onVMEvent: { [log] reason in
                         log.warning("vm-event", metadata: ["event": "\(reason)"])
                         record.update { view in MigrationEvent(kind: "vm-event", state: view.state, reason: reason) }
@@ -360,7 +419,9 @@ public final class CoordinatorCore: @unchecked Sendable {
         } catch {
             failure = "\(error)"
         }
-        let outcome = summary?.state.rawValue ?? "lost"
+        // A run that failed before its machine ended: with a journal begun, the next start (or
+        // `gmigrate recover`) takes it up, so it is stuck, not lost.
+        let outcome = summary?.state.rawValue ?? (record.begun != nil ? TerminalState.stuck.rawValue : TerminalState.lost.rawValue)
         metrics.makeCounter(
             descriptor: .init(namespace: "gmigrate", metricName: "migrations", unitName: "total", helpText: "Migrations by outcome"),
             labels: [("outcome", outcome)]
@@ -371,6 +432,7 @@ public final class CoordinatorCore: @unchecked Sendable {
                 labels: [], buckets: [.microseconds(100), .milliseconds(1), .milliseconds(10), .milliseconds(50), .milliseconds(100), .seconds(1)]
             ).recordNanoseconds(blackout)
         }
+        record.begun = nil
         log.info("finished", metadata: ["state": "\(outcome)", "reason": "\(summary?.reason ?? failure ?? "")"])
         record.update { view in
             view.state = outcome
@@ -379,5 +441,6 @@ public final class CoordinatorCore: @unchecked Sendable {
             view.blackoutBreach = summary?.blackoutBreach
             return MigrationEvent(kind: "finished", state: outcome, reason: view.reason)
         }
+        pruneFinished()
     }
 }

@@ -135,6 +135,14 @@ func peerGroups(_ buffer: ckvm_peer_groups, pid: Int32) -> [UInt32] {
 
 /// The HTTP API (docs/openapi.yaml) in front of the coordinator core.
 public enum DaemonServer {
+    /// What a plan's body may be declared as. `application/x-www-form-urlencoded` is what curl
+    /// sends for `--data-binary` without `-H`, and `application/octet-stream` and `text/plain`
+    /// are generic: all three are read as a plan.
+    static let planMediaTypes: Set<String> = [
+        "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "application/json", "text/plain", "application/octet-stream",
+        "application/x-www-form-urlencoded",
+    ]
+
     /// Builds the router: every route parses its request and asks the core.
     static func router(core: CoordinatorCore, token: BearerToken?, logger: Logger) -> Router<DaemonContext> {
         let router = Router(context: DaemonContext.self)
@@ -143,6 +151,16 @@ public enum DaemonServer {
         let limit = core.config.maxBodyBytes
 
         @Sendable func body(_ request: Request, _ context: DaemonContext) async throws(CoordinatorProblem) -> String {
+            // A plan is YAML or JSON: a body declared as something else is refused (415); no
+            // Content-Type, or a generic one, is read as a plan.
+            if let type = request.headers[.contentType] {
+                let mediaType = type.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+                guard DaemonServer.planMediaTypes.contains(mediaType) else {
+                    throw CoordinatorProblem(
+                        status: 415, code: "unsupported-media-type", title: "A plan is YAML or JSON",
+                        detail: "Content-Type '\(type)' is none of \(DaemonServer.planMediaTypes.sorted().joined(separator: ", "))")
+                }
+            }
             var request = request
             let buffer: ByteBuffer
             do {
@@ -187,7 +205,13 @@ public enum DaemonServer {
             }
         }
         router.get("/v1/migrations") { request, _ in
-            jsonResponse(core.list(state: request.uri.queryParameters.get("state")))
+            let state = request.uri.queryParameters.get("state")
+            if let state, !CoordinatorCore.listableStates.contains(state) {
+                return problemResponse(CoordinatorProblem(
+                    status: 400, code: "invalid-state", title: "No such state",
+                    detail: "'\(state)' is none of \(CoordinatorCore.listableStates.joined(separator: ", "))"))
+            }
+            return jsonResponse(core.list(state: state))
         }
         router.get("/v1/migrations/:id") { _, context in
             let id = context.parameters.get("id") ?? ""
@@ -249,7 +273,18 @@ public enum DaemonServer {
         logger.info("recovered \(reports.count) unfinished migration(s); serving on \(socket)\(activation == nil ? "" : " (socket-activated, descriptor \(activation?.descriptor ?? -1))")")
 
         let responder = router(core: core, token: token, logger: logger).buildResponder()
-        let channel = HTTP1Channel(responder: httpResponder(responder, logger: logger))
+        // Each listener its own connection count and the same timeouts: whatever a peer does
+        // on loopback TCP, the UNIX socket keeps its own places.
+        let settings = core.config
+        func channel() -> HTTP1Channel {
+            let count = ConnectionCount(limit: settings.maxConnections)
+            let requestTimeout = TimeAmount.seconds(Int64(settings.headerTimeoutSeconds))
+            return HTTP1Channel(
+                responder: httpResponder(responder, logger: logger),
+                configuration: .init(
+                    additionalChannelHandlers: [ConnectionGuard(count: count, requestTimeout: requestTimeout, logger: logger)],
+                    idleTimeout: .seconds(Int64(settings.idleTimeoutSeconds))))
+        }
         let group = core.config.socketGroup
         let socketReady: @Sendable () async -> Void = {
             _ = chmod(socket, 0o660)
@@ -258,14 +293,14 @@ public enum DaemonServer {
         }
         var services: [any Service] = []
         if let activation {
-            services.append(InheritedSocketServer(descriptor: activation.descriptor, childChannel: channel, logger: logger, onServerRunning: socketReady))
+            services.append(InheritedSocketServer(descriptor: activation.descriptor, childChannel: channel(), logger: logger, onServerRunning: socketReady))
         } else {
-            services.append(channel.server(
+            services.append(channel().server(
                 configuration: .init(address: .unixDomainSocket(path: socket), serverName: "gmigrate"),
                 onServerRunning: { _ in await socketReady() }, eventLoopGroup: MultiThreadedEventLoopGroup.singleton, logger: logger))
         }
         if let tcp = core.config.tcp {
-            services.append(channel.server(
+            services.append(channel().server(
                 configuration: .init(address: .hostname(tcp.host, port: tcp.port), serverName: "gmigrate"),
                 onServerRunning: { server in
                     logger.info("listening on tcp", metadata: ["address": "\(server.localAddress?.ipAddress ?? tcp.host)", "port": "\(server.localAddress?.port ?? tcp.port)"])
@@ -275,7 +310,10 @@ public enum DaemonServer {
             services: services.map { .init(service: $0) }, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await serviceGroup.run()
         logger.info("stopping: draining running migrations")
-        core.drain()
+        let left = core.drain()
+        if !left.isEmpty {
+            logger.warning("stopping with migrations still running after drainSeconds; the next start recovers them from the journal", metadata: ["migrations": "\(left.joined(separator: ","))"])
+        }
         logger.info("stopped")
     }
 

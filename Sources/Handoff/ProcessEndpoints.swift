@@ -355,36 +355,58 @@ public final class ProcessRun {
         throw EndpointError("the VMM (\(name)) did not listen at \(socket) within 10 s: see \(logFile)")
     }
 
+    /// Where a spawned target listens: in `vmmDirectory`, named after the migration's id
+    /// (sun_path holds 108 bytes: the id's random suffix keeps it short).
+    public static func spawnedTargetSocket(id: String, vmmDirectory: String) -> String {
+        let suffix = String(id.split(separator: "-").last ?? "vmm").prefix(12)
+        return vmmDirectory + "/t-\(suffix).sock"
+    }
+
+    /// The started record of a migration between VMM processes: what recovery needs to reach
+    /// both VMMs again.
+    public static func startedRecord(
+        id: String, plan: MigrationPlan, planFile: String, strategy: Strategy, faults specs: [FaultSpec], sourceSocket: String,
+        targetSocket: String?, spawnBackend: String, vmmDirectory: String, idempotencyKey: String?
+    ) -> JournalEntry.Started {
+        var started = JournalEntry.Started(
+            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + spawnBackend, coordinatorPID: getpid(),
+            faults: specs.map(\.description), sourceSocket: sourceSocket,
+            targetSocket: targetSocket ?? spawnedTargetSocket(id: id, vmmDirectory: vmmDirectory))
+        started.idempotencyKey = idempotencyKey
+        return started
+    }
+
     /// Migrates the VM behind `sourceSocket` into the target, journaled; verifies the counter.
     /// The journal is begun before any VMM is contacted, so a crash at any moment leaves a
-    /// migration that `gmigrate recover` finds.
+    /// migration that `gmigrate recover` finds. A caller that journaled the migration when it
+    /// accepted it (the daemon) passes that journal as `begun`; then an unreachable source is
+    /// the machine's to handle (it rolls back, or records why it cannot).
     public static func run(
         plan: MigrationPlan, planFile: String, strategy: Strategy, journal store: Journal, faults specs: [FaultSpec],
         sourceSocket: String, targetSocket: String?, spawnBackend: String, vmmDirectory: String,
         progress: @escaping (StepReport) -> Void = { _ in }, cancelReason: @escaping () -> String? = { nil },
         observer: @escaping (JournalEntry.Event) -> Void = { _ in }, idempotencyKey: String? = nil, id chosen: String? = nil,
-        watcher: KVMEventWatcher? = nil,
+        begun: MigrationJournal? = nil, watcher: KVMEventWatcher? = nil,
         onVMEvent: @escaping @Sendable (String) -> Void = { _ in }
     ) throws -> ProcessRun {
-        // Nothing answers at the source's socket: there is no migration to journal.
-        let reachable = HandoffConnection.probe(path: sourceSocket)
-        if reachable != 0 {
-            throw EndpointError("connecting to \(sourceSocket): \(String(cString: strerror(reachable)))", errno: Errno(rawValue: reachable))
+        if begun == nil {
+            // Nothing answers at the source's socket: there is no migration to journal.
+            let reachable = HandoffConnection.probe(path: sourceSocket)
+            if reachable != 0 {
+                throw EndpointError("connecting to \(sourceSocket): \(String(cString: strerror(reachable)))", errno: Errno(rawValue: reachable))
+            }
         }
-        let id = chosen ?? MigrationRunner.newID(plan.name)
-        // sun_path holds 108 bytes: keep the name short (the id's random suffix).
-        let suffix = String(id.split(separator: "-").last ?? "vmm").prefix(12)
-        let targetPath = targetSocket ?? vmmDirectory + "/t-\(suffix).sock"
+        let id = begun?.id ?? chosen ?? MigrationRunner.newID(plan.name)
+        let targetPath = targetSocket ?? spawnedTargetSocket(id: id, vmmDirectory: vmmDirectory)
         if targetSocket == nil {
             try FileManager.default.createDirectory(atPath: vmmDirectory, withIntermediateDirectories: true)
         }
-        var started = JournalEntry.Started(
-            id: id, planFile: planFile, plan: plan, strategy: strategy, backend: "processes:" + spawnBackend, coordinatorPID: getpid(),
-            faults: specs.map(\.description), sourceSocket: sourceSocket, targetSocket: targetPath)
-        started.idempotencyKey = idempotencyKey
+        let started = startedRecord(
+            id: id, plan: plan, planFile: planFile, strategy: strategy, faults: specs, sourceSocket: sourceSocket, targetSocket: targetSocket,
+            spawnBackend: spawnBackend, vmmDirectory: vmmDirectory, idempotencyKey: idempotencyKey)
         // The long-mode guest's account before the migration, for the comparison after it.
         let sourceSample = (try? RemoteVMM(role: "source", socketPath: sourceSocket, timeout: plan.policy.stepTimeout)).flatMap(ProcessRun.sample)
-        let journal = try MigrationRunner.begin(started, in: store)
+        let journal = try begun ?? MigrationRunner.begin(started, in: store)
         let provider = ProcessEndpoints(
             sourceSocket: sourceSocket, targetSocket: targetPath,
             spawn: targetSocket == nil ? .init(backend: spawnBackend, logFile: vmmDirectory + "/\(id)-target.log") : nil,

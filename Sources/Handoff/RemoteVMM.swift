@@ -107,6 +107,16 @@ public final class RemoteVMM: VMMEndpoint {
         connection?.setTimeout(timeout)
     }
 
+    private func reconnect(for type: String) throws(EndpointError) -> HandoffConnection {
+        do {
+            let (connection, _, _) = try RemoteVMM.connect(socketPath, timeout: timeout, expectedUID: expectedUID, expectedPID: peer.pid)
+            self.connection = connection
+            return connection
+        } catch {
+            throw EndpointError("\(role) VMM: \(type): reconnecting: \(error.message)", errno: error.errno)
+        }
+    }
+
     /// One request and its reply; an `error` reply becomes an `EndpointError` with its errno.
     /// A request that was sent and not answered is `uncertain`, and the connection is dropped.
     @discardableResult
@@ -116,23 +126,27 @@ public final class RemoteVMM: VMMEndpoint {
         var message = message
         message.id = nextID
         nextID += 1
-        let connection: HandoffConnection
+        var connection: HandoffConnection
+        let reused = self.connection != nil
         if let existing = self.connection {
             connection = existing
         } else {
-            do {
-                (connection, _, _) = try RemoteVMM.connect(socketPath, timeout: timeout, expectedUID: expectedUID, expectedPID: peer.pid)
-            } catch {
-                throw EndpointError("\(role) VMM: \(message.type): reconnecting: \(error.message)", errno: error.errno)
-            }
-            self.connection = connection
+            connection = try reconnect(for: message.type)
         }
         do {
             try connection.send(message, descriptors: descriptors)
         } catch {
-            // Not sent: the VMM did nothing.
+            // Not sent: the VMM did nothing. A connection the VMM closed while we were away
+            // (its idle timeout) is opened again, once, and the request sent on the new one.
             self.connection = nil
-            throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
+            guard reused else { throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno) }
+            connection = try reconnect(for: message.type)
+            do {
+                try connection.send(message, descriptors: descriptors)
+            } catch {
+                self.connection = nil
+                throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
+            }
         }
         let reply: HandoffMessage
         let received: [Int32]

@@ -23,11 +23,23 @@ public final class HandoffServer {
     let log: (String) -> Void
     let handler: any HandoffHandler
 
-    public init(socket: String, allowed: Set<UInt32>, log: @escaping (String) -> Void, handler: any HandoffHandler) {
+    /// How long a new connection may take to send its first request, and how long a
+    /// connection may stay silent between requests: one coordinator at a time is served, so a
+    /// peer that connects and waits must not hold the VMM from every other. A coordinator whose
+    /// connection was closed for idleness reconnects (RemoteVMM does, for a request not sent).
+    let firstRequestTimeout: Duration
+    let idleTimeout: Duration
+
+    public init(
+        socket: String, allowed: Set<UInt32>, log: @escaping (String) -> Void, handler: any HandoffHandler,
+        firstRequestTimeout: Duration = .seconds(5), idleTimeout: Duration = .seconds(30)
+    ) {
         self.socket = socket
         self.allowed = allowed
         self.log = log
         self.handler = handler
+        self.firstRequestTimeout = firstRequestTimeout
+        self.idleTimeout = idleTimeout
     }
 
     /// Listens and serves until a request asks the VMM to end.
@@ -61,7 +73,11 @@ public final class HandoffServer {
     }
 
     private func serve(_ connection: HandoffConnection) {
+        connection.setTimeout(firstRequestTimeout)
+        var first = true
         while !handler.exitRequested {
+            if !first { connection.setTimeout(idleTimeout) }
+            first = false
             let request: HandoffMessage
             let descriptors: [Int32]
             do {

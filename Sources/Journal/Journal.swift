@@ -248,6 +248,20 @@ public final class Journal: Sendable {
         return MigrationJournal(id: id, path: path, fd: fd, contents: JournalContents(entries: [], tornTailBytes: 0, corruption: nil, validLength: 0, lastCRC: 0))
     }
 
+    /// Deletes a finished migration's journal (retention); an unfinished one is refused, since
+    /// recovery needs it.
+    public func remove(id: String) throws(JournalError) {
+        try Journal.checkID(id)
+        let contents = try Journal.read(path: journalPath(id))
+        guard case .finished? = contents.entries.last?.event else {
+            throw JournalError(.io, "\(journalPath(id)): not finished; only a finished journal is deleted")
+        }
+        guard unlinkat(journalFD, id + ".log", 0) == 0 else {
+            throw JournalError(.io, "\(journalPath(id)): unlink: \(String(cString: strerror(errno)))", errno: errno)
+        }
+        _ = fsync(journalFD)
+    }
+
     /// Opens an existing journal for appending. A torn tail is cut off (it was never synced, so
     /// its effect never started); a corrupt journal is refused.
     public func reopen(id: String) throws(JournalError) -> (MigrationJournal, JournalContents) {

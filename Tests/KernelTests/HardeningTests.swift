@@ -382,18 +382,207 @@ struct SocketHardeningTests {
     }
 }
 
-/// A tinyvmm started at a given socket (for the stale-socket case).
+/// A tinyvmm started at a given socket (an empty target, or a source running the counter guest).
 struct VMMUnderTestAt {
     let process: Process
     let socket: String
-    init(socket: String, directory: String) throws {
+    init(socket: String, directory: String, plan: Bool = false) throws {
         self.socket = socket
+        var planFile: String? = nil
+        if plan {
+            planFile = directory + "/vmm-plan.yaml"
+            try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
+                .write(toFile: planFile!, atomically: true, encoding: .utf8)
+        }
         process = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host3.json", name: "hardening/stale",
-            logFile: directory + "/stale.log", plan: nil)
+            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host3.json", name: "hardening/at",
+            logFile: directory + "/at.log", plan: planFile, extra: plan ? ["--guest", "counter"] : [])
     }
     func stop() {
         (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
         process.waitUntilExit()
+    }
+}
+
+@Suite("Hostile peers and hosts: the daemon's API", .serialized)
+struct DaemonAPIHardeningTests {
+    /// One Idempotency-Key makes at most one migration, whatever the concurrency; the key with
+    /// another plan is 422.
+    @Test func anIdempotencyKeyMakesOneMigration() throws {
+        let daemon = try DaemonFixture(backend: "model")
+        defer { daemon.stop() }
+        let plan = try demoPlan(name: "once", faults: ["before:bind-memslots=delay:1s"])
+        final class Answers: @unchecked Sendable {
+            let lock = NSLock()
+            var all: [(Int, String)] = []
+        }
+        let answers = Answers()
+        let socket = daemon.socket
+        DispatchQueue.concurrentPerform(iterations: 8) { _ in
+            guard let answer = try? UnixHTTPClient.request(
+                socket: socket, method: "POST", path: "/v1/migrations", headers: ["Idempotency-Key": "k-1"], body: Data(plan.utf8))
+            else { return }
+            let id = ((try? JSONSerialization.jsonObject(with: answer.body)) as? [String: Any])?["id"] as? String ?? "?"
+            answers.lock.withLock { answers.all.append((answer.status, id)) }
+        }
+        #expect(answers.all.count == 8)
+        #expect(Set(answers.all.map(\.1)).count == 1, "one migration for one key: \(answers.all)")
+        #expect(answers.all.filter { $0.0 == 202 }.count == 1 && answers.all.filter { $0.0 == 200 }.count == 7, "\(answers.all)")
+        let other = try daemon.call("POST", "/v1/migrations", body: try demoPlan(name: "another"), headers: ["Idempotency-Key": "k-1"])
+        #expect(other.status == 422)
+        #expect(daemon.json(other)["code"] as? String == "idempotency-key-reused")
+        _ = try daemon.waitFinished(answers.all[0].1)
+    }
+
+    /// A filter that names no state is 400 with the allowed values; a body declared as neither
+    /// YAML nor JSON is 415.
+    @Test func badQueriesAndMediaTypesAreRefused() throws {
+        let daemon = try DaemonFixture(backend: "model")
+        defer { daemon.stop() }
+        let bogus = try daemon.call("GET", "/v1/migrations?state=bogus")
+        #expect(bogus.status == 400)
+        #expect((daemon.json(bogus)["detail"] as? String)?.contains("rolled-back") == true)
+        #expect(try daemon.call("GET", "/v1/migrations?state=completed").status == 200)
+        let html = try daemon.call("POST", "/v1/migrations", body: try demoPlan(), headers: ["Content-Type": "text/html"])
+        #expect(html.status == 415)
+        #expect(daemon.json(html)["code"] as? String == "unsupported-media-type")
+        let yaml = try daemon.call("POST", "/v1/plans/validate", body: try demoPlan(), headers: ["Content-Type": "application/yaml; charset=utf-8"])
+        #expect(yaml.status == 200)
+    }
+
+    /// A migration answered 202 is journaled before the answer; SIGTERM with a step blocked on
+    /// a VMM that never answers exits within drainSeconds, and the next start takes it up.
+    @Test func acceptedIsDurableAndSIGTERMIsBounded() throws {
+        let directory = temporaryDirectory("gdr")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let daemon = try DaemonFixture(config: "drainSeconds: 1", socket: directory + "/g.sock", stateDirectory: directory + "/state")
+        // A target that accepts and never answers: the migration's step blocks on it.
+        let stall = directory + "/stall.sock"
+        let listener = ckvm_listen_unix(stall, 8)
+        #expect(listener >= 0)
+        let source = try VMMUnderTestAt(socket: directory + "/s.sock", directory: directory, plan: true)
+        defer { source.stop() }
+        let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: source.socket)
+            .replacingOccurrences(of: "vmm: spawn", with: "vmm: \(stall)")
+            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+        let answer = try daemon.call("POST", "/v1/migrations", body: text)
+        #expect(answer.status == 202, "\(answer.text)")
+        let id = try #require(daemon.json(answer)["id"] as? String)
+        #expect(FileManager.default.fileExists(atPath: directory + "/state/journal/\(id).log"), "journaled before the answer")
+        // Once prepare is done, create-target waits on the stalling target.
+        #expect(waitUntil(10) { ((try? daemon.json(daemon.call("GET", "/v1/migrations/\(id)")))?["steps"] as? [Any])?.isEmpty == false })
+        let began = ContinuousClock.now
+        daemon.process.terminate()
+        daemon.process.waitUntilExit()
+        #expect(ContinuousClock.now - began < .seconds(20), "SIGTERM returns within drainSeconds (and the step's own time), not at the step's 60 s")
+        let log = try String(contentsOfFile: daemon.logFile, encoding: .utf8)
+        #expect(log.contains(id) && log.contains("the next start recovers them"), "\(log.suffix(3000))")
+        // The journal holds the accepted migration: the next start recovers it (the stalling
+        // target gone, the source runs the guest again).
+        close(listener)
+        unlink(stall)
+        let restarted = try DaemonFixture.start(
+            socket: directory + "/g.sock", state: directory + "/state", config: directory + "/config.yaml", log: daemon.logFile)
+        defer {
+            restarted.terminate()
+            restarted.waitUntilExit()
+        }
+        let view = try daemon.waitFinished(id)
+        #expect(view["state"] as? String == "rolled-back", "\(view)")
+    }
+
+    /// Connections are capped per listener and timed out: idle peers on one listener neither
+    /// exceed it nor starve the other, and a peer that sends no request is closed.
+    @Test func connectionsAreCappedAndTimedOut() throws {
+        let directory = temporaryDirectory("gcc")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let tokenFile = directory + "/api-token"
+        try (UUID().uuidString.replacingOccurrences(of: "-", with: "") + "\n").write(toFile: tokenFile, atomically: true, encoding: .utf8)
+        _ = chmod(tokenFile, 0o600)
+        let daemon = try DaemonFixture(
+            config: "maxConnections: 4\nheaderTimeoutSeconds: 2\ntcp: {host: 127.0.0.1, port: 0, tokenFile: \(tokenFile)}", socket: directory + "/g.sock",
+            stateDirectory: directory + "/state")
+        defer { daemon.stop() }
+        var port: UInt16 = 0
+        #expect(waitUntil(10) {
+            let log = (try? String(contentsOfFile: daemon.logFile, encoding: .utf8)) ?? ""
+            guard let line = log.split(separator: "\n").first(where: { $0.contains("\"message\":\"listening on tcp\"") }) else { return false }
+            port = UInt16(((try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any])?["port"] as? String ?? "") ?? 0
+            return port > 0
+        })
+        func tcpConnection() -> Int32 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = port.bigEndian
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            #expect(connected == 0)
+            return fd
+        }
+        /// Whether the daemon closed `fd` (a read answers end of file) within `seconds`.
+        func closedByPeer(_ fd: Int32, within seconds: Int) -> Bool {
+            var timeout = timeval(tv_sec: seconds, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            var byte: UInt8 = 0
+            return recv(fd, &byte, 1, 0) == 0
+        }
+        let idle = (0..<4).map { _ in tcpConnection() }
+        defer { for fd in idle { close(fd) } }
+        // Wait until the daemon holds all four (each was accepted), then one more is too many.
+        usleep(200_000)
+        let extra = tcpConnection()
+        defer { close(extra) }
+        #expect(closedByPeer(extra, within: 2), "the fifth TCP connection is closed at once")
+        #expect(daemonIsHealthy(daemon.socket), "the UNIX socket is served while TCP is full")
+        for fd in idle { #expect(closedByPeer(fd, within: 6), "an idle connection is closed after headerTimeoutSeconds") }
+        let log = try String(contentsOfFile: daemon.logFile, encoding: .utf8)
+        #expect(log.contains("maxConnections") && log.contains("no whole request within headerTimeoutSeconds"))
+    }
+
+    /// Retention: beyond keepFinishedJournals the oldest finished journals are deleted; and a
+    /// finished in-process migration keeps no descriptor in the daemon.
+    @Test func finishedMigrationsAreReleasedAndRetained() throws {
+        let directory = temporaryDirectory("grt")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let daemon = try DaemonFixture(config: "keepFinishedJournals: 2", socket: directory + "/g.sock", stateDirectory: directory + "/state")
+        defer { daemon.stop() }
+        func descriptors() -> Int { ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(daemon.process.processIdentifier)/fd")) ?? []).count }
+        var ids: [String] = []
+        var counts: [Int] = []
+        for index in 0..<5 {
+            let answer = try daemon.call("POST", "/v1/migrations", body: try demoPlan(name: "keep-\(index)"))
+            let id = try #require(daemon.json(answer)["id"] as? String)
+            #expect(try daemon.waitFinished(id)["state"] as? String == "completed")
+            ids.append(id)
+            counts.append(descriptors())
+        }
+        #expect(counts.last ?? 0 <= (counts.dropFirst().first ?? 0) + 2, "descriptors do not grow with migrations: \(counts)")
+        let journals = try FileManager.default.contentsOfDirectory(atPath: directory + "/state/journal").sorted()
+        #expect(journals == ids.suffix(2).map { $0 + ".log" }, "\(journals)")
+        let listed = (try? JSONSerialization.jsonObject(with: try daemon.call("GET", "/v1/migrations").body)) as? [[String: Any]]
+        #expect(listed?.count == 2)
+        #expect(try daemon.call("GET", "/v1/migrations/\(ids[0])").status == 404)
+    }
+}
+
+@Suite("Hostile peers and hosts: the VMM's socket", .serialized)
+struct VMMSocketHardeningTests {
+    /// A peer that connects and sends nothing is closed after the first-request timeout; the
+    /// next coordinator is served.
+    @Test func anIdlePeerDoesNotHoldTheVMM() throws {
+        let vmm = try VMMUnderTest("idle", source: false)
+        defer { vmm.stop() }
+        let idle = try HandoffConnection.connect(path: vmm.socket)
+        _ = idle
+        let began = ContinuousClock.now
+        let status = try RemoteVMM(role: "test", socketPath: vmm.socket, timeout: .seconds(20)).status()
+        #expect(status.running == false)
+        #expect(ContinuousClock.now - began < .seconds(15), "served once the idle peer was dropped")
+        #expect(vmm.log.contains("dropping the connection"))
     }
 }
