@@ -78,10 +78,13 @@ let package = Package(
         ),
         // Benchmark of plan validation: tools/bench-plan-validation.
         .executableTarget(name: "plan-benchmark", dependencies: ["Plans"]),
+        // The test kit: the one gate (requireKVM, requireTool, requireNetns...) every test that
+        // needs something of the host goes through (Tests/GmigrateTestKit/README.md).
+        .target(name: "GmigrateTestKit", dependencies: ["Kernel"], path: "Tests/GmigrateTestKit", exclude: ["README.md"]),
         .testTarget(
             name: "KernelTests",
             dependencies: [
-                "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "HostNet", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
+                "GmigrateTestKit", "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "HostNet", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
             ]
         ),
     ],

@@ -319,15 +319,22 @@ public final class RemoteVMM: VMMEndpoint {
     public func checkState(_ state: VMState) throws(EndpointError) {
         var message = HandoffMessage(type: "check-state", id: 0)
         message.state = Data(state.encoded).base64EncodedString()
+        stagedState = nil
         try request(message)
+        stagedState = state
     }
 
     public func restore(_ state: VMState) throws(EndpointError) {
         var message = HandoffMessage(type: "restore", id: 0)
-        message.state = Data(state.encoded).base64EncodedString()
+        // The VMM keeps the state it checked: the restore inside the blackout does not carry
+        // it a second time.
+        if stagedState != state { message.state = Data(state.encoded).base64EncodedString() }
         let (reply, _) = try request(message)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
+
+    /// The state the VMM checked (and keeps) last.
+    private var stagedState: VMState?
 
     public func destroy() throws(EndpointError) {
         _ = try undoRequest(HandoffMessage(type: "destroy", id: 0))

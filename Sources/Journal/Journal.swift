@@ -10,8 +10,11 @@
 //
 // Ordering rule (the one durability depends on): a step's *intent* record is appended and
 // `fdatasync`ed before the step's effect starts, and its *outcome* after the effect; the
-// point-of-no-return record is synced before the first irreversible effect. `append` does not
+// point-of-no-return record is written before the first irreversible effect. `append` does not
 // return before the data is on stable storage; the directory is fsynced when a file is created.
+// The one exception is the blackout, whose records are written in the same order but synced
+// only once the target runs (`append(_:durable: false)`): a crashed coordinator's writes are in
+// the page cache for recovery, and a crashed host ends both VMs (docs/orchestrator.md).
 //
 // Why a hand-made log and not SQLite (the argument DEVELOPERS.md asks for):
 // - Every write is one append of one record followed by `fdatasync`, by the only writer of
@@ -88,6 +91,8 @@ public final class MigrationJournal: @unchecked Sendable {
     private let lock = NSLock()
     private var nextSequence: Int
     private var lastCRC: UInt32
+    /// A record was written and not yet synced.
+    private var unsynced = false
     public private(set) var entries: [JournalEntry]
 
     /// The largest record accepted (a plan with thousands of memslots fits easily).
@@ -104,6 +109,15 @@ public final class MigrationJournal: @unchecked Sendable {
 
     deinit { Glibc.close(fd) }
 
+    /// Makes every record written so far durable (`fdatasync`), if any is not yet.
+    public func sync() throws(JournalError) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard unsynced else { return }
+        guard fdatasync(fd) == 0 else { throw JournalError(.io, "\(path): fdatasync: \(String(cString: strerror(errno)))", errno: errno) }
+        unsynced = false
+    }
+
     /// Whether the journal holds its `finished` record.
     public var isFinished: Bool {
         lock.withLock {
@@ -112,11 +126,17 @@ public final class MigrationJournal: @unchecked Sendable {
         }
     }
 
-    /// Appends one event and returns only once it is on stable storage (`fdatasync`).
+    /// Appends one event and returns only once it is on stable storage (`fdatasync`), with
+    /// every record written before it.
+    ///
+    /// With `durable: false` the record is written (to the page cache: a process that dies
+    /// after this call leaves it for `gmigrate recover`) but not synced; the next durable append,
+    /// or `sync()`, makes it durable. The blackout writes this way (docs/orchestrator.md says
+    /// why that changes no outcome).
     /// - Throws: `.finished` after the `finished` record (a finished journal stays finished),
     ///   `.io` when the record cannot be written.
     @discardableResult
-    public func append(_ event: JournalEntry.Event) throws(JournalError) -> JournalEntry {
+    public func append(_ event: JournalEntry.Event, durable: Bool = true) throws(JournalError) -> JournalEntry {
         lock.lock()
         defer { lock.unlock() }
         if case .finished? = entries.last?.event {
@@ -140,7 +160,12 @@ public final class MigrationJournal: @unchecked Sendable {
         record.append(contentsOf: Journal.littleEndian(crc))
         record.append(payload)
         try Journal.writeAll(fd, record, path: path)
-        guard fdatasync(fd) == 0 else { throw JournalError(.io, "\(path): fdatasync: \(String(cString: strerror(errno)))", errno: errno) }
+        if durable {
+            guard fdatasync(fd) == 0 else { throw JournalError(.io, "\(path): fdatasync: \(String(cString: strerror(errno)))", errno: errno) }
+            unsynced = false
+        } else {
+            unsynced = true
+        }
         lastCRC = crc
         nextSequence += 1
         entries.append(entry)

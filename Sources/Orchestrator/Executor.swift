@@ -172,6 +172,8 @@ public final class MigrationExecutor {
                 try append(.observed(provider.observe(role)), to: &machine)
             }
         }
+        // Whatever the run ended on, every record is durable before it returns.
+        try journal.sync()
         let fired = Set(faults.fired + provider.firedKernelFaults)
         let unfired = Array(Set(armed)).sorted().filter { text in !fired.contains { $0.description == text } }
         let finished = machine.finished
@@ -193,7 +195,13 @@ public final class MigrationExecutor {
 
     private func append(_ event: JournalEntry.Event, to machine: inout MigrationMachine) throws(JournalError) {
         let before = clock.now
-        try journal.append(event)
+        // Inside the blackout (the pause requested, the target not yet seen running, going
+        // forward) records are written but not synced: a coordinator that dies leaves them in
+        // the page cache for recovery, and a host crash ends both VMs whatever the disk holds
+        // (docs/orchestrator.md). The first record after the blackout, or of a rollback, syncs
+        // them all.
+        let inBlackout = pauseRequested != nil && blackout == nil && !machine.isRollingBack
+        try journal.append(event, durable: !inBlackout)
         if pauseRequested != nil && blackout == nil { journalTimeInBlackout += clock.now - before }
         machine.apply(event)
         observer(event)

@@ -19,7 +19,7 @@ final class TinyVMM: HandoffHandler {
     let process: String
     let log: Log
     let vmm: InProcessVMM
-    private var threads: [VCPUThread] = []
+    private(set) var threads: [VCPUThread] = []
     /// Violations the guest reported on its port, in this VMM.
     private let violations = ViolationLog()
     private(set) var exitRequested = false
@@ -87,7 +87,7 @@ final class TinyVMM: HandoffHandler {
     }
 
     /// Runs every vcpu on a thread of its own.
-    private func startGuest() {
+    func startGuest() {
         guard vmm.guest != nil, threads.isEmpty else { return }
         let violations = self.violations
         let log = self.log
@@ -114,13 +114,51 @@ final class TinyVMM: HandoffHandler {
     /// waited for; a vcpu whose last exit was I/O re-enters KVM_RUN once so that KVM completes
     /// it (api.rst) before its state is saved. Returns how long it took.
     @discardableResult
-    private func stopGuest() -> Duration {
+    func stopGuest() -> Duration {
         let clock = ContinuousClock()
         let began = clock.now
         for thread in threads { thread.requestStop() }
         for thread in threads { thread.waitStopped() }
         threads = []
         return clock.now - began
+    }
+
+    /// The bare floor of a blackout (tools/bench-blackout), `runs` times: stop every vcpu, get
+    /// every section, set them in a second VM of this process that shares this one's memory,
+    /// and let its vcpus enter KVM_RUN; then back the other way. No check, no read-back, no
+    /// message, no journal: what any migration of this state must at least cost here.
+    func measureFloor(runs: Int) throws -> [Int64] {
+        let other = TinyVMM(kernel: kernel, backendText: backendText, process: process + "/floor", log: log)
+        let description = try vmm.describe()
+        _ = try other.vmm.createVM(type: description.type, vcpus: description.vcpus, guest: vmm.guest?.name)
+        for gmem in description.guestMemfds {
+            guard let handle = vmm.memoryHandle(gmem.name) else { throw EndpointError("floor: no handle for '\(gmem.name)'") }
+            _ = try other.vmm.receiveMemory(gmem, from: handle, strategy: .share)
+        }
+        try other.vmm.bind(description.memslots, strategy: .share)
+        var (from, to) = (self, other)
+        var floors: [Int64] = []
+        let clock = ContinuousClock()
+        for _ in 0..<runs {
+            usleep(20_000)  // the guest runs a while between moves
+            let began = clock.now
+            from.stopGuest()
+            let state = try from.vmm.pause()
+            try to.vmm.restore(state, verify: false)
+            to.startGuest()
+            let entered = to.threads.map { $0.waitEntered() }.max() ?? clock.now
+            floors.append((entered - began).nanoseconds)
+            (from, to) = (to, from)
+        }
+        // The guest ends in this VMM's VM.
+        if from !== self {
+            from.stopGuest()
+            let state = try from.vmm.pause()
+            try vmm.restore(state, verify: false)
+            startGuest()
+        }
+        other.shutdown()
+        return floors
     }
 
     /// Whether every vcpu thread runs the guest (a VM without a known guest program runs none).
@@ -155,6 +193,8 @@ final class TinyVMM: HandoffHandler {
     }
 
     private var paused = false
+    /// The state check-state accepted, for a restore that does not carry it again.
+    private var staged: VMState?
 
     var phase: Phase {
         if vmm.vmHandle == nil { return .empty }
@@ -298,13 +338,22 @@ final class TinyVMM: HandoffHandler {
                 guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("check-state needs state") }
                 let state: VMState
                 do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("check-state: \(error.message)") }
+                staged = nil
                 try vmm.checkState(state)
+                staged = state
                 log.say("checked the state: \(state.vcpus.count) vcpus, every section known and restorable here")
             case "restore":
                 try expectNone(descriptors)
-                guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("restore needs state") }
+                // The state comes with the request, or is the one check-state kept.
                 let state: VMState
-                do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("restore: \(error.message)") }
+                if let text = request.state {
+                    guard let data = Data(base64Encoded: text) else { throw EndpointError("restore: the state is not base64") }
+                    do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("restore: \(error.message)") }
+                } else if let staged {
+                    state = staged
+                } else {
+                    throw EndpointError("restore needs state (or a state check-state kept)")
+                }
                 let wasRunning = vmm.isRunning
                 let clock = ContinuousClock()
                 let began = clock.now

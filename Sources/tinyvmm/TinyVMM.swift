@@ -49,6 +49,9 @@ struct TinyVMMCommand: ParsableCommand {
     @Option(help: "Source role: the guest program, long-mode (64-bit, every vcpu; linux only) or counter (16-bit, vcpu 0). Default: long-mode on linux, counter on the model.")
     var guest: String?
 
+    @Option(help: "Measure the bare floor of a blackout RUNS times and exit (tools/bench-blackout): with --plan, the VM moves back and forth between two VMs of this process sharing its memory, by the same sections and ioctls gmigrate moves, with no check, no message and no sync. Prints JSON.")
+    var measureFloor: Int?
+
     mutating func run() throws {
         // Whoever started us may have blocked or ignored signals (a test runner, a daemon): a
         // VMM stops on SIGTERM, and SIGUSR1 kicks its vcpus.
@@ -113,6 +116,12 @@ struct TinyVMMCommand: ParsableCommand {
                 throw ExitCode(4)
             }
         }
+        if let runs = measureFloor {
+            let floors = try vmm.measureFloor(runs: max(1, min(runs, 10_000)))
+            print("{\"floorNanoseconds\": [\(floors.map(String.init).joined(separator: ", "))]}")
+            vmm.shutdown()
+            return
+        }
         let server = HandoffServer(socket: socket, allowed: Set([0, getuid()] + allowUID), log: { log.say($0) }, handler: vmm)
         do {
             try server.serve()
@@ -157,6 +166,17 @@ final class VCPUThread: @unchecked Sendable {
         self.onPort = onPort
     }
 
+    /// When the thread was about to enter KVM_RUN for the first time since `start`.
+    private var entered: ContinuousClock.Instant?
+
+    /// Waits until the thread is about to enter KVM_RUN; when it was.
+    func waitEntered() -> ContinuousClock.Instant {
+        condition.lock()
+        defer { condition.unlock() }
+        while entered == nil { condition.wait() }
+        return entered ?? ContinuousClock.now
+    }
+
     var lastReported: UInt32? { condition.withLock { reported } }
     var isRunning: Bool { condition.withLock { running } }
 
@@ -166,6 +186,7 @@ final class VCPUThread: @unchecked Sendable {
         condition.withLock {
             stopRequested = false
             running = true
+            entered = nil
         }
         linux?.requestImmediateExit(vcpu, false)
         let thread = Thread { [self] in loop() }
@@ -177,7 +198,11 @@ final class VCPUThread: @unchecked Sendable {
         // The kick must reach this thread even where the process was started with it blocked
         // (a test runner's mask is inherited across exec).
         _ = ckvm_unblock_signal(VCPUThread.kickSignal)
-        condition.withLock { threadID = UInt(ckvm_thread_self()) }
+        condition.withLock {
+            threadID = UInt(ckvm_thread_self())
+            entered = ContinuousClock.now
+            condition.broadcast()
+        }
         var lastExitWasIO = false
         while !condition.withLock({ stopRequested }) {
             let exit: VCPUExit

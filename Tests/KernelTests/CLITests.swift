@@ -120,7 +120,7 @@ struct CLITests {
     /// Without a usable /dev/kvm: one line that says why, and exit 3.
     @Test func hostProbeWithoutKVM() throws {
         // The nobody user cannot open the root-only /dev/kvm; run the probe as that user.
-        guard getuid() == 0 else { try Test.cancel("needs root to drop to uid 65534") }
+        try requireRoot()
         let binary = try #require(
             [Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("gmigrate").path,
              repositoryRoot + "/.build/debug/gmigrate"].first { FileManager.default.isExecutableFile(atPath: $0) })

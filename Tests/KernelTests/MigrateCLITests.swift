@@ -1,4 +1,5 @@
 import Foundation
+import Kernel
 import Journal
 import Orchestrator
 import Plans
@@ -56,8 +57,11 @@ struct MigrateCLITests {
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(result.stdout.contains("dry run: rehearsed on the model"))
         #expect(result.stdout.contains("on model"))
-        // The strategy auto picks is this host's (share without the link ioctl), rehearsed on the model.
-        if LinuxAvailability.usable { #expect(result.stdout.contains("strategy share")) }
+        // The strategy auto picks is this host's, rehearsed on the model: link where the probe
+        // finds the link ioctl (and on a host without /dev/kvm, where the model is the host),
+        // share otherwise. From the probe, never a constant.
+        let hostHasLink = kvmIsUsable ? try LinuxKVM().probe().link.supported : true
+        #expect(result.stdout.contains(hostHasLink ? "strategy link" : "strategy share"), "\(result.stdout)")
         #expect(!FileManager.default.fileExists(atPath: state + "/journal"), "a dry run journals nowhere")
         // The first failure it would hit.
         let failing = try gmigrate(["migrate", "migration-plans/demo.yaml", "--dry-run", "--inject", "kernel:set-memslot=errno:EEXIST"])
@@ -107,9 +111,16 @@ struct MigrateCLITests {
         let remote = try gmigrate(["migrate", "migration-plans/web-vmm-upgrade.yaml", "--backend", "model"])
         #expect(remote.status == 4, "no VMM listens at the plan's source socket")
         #expect(remote.stderr.contains("connecting to /run/gmigrate/vmm/web-42.sock: No such file or directory"))
-        // A link on this kernel is refused by the validator, before any VM is created.
-        if LinuxAvailability.usable {
-            let link = try gmigrate(["migrate", "migration-plans/demo.yaml", "--backend", "linux", "--strategy", "link", "--state-dir", temporaryDirectory("s")])
+    }
+
+    /// A link on a kernel without the link ioctl is refused by the validator, before any VM is
+    /// created; on one with it, the link runs.
+    @Test func linkFollowsTheProbe() throws {
+        let kernel = try requireKVM()
+        let link = try gmigrate(["migrate", "migration-plans/demo.yaml", "--backend", "linux", "--strategy", "link", "--state-dir", temporaryDirectory("s")])
+        if try kernel.probe().link.supported {
+            #expect(link.status == 0, "\(link.stdout)\(link.stderr)")
+        } else {
             #expect(link.status == 1)
             #expect(link.stderr.contains("strategy-unavailable"))
         }
@@ -130,6 +141,4 @@ struct MigrateCLITests {
     }
 }
 
-enum LinuxAvailability {
-    static var usable: Bool { access("/dev/kvm", R_OK | W_OK) == 0 }
-}
+

@@ -97,9 +97,7 @@ struct NICValidationTests {
     }
 
     @Test func missingDownWrongMTUWrongBridgeAndNotATap() throws {
-        guard getuid() == 0, FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else {
-            try Test.cancel("needs root and iproute2 to make a network namespace")
-        }
+        try requireNetns()
         let namespace = "gmt-\(UInt16.random(in: 0...UInt16.max))"
         #expect(try ip(["netns", "add", namespace]) == 0)
         defer { _ = try? ip(["netns", "del", namespace]) }
@@ -153,7 +151,7 @@ struct TapHandoverTests {
     /// to the target by SCM_RIGHTS, and the tap stays up and attached, checked through rtnetlink.
     @Test func tapQueuesGoWithTheGuest() throws {
         _ = try Backend.linux.make()
-        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else { try Test.cancel("needs iproute2") }
+        try requireNetns()
         let validation = NICValidationTests()
         let namespace = "gmm-\(UInt16.random(in: 0...UInt16.max))"
         #expect(try validation.ip(["netns", "add", namespace]) == 0)

@@ -1,4 +1,5 @@
 import Foundation
+@_exported import GmigrateTestKit
 import Kernel
 import KernelScript
 import Testing
@@ -8,37 +9,14 @@ enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case model, linux
     var testDescription: String { rawValue }
 
-    /// A fresh backend, or a loud skip where /dev/kvm is unusable (a failure when CI sets
-    /// GMIGRATE_REQUIRE_KVM=1, so that a missing /dev/kvm can never pass as skipped tests).
-    func make() throws -> any KernelBackend {
+    /// A fresh backend; for linux, through the test kit's gate (a skip where /dev/kvm is
+    /// unusable, a failure under GMIGRATE_REQUIRE_KVM=1).
+    func make(sourceLocation: SourceLocation = #_sourceLocation) throws -> any KernelBackend {
         switch self {
         case .model: return KernelModel()
-        case .linux:
-            switch LinuxKVM.availability() {
-            case .success: return try LinuxKVM()
-            case .failure(let error):
-                let reason = "needs a usable /dev/kvm: \(error)"
-                if ProcessInfo.processInfo.environment["GMIGRATE_REQUIRE_KVM"] == "1" {
-                    Issue.record("GMIGRATE_REQUIRE_KVM=1 but \(reason)")
-                }
-                try Test.cancel(Comment(rawValue: reason))
-            }
+        case .linux: return try requireKVM(sourceLocation: sourceLocation)
         }
     }
-}
-
-/// The gate for tests that need programs (binutils' `as` and `ld`, say): they run where the
-/// programs are, and elsewhere skip saying which is missing (a failure under
-/// GMIGRATE_REQUIRE_KVM=1, where tools/setup.sh installed them).
-func requireTools(_ names: [String]) throws {
-    let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":")
-    let missing = names.filter { name in !path.contains { FileManager.default.isExecutableFile(atPath: "\($0)/\(name)") } }
-    guard !missing.isEmpty else { return }
-    let reason = "needs \(missing.joined(separator: ", ")) on PATH (tools/setup.sh installs them)"
-    if ProcessInfo.processInfo.environment["GMIGRATE_REQUIRE_KVM"] == "1" {
-        Issue.record("GMIGRATE_REQUIRE_KVM=1 but \(reason)")
-    }
-    try Test.cancel(Comment(rawValue: reason))
 }
 
 /// Runs a script text on a backend and returns its line results.
