@@ -24,7 +24,9 @@ public enum ProcessWatch {
         defer { close(fd) }
         var fds = [fd]
         let milliseconds = Int32(clamping: timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
-        _ = ckvm_poll_any(&fds, 1, milliseconds)
+        // A pidfd polls readable once its process has exited, reaped or not (a zombie whose
+        // parent has not yet waited for it still answers kill(pid, 0)).
+        if ckvm_poll_any(&fds, 1, milliseconds) == 0 { return true }
         return !isAlive(pid)
     }
 }

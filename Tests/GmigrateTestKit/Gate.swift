@@ -58,10 +58,12 @@ public func requireTool(_ name: String, sourceLocation: SourceLocation = #_sourc
 
 /// Programs on PATH: binutils' `as` and `ld`, iproute2's `ip`, curl, setpriv...
 public func requireTools(_ names: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
-    let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") + ["/usr/sbin", "/sbin"]
-    let missing = names.filter { name in
-        name.hasPrefix("/") ? !FileManager.default.isExecutableFile(atPath: name) : !path.contains { FileManager.default.isExecutableFile(atPath: "\($0)/\(name)") }
+    let directories = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":").map(String.init) + ["/usr/sbin", "/sbin"]
+    func found(_ name: String) -> Bool {
+        if name.hasPrefix("/") { return FileManager.default.isExecutableFile(atPath: name) }
+        return directories.contains { directory in FileManager.default.isExecutableFile(atPath: directory + "/" + name) }
     }
+    let missing = names.filter { !found($0) }
     guard !missing.isEmpty else { return }
     try Gate.missing("needs \(missing.joined(separator: ", ")) (tools/setup.sh installs them)", sourceLocation: sourceLocation)
 }
