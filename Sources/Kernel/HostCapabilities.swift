@@ -34,13 +34,18 @@ public struct HostCapabilities: Codable, Sendable, Equatable {
         public var memslots: Int
         /// `KVM_CAP_MULTI_ADDRESS_SPACE`.
         public var addressSpaces: Int
+        /// The guest physical address bits a memslot may reach: one ending above
+        /// `1 << maxGuestPhysicalBits` is EINVAL (x86 `kvm_mmu_max_gfn()`: the host's address
+        /// width with TDP, 52 with shadow paging). Found by trying, not read from a table.
+        public var maxGuestPhysicalBits: Int?
 
-        public init(recommendedVCPUs: Int, maxVCPUs: Int, maxVCPUID: Int, memslots: Int, addressSpaces: Int) {
+        public init(recommendedVCPUs: Int, maxVCPUs: Int, maxVCPUID: Int, memslots: Int, addressSpaces: Int, maxGuestPhysicalBits: Int? = nil) {
             self.recommendedVCPUs = recommendedVCPUs
             self.maxVCPUs = maxVCPUs
             self.maxVCPUID = maxVCPUID
             self.memslots = memslots
             self.addressSpaces = addressSpaces
+            self.maxGuestPhysicalBits = maxGuestPhysicalBits
         }
     }
 

@@ -67,8 +67,10 @@ struct KernelBoundaryTests {
     func vcpuIDs(_ backend: Backend) throws {
         let kernel = try backend.make()
         let vm = try kernel.createVirtualMachine()
+        // The limit is the kernel's (KVM_CAP_MAX_VCPU_ID): the model's reference value, and on a
+        // real kernel whatever it answers; the rules below hold at either.
         let limit = try vm.checkExtension(.maxVCPUID)
-        #expect(limit == 4096)
+        if backend == .model { #expect(limit == 4096) } else { #expect(limit > 1) }
         let first = try vm.createVCPU(id: 1)
         #expect(first.id == 1)
         #expect(throws: KernelError.failed(operation: .createVCPU, errno: .fileExists)) { _ = try vm.createVCPU(id: 1) }
@@ -104,7 +106,14 @@ struct KernelBoundaryTests {
         }
         #expect(reported == [42, 43, 44, 45, 46])
         #expect(try mapping.read(offset: 0x2000, count: 4) == [46, 0, 0, 0])
-        // The state a VMM would save: rip is back at the loop's jmp target after the out.
+        // The state a VMM would save: the OUT is complete only once KVM_RUN is entered again
+        // (api.rst; on VMX/SVM rip still points at it until then), so enter it with
+        // immediate_exit, as a VMM does before saving: then rip is past the OUT, at the jmp.
+        if let linux = kernel as? LinuxKVM {
+            linux.requestImmediateExit(vcpu.handle, true)
+            _ = try? vcpu.run()
+            linux.requestImmediateExit(vcpu.handle, false)
+        }
         #expect(try vcpu.state().registers.rip == 0x100c)
     }
 

@@ -1,4 +1,5 @@
 import Foundation
+import Handoff
 import HostNet
 import Journal
 import Kernel
@@ -28,7 +29,7 @@ struct NetlinkTests {
         watcher.subscribe { event in
             if event.pid == me { seen.mutate { $0.append(event) } }
         }
-        Thread.sleep(forTimeInterval: 0.1)
+        // The watcher's socket is bound when it is made: the uevents queue there from now on.
         do { _ = try kernel.createVirtualMachine() }
         #expect(waitUntil(5) { seen.value.contains { $0.kind == .destroy } }, "create and destroy uevents for pid \(getpid())")
         #expect(seen.value.map(\.kind).prefix(2) == [.create, .destroy])
@@ -190,8 +191,7 @@ struct TapHandoverTests {
         let (validate, validateOutput) = try inNamespace([try executable("gmigrate"), "plan", "validate", "--host", planFile])
         #expect(validate.terminationStatus == 0, "\(validateOutput)")
         let (source, _) = try inNamespace([try executable("tinyvmm"), "--socket", socket, "--plan", planFile, "--name", "tap-source"], wait: false)
-        #expect(waitUntil(10) { FileManager.default.fileExists(atPath: socket) })
-        Thread.sleep(forTimeInterval: 0.2)
+        #expect(waitUntil(10) { (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)).status().running) == true }, "the source's guest runs")
         setenv("GMIGRATE_TINYVMM", try executable("tinyvmm"), 1)
         let (migrate, output) = try inNamespace([try executable("gmigrate"), "migrate", planFile, "--state-dir", directory, "--json"])
         #expect(migrate.terminationStatus == 0, "\(output)")

@@ -144,6 +144,25 @@ public final class LinuxKVM: KernelBackend {
                 supported: supported,
                 detail: "\(name) reported \(reported); KVM_CAP_VM_TYPES has \(typesText); enabling it between two default VMs answered \(answer)")
         }
+        // The largest guest physical address a memslot may reach (kvm_mmu_max_gfn()): a
+        // one-page slot ending at 1 << bits, tried from 57 bits down; the first that KVM takes.
+        var maxGuestPhysicalBits: Int? = nil
+        do {
+            let vm = try createVM(type: .default)
+            defer { close(vm) }
+            if let page = mmap(nil, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), page != MAP_FAILED {
+                defer { munmap(page, 4096) }
+                let address = UInt64(UInt(bitPattern: page))
+                for bits in stride(from: 57, through: 32, by: -1) {
+                    let region = MemslotRegion(slot: 0, guestPhysicalAddress: (UInt64(1) << UInt64(bits)) - 4096, size: 4096, userspaceAddress: address)
+                    if (try? setMemslot(vm: vm, region)) != nil {
+                        maxGuestPhysicalBits = bits
+                        _ = try? setMemslot(vm: vm, MemslotRegion(slot: 0, guestPhysicalAddress: region.guestPhysicalAddress, size: 0, userspaceAddress: address))
+                        break
+                    }
+                }
+            }
+        }
         let move = try encryptionFeature(.vmMoveEncContextFrom, name: "KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM")
         let copy = try encryptionFeature(.vmCopyEncContextFrom, name: "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM")
 
@@ -160,7 +179,7 @@ public final class LinuxKVM: KernelBackend {
             copyEncryptionContext: copy,
             limits: .init(
                 recommendedVCPUs: check(.nrVCPUs), maxVCPUs: check(.maxVCPUs), maxVCPUID: check(.maxVCPUID),
-                memslots: check(.nrMemslots), addressSpaces: max(1, check(.multiAddressSpace))))
+                memslots: check(.nrMemslots), addressSpaces: max(1, check(.multiAddressSpace)), maxGuestPhysicalBits: maxGuestPhysicalBits))
     }
 
     // MARK: - VMs and memory

@@ -44,6 +44,9 @@ public final class KernelModel: KernelBackend {
         public var memslotsPerAddressSpace: Int = 32764
         public var maxVCPUs: Int = 1024
         public var maxVCPUID: Int = 4096
+        /// `kvm_mmu_max_gfn()` as address bits: a memslot ending above `1 << bits` is EINVAL.
+        /// 52 (shadow paging's, and this machine kind's); a test gives the real host's probe.
+        public var maxGuestPhysicalBits: Int = 52
         public var recommendedVCPUs: Int = 2
         /// Whether SNP VMs may move their context (the proposal: yes; a June 2026 SEV patch refuses it).
         public var allowsSNPMove: Bool = true
@@ -90,7 +93,8 @@ public final class KernelModel: KernelBackend {
             copyEncryptionContext: .init(supported: false, detail: "not modelled"),
             limits: .init(
                 recommendedVCPUs: options.recommendedVCPUs, maxVCPUs: options.maxVCPUs, maxVCPUID: options.maxVCPUID,
-                memslots: options.memslotsPerAddressSpace, addressSpaces: options.addressSpaces))
+                memslots: options.memslotsPerAddressSpace, addressSpaces: options.addressSpaces,
+                maxGuestPhysicalBits: options.maxGuestPhysicalBits))
     }
 
     public func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int {

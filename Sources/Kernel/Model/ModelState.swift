@@ -86,6 +86,11 @@ struct ModelState: Codable {
         guard !region.guestPhysicalAddress.addingReportingOverflow(region.size).overflow else { throw invalid() }
         let pages = region.size / pageSize
         guard pages <= ModelState.maxPagesPerSlot else { throw invalid() }
+        // kvm_arch_prepare_memory_region (x86): the slot's last frame above kvm_mmu_max_gfn().
+        if region.size > 0, options.maxGuestPhysicalBits < 64 {
+            let maxGFN = (UInt64(1) << UInt64(max(12, options.maxGuestPhysicalBits) - 12)) - 1
+            guard (region.guestPhysicalAddress + region.size) / pageSize - 1 <= maxGFN else { throw invalid() }
+        }
 
         let baseGFN = region.guestPhysicalAddress / pageSize
         if region.size == 0 {
