@@ -104,6 +104,11 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// Tries `request` from a process other than the VM's creator (a real forked child on Linux)
     /// and returns what it got: `nil` for success.
     func attemptInAnotherProcess(_ request: ForeignRequest) -> KernelError?
+
+    /// Where the kernel itself has a VM's memslots (slot → guest physical address and size),
+    /// where it can say: the model can; KVM has no ioctl that reads memslots back (nil), so a
+    /// VMM reports what the kernel accepted.
+    func memslotPlacement(vm: KernelHandle) -> [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)]?
 }
 
 extension KernelBackend {

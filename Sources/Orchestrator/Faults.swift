@@ -141,6 +141,11 @@ public final class FaultInjectingBackend: KernelBackend {
     }
     public func setMemslot(vm: KernelHandle, _ region: MemslotRegion) throws(KernelError) {
         try check(.setMemslot)
+        var region = region
+        // alter:gpa: a slot made (not deleted) one page above where it was asked.
+        if region.size > 0, faults.alteration(at: .kernel(.setMemslot), applies: { $0 == .gpa }) != nil {
+            region.guestPhysicalAddress &+= 4096
+        }
         try inner.setMemslot(vm: vm, region)
     }
     public func mapGuestMemfd(_ file: KernelHandle, offset: UInt64, length: UInt64) throws(KernelError) -> UInt64 {
@@ -148,6 +153,9 @@ public final class FaultInjectingBackend: KernelBackend {
         return try inner.mapGuestMemfd(file, offset: offset, length: length)
     }
     public func unmap(address: UInt64, length: UInt64) { inner.unmap(address: address, length: length) }
+    public func memslotPlacement(vm: KernelHandle) -> [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)]? {
+        inner.memslotPlacement(vm: vm)
+    }
     public func readMemory(address: UInt64, count: Int) throws(KernelError) -> [UInt8] {
         try check(.accessMemory)
         return try inner.readMemory(address: address, count: count)

@@ -378,14 +378,18 @@ public final class InProcessVMM: VMMEndpoint {
             userspaceAddress: address)
     }
 
+    /// The memslots as bound: where the kernel can say (the model), its own placement of each;
+    /// otherwise what the kernel accepted.
     public func bindings() throws(EndpointError) -> [BindingReport] {
         var reports: [BindingReport] = []
+        let placement = vm.flatMap { backend.memslotPlacement(vm: $0.value.handle) }
         for (slot, strategy) in slots.values.sorted(by: { $0.slot.slot < $1.slot.slot }) {
             guard let inode = gmems[slot.guestMemfd]?.inode else {
                 throw EndpointError("\(role): slot \(slot.slot) names '\(slot.guestMemfd)', which this VMM does not hold")
             }
+            let placed = placement.map { $0[slot.slot] ?? (guestPhysicalAddress: UInt64.max, size: 0) }
             reports.append(BindingReport(
-                slot: slot.slot, guestPhysAddr: slot.guestPhysAddr, size: slot.size, inode: inode, offset: slot.offset,
+                slot: slot.slot, guestPhysAddr: placed?.guestPhysicalAddress ?? slot.guestPhysAddr, size: placed?.size ?? slot.size, inode: inode, offset: slot.offset,
                 guestMemfdBacked: strategy != .share))
         }
         return reports

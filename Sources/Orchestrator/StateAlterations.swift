@@ -62,6 +62,8 @@ extension VCPUState {
             break
         case .section(let name):
             state.sections.append(StateSection(name: name, bytes: [0, 0, 0, 0]))
+        case .gpa:
+            break  // a memslot's, not the state's
         }
         return state
     }

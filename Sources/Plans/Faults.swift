@@ -24,7 +24,7 @@ public enum FaultPoint: Hashable, Sendable, CustomStringConvertible {
 
     /// The kernel calls whose state an `alter:` fault can change: what a target's kernel is
     /// told to set (its read-back then differs from what the source saved).
-    public static let alterableOperations: Set<KernelOperation> = [.setVCPUState, .setVMState]
+    public static let alterableOperations: Set<KernelOperation> = [.setVCPUState, .setVMState, .setMemslot]
 
     public var description: String {
         switch self {
@@ -71,6 +71,12 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
     /// A section named so appended to every vcpu's state (an unknown one, or one needing a
     /// capability this host lacks, such as `nested`).
     case section(String)
+    /// At `kernel:set-memslot` only: the slot bound one page above the address asked for (a
+    /// target whose memory is not where the source's is; verify-bindings must see it).
+    case gpa
+
+    /// Whether this alteration changes a memslot (at kernel:set-memslot) rather than VM state.
+    public var isMemslot: Bool { self == .gpa }
 
     public init?(_ text: String) {
         switch text {
@@ -79,6 +85,7 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
         case "ymm": self = .ymm
         case "lapic": self = .lapic
         case "clock": self = .clock
+        case "gpa": self = .gpa
         default:
             if text.hasPrefix("msr:"), let index = UInt32(text.dropFirst(4).replacingOccurrences(of: "0x", with: ""), radix: 16) {
                 self = .msr(index)
@@ -99,6 +106,7 @@ public enum StateAlteration: Hashable, Sendable, CustomStringConvertible {
         case .lapic: "lapic"
         case .clock: "clock"
         case .section(let name): "section:\(name)"
+        case .gpa: "gpa"
         }
     }
 }
@@ -166,17 +174,21 @@ public struct FaultSpec: Hashable, Sendable, Codable, CustomStringConvertible {
             fault = .delay(duration)
         } else if faultText.hasPrefix("alter:") {
             guard let alteration = StateAlteration(String(faultText.dropFirst(6))) else {
-                throw FaultSpecError("'\(faultText)': alter:WHAT takes cpuid, msr:0xINDEX, xsave, ymm, lapic, clock or section:NAME")
+                throw FaultSpecError("'\(faultText)': alter:WHAT takes cpuid, msr:0xINDEX, xsave, ymm, lapic, clock, section:NAME or (at kernel:set-memslot) gpa")
             }
             fault = .alter(alteration)
         } else {
             throw FaultSpecError("'\(faultText)' is not a fault (errno:ENAME, crash, delay:DURATION, alter:WHAT)")
         }
         switch (point, fault) {
+        case (.kernel(.setMemslot), .alter(let alteration)) where !alteration.isMemslot,
+            (.state, .alter(let alteration)) where alteration.isMemslot,
+            (.kernel(_), .alter(let alteration)) where alteration.isMemslot && point != .kernel(.setMemslot):
+            throw FaultSpecError("'\(text)': alter:gpa is a fault of kernel:set-memslot, and kernel:set-memslot takes only alter:gpa")
         case (.state, .alter): break
         case (.kernel(let operation), .alter) where FaultPoint.alterableOperations.contains(operation): break
         case (_, .alter):
-            throw FaultSpecError("'\(text)': alter:WHAT is a fault of the state, at 'state' or at kernel:set-vcpu-state / kernel:set-vm-state")
+            throw FaultSpecError("'\(text)': alter:WHAT is a fault of the state, at 'state' or at kernel:set-vcpu-state / kernel:set-vm-state (or alter:gpa at kernel:set-memslot)")
         case (.state, _):
             throw FaultSpecError("'\(text)': the point 'state' takes only alter:WHAT")
         default: break

@@ -227,3 +227,24 @@ struct MigrationTests {
         }
     }
 }
+
+/// verify-bindings compares what the target bound with the source's memslots: a target that
+/// bound its slot elsewhere (`kernel:set-memslot=alter:gpa`) is caught there, before the pause.
+@Suite("Binding check")
+struct BindingCheckTests {
+    @Test(arguments: [Strategy.share, .copy, .link])
+    func aSlotBoundElsewhereIsCaught(_ strategy: Strategy) throws {
+        let journal = try Journal(stateDirectory: temporaryDirectory("gmigrate-state"))
+        let spec = try FaultSpec(parsing: "kernel:set-memslot=alter:gpa")
+        let run = try InProcessRun.run(
+            plan: try loadPlan("demo.yaml"), planFile: "demo.yaml", strategy: strategy, backend: .model(hostFile: nil), journal: journal, faults: [spec])
+        #expect(!run.summary.unfiredFaults.contains(spec.description), "the fault fired")
+        #expect(run.summary.state == .rolledBack, "\(run.summary.reason)")
+        let contents = try Journal.read(path: run.journalPath)
+        let verify = contents.entries.outcomes.first { $0.step == .verifyBindings && $0.direction == .forward }
+        #expect(verify?.ok == false)
+        #expect(verify?.error?.contains("slot 0 differs") == true, "\(verify?.error ?? "no verify-bindings outcome")")
+        #expect(!contents.entries.outcomes.contains { $0.step == .pauseSource }, "the source was never paused")
+        #expect(run.verification?.passed == true, "the source's guest carries on")
+    }
+}

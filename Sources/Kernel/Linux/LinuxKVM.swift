@@ -651,6 +651,9 @@ public final class LinuxKVM: KernelBackend {
 
     /// Asks a vcpu blocked in (or about to enter) `KVM_RUN` to return with EINTR; used together
     /// with a signal to pause a running vcpu.
+    /// KVM has no ioctl that reads memslots back.
+    public func memslotPlacement(vm: KernelHandle) -> [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)]? { nil }
+
     public func requestImmediateExit(_ vcpu: KernelHandle, _ value: Bool) {
         guard let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
         else { return }

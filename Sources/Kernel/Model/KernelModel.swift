@@ -97,6 +97,16 @@ public final class KernelModel: KernelBackend {
                 maxGuestPhysicalBits: options.maxGuestPhysicalBits))
     }
 
+    public func memslotPlacement(vm: KernelHandle) -> [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)]? {
+        let process = self.process
+        return try? host.transaction { (s: inout ModelState) throws(KernelError) -> [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)] in
+            let id = try s.vmForIoctl(vm, caller: process, .setMemslot)
+            var placement: [UInt32: (guestPhysicalAddress: UInt64, size: UInt64)] = [:]
+            for (slot, memslot) in s.vms[id]?.memslots ?? [:] { placement[slot] = (memslot.baseGFN * 4096, memslot.pages * 4096) }
+            return placement
+        }
+    }
+
     public func checkExtension(_ capability: Capability, vm: KernelHandle?) throws(KernelError) -> Int {
         try host.transaction { (s: inout ModelState) throws(KernelError) -> Int in
             var type: VMType? = nil
