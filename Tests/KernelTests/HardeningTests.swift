@@ -531,15 +531,10 @@ struct DaemonAPIHardeningTests {
             var byte: UInt8 = 0
             return recv(fd, &byte, 1, 0) == 0
         }
-        func daemonSockets() -> Int {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(daemon.process.processIdentifier)/fd")) ?? []
-            return names.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(daemon.process.processIdentifier)/fd/\($0)")) ?? "").hasPrefix("socket:") }.count
-        }
-        let before = daemonSockets()
         let idle = (0..<4).map { _ in tcpConnection() }
         defer { for fd in idle { close(fd) } }
-        // Once the daemon holds all four (each accepted), one more is too many.
-        #expect(waitUntil(10) { daemonSockets() >= before + 4 })
+        // The daemon accepts in order: the fifth is accepted while the four still hold their
+        // places (each has headerTimeoutSeconds from its own accept), and is one too many.
         let extra = tcpConnection()
         defer { close(extra) }
         #expect(closedByPeer(extra, within: 2), "the fifth TCP connection is closed at once")
