@@ -217,6 +217,7 @@ struct DaemonTests {
         let id = try #require(daemon.json(try daemon.call("POST", "/v1/migrations", body: try demoPlan(name: "openapi")))["id"] as? String)
         _ = try daemon.waitFinished(id)
         var checked = 0
+        var bodies = 0
         for (path, operations) in paths {
             for (method, operation) in operations {
                 let responses = ((operation as? [String: Any])?["responses"] as? [String: Any]) ?? [:]
@@ -224,10 +225,22 @@ struct DaemonTests {
                 let body = method == "post" && !path.contains("cancel") ? try demoPlan(name: "openapi") : nil
                 let result = try daemon.call(method.uppercased(), concrete, body: body, headers: ["Idempotency-Key": "openapi"])
                 #expect(responses.keys.contains(String(result.status)), "\(method.uppercased()) \(path) answered \(result.status), documented: \(responses.keys.sorted())")
+                // The body matches the documented schema: required fields, types, enums.
+                if let response = responses[String(result.status)] as? [String: Any],
+                    let content = OpenAPI.resolve(response, in: document)["content"] as? [String: Any],
+                    let (mediaType, entry) = content.first(where: { result.headers["content-type"]?.hasPrefix($0.key) == true }),
+                    mediaType.contains("json"), let schema = (entry as? [String: Any])?["schema"] as? [String: Any]
+                {
+                    let value = try JSONSerialization.jsonObject(with: result.body, options: [.fragmentsAllowed])
+                    let problems = OpenAPI.check(value, against: schema, in: document, at: "body")
+                    #expect(problems.isEmpty, "\(method.uppercased()) \(path) \(result.status): \(problems)")
+                    bodies += 1
+                }
                 checked += 1
             }
         }
         #expect(checked == 9)
+        #expect(bodies >= 6, "JSON bodies checked against their schemas: \(bodies)")
         // Every route of the router is documented: an undocumented path is 404.
         #expect(try daemon.call("GET", "/v1/nowhere").status == 404)
     }
@@ -464,5 +477,46 @@ enum ProcessRunHelper {
 enum RemoteVMMHelper {
     static func shutdown(_ socket: String) throws {
         try RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)).shutdown()
+    }
+}
+
+/// Just enough of OpenAPI 3 schema checking for the daemon's documents: `$ref`, `type`,
+/// `required`, `properties`, `items` and `enum`.
+enum OpenAPI {
+    static func resolve(_ node: [String: Any], in document: [String: Any]) -> [String: Any] {
+        guard let reference = node["$ref"] as? String, reference.hasPrefix("#/") else { return node }
+        var current: Any = document
+        for part in reference.dropFirst(2).split(separator: "/") { current = (current as? [String: Any])?[String(part)] as Any }
+        return (current as? [String: Any]).map { resolve($0, in: document) } ?? [:]
+    }
+
+    static func check(_ value: Any, against schema: [String: Any], in document: [String: Any], at place: String) -> [String] {
+        let schema = resolve(schema, in: document)
+        var problems: [String] = []
+        switch schema["type"] as? String {
+        case "object":
+            guard let object = value as? [String: Any] else { return ["\(place): not an object"] }
+            for name in schema["required"] as? [String] ?? [] where object[name] == nil { problems.append("\(place).\(name): required, missing") }
+            for (name, property) in schema["properties"] as? [String: Any] ?? [:] {
+                if let field = object[name], !(field is NSNull), let property = property as? [String: Any] {
+                    problems += check(field, against: property, in: document, at: place + "." + name)
+                }
+            }
+        case "array":
+            guard let array = value as? [Any] else { return ["\(place): not an array"] }
+            if let items = schema["items"] as? [String: Any] {
+                for (index, item) in array.enumerated() { problems += check(item, against: items, in: document, at: "\(place)[\(index)]") }
+            }
+        case "string":
+            guard let text = value as? String else { return ["\(place): not a string"] }
+            if let allowed = schema["enum"] as? [String], !allowed.contains(text) { problems.append("\(place): '\(text)' is none of \(allowed)") }
+        case "integer":
+            if let number = value as? NSNumber, number.doubleValue == number.doubleValue.rounded(), !(value is Bool) {} else { problems.append("\(place): not an integer") }
+        case "boolean":
+            if !(value is Bool) { problems.append("\(place): not a boolean") }
+        default:
+            break
+        }
+        return problems
     }
 }
