@@ -81,7 +81,7 @@ struct Demo: ParsableCommand {
         }
         if !output.json { print(firstLine) }
         let directory = stateDir ?? "/tmp/gmigrate-demo/\(ProcessInfo.processInfo.processIdentifier)"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let planText: String
         let planFile: String
         if let plan {
