@@ -48,12 +48,35 @@ struct PlanDraft {
 /// after a problem so that one run reports every one.
 struct PlanParser {
     var diagnostics: [PlanDiagnostic] = []
-    /// Where each field path is in the file.
-    var marks: [String: Mark] = [:]
+    /// The document, for the position of a field path a rule reports without its node: found
+    /// by walking the path when a diagnostic needs it (rarely), not recorded for every field as
+    /// it is read (a 4096-slot plan has 25,000 of them).
+    var root: Node?
 
     mutating func report(_ code: PlanRule, _ path: String, _ message: String, severity: PlanDiagnostic.Severity = .error, at node: Node? = nil) {
-        let mark = node?.mark ?? marks[path]
+        let mark = node?.mark ?? self.node(at: path)?.mark
         diagnostics.append(PlanDiagnostic(severity: severity, code: code, path: path, line: mark?.line, column: mark?.column, message: message))
+    }
+
+    /// The node at a field path (`spec.vm.memslots[3].size`), if the document has one.
+    func node(at path: String) -> Node? {
+        var current = root
+        for component in path.split(separator: ".") {
+            var name = component
+            var indices: [Int] = []
+            while name.hasSuffix("]"), let open = name.lastIndex(of: "[") {
+                guard let index = Int(name[name.index(after: open)..<name.index(before: name.endIndex)]) else { return nil }
+                indices.insert(index, at: 0)
+                name = name[..<open]
+            }
+            if !name.isEmpty { current = current?.mapping?[String(name)] }
+            for index in indices {
+                guard let sequence = current?.sequence, index >= 0, index < sequence.count else { return nil }
+                current = sequence[index]
+            }
+            if current == nil { return nil }
+        }
+        return current
     }
 
     static func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : path + "." + key }
@@ -79,7 +102,6 @@ struct PlanParser {
             report(.invalidType, path, "expected a mapping, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
-        marks[path] = node.mark
         var fields = Fields()
         fields.entries.reserveCapacity(mapping.count)
         for index in mapping.indices {
@@ -107,39 +129,37 @@ struct PlanParser {
         return fields
     }
 
-    mutating func sequence(_ node: Node, _ path: String) -> [Node]? {
-        marks[path] = node.mark
+    mutating func sequence(_ node: Node, _ path: @autoclosure () -> String) -> [Node]? {
         guard case .sequence(let sequence) = node else {
-            report(.invalidType, path, "expected a list, found \(PlanParser.kindName(node))", at: node)
+            report(.invalidType, path(), "expected a list, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
         return Array(sequence)
     }
 
-    mutating func string(_ node: Node, _ path: String) -> String? {
-        marks[path] = node.mark
+    mutating func string(_ node: Node, _ path: @autoclosure () -> String) -> String? {
         guard case .scalar(let scalar) = node else {
-            report(.invalidType, path, "expected a scalar, found \(PlanParser.kindName(node))", at: node)
+            report(.invalidType, path(), "expected a scalar, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
         return scalar.string
     }
 
     /// A size, offset or address: plain integer, 0x hex, or Ki/Mi/Gi/Ti (K/M/G/T) suffix.
-    mutating func quantity(_ node: Node, _ path: String) -> UInt64? {
-        guard let text = string(node, path) else { return nil }
+    mutating func quantity(_ node: Node, _ path: @autoclosure () -> String) -> UInt64? {
+        guard let text = string(node, path()) else { return nil }
         let compact = text.utf8.contains(UInt8(ascii: "_")) ? String(text.filter { $0 != "_" }) : text
         guard let value = parseQuantity(compact) else {
-            report(.invalidValue, path, "'\(text)' is not a size or address (an integer, 0x hex, or a Ki/Mi/Gi/Ti suffix)", at: node)
+            report(.invalidValue, path(), "'\(text)' is not a size or address (an integer, 0x hex, or a Ki/Mi/Gi/Ti suffix)", at: node)
             return nil
         }
         return value
     }
 
-    mutating func integer(_ node: Node, _ path: String) -> Int? {
-        guard let text = string(node, path) else { return nil }
+    mutating func integer(_ node: Node, _ path: @autoclosure () -> String) -> Int? {
+        guard let text = string(node, path()) else { return nil }
         guard let value = Int(text) else {
-            report(.invalidValue, path, "'\(text)' is not an integer", at: node)
+            report(.invalidValue, path(), "'\(text)' is not an integer", at: node)
             return nil
         }
         return value
@@ -190,6 +210,7 @@ struct PlanParser {
     // MARK: - The plan
 
     mutating func parse(_ root: Node) -> PlanDraft {
+        self.root = root
         var draft = PlanDraft()
         guard let top = mapping(root, "", allowed: ["apiVersion", "kind", "metadata", "spec"], required: ["apiVersion", "kind", "metadata", "spec"])
         else { return draft }
