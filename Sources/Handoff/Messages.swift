@@ -11,7 +11,12 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// return (check-state) and restored, the target's identity at create-vm, the guest's
     /// reports at status. 2: copy-memory replaces sync-copy (only populated pages, once the
     /// source is paused); arm-faults; every reply may carry the faults that fired.
-    public static let protocolVersion = 3
+    /// 4: the VM state travels as raw bytes after the frame's JSON (`attachment`), not as
+    /// base64 inside it.
+    public static let protocolVersion = 4
+
+    /// The largest attachment a frame may carry (a VM state is tens of KiB).
+    public static let maxAttachmentBytes = 64 << 20
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
@@ -75,6 +80,10 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// pause and restore (reply): how long the VMM's parts of the request took, in nanoseconds
     /// (`stop`, `save`; `restore`, `resume`): the blackout's parts as the VMM measured them.
     public var timings: [String: Int64]?
+    /// The number of raw bytes that follow this message's JSON in its frame (the VM state of
+    /// a pause reply, a check-state or a restore). The bytes themselves are the frame's
+    /// attachment, handed over beside the message.
+    public var attachment: Int?
 
     public init(type: String, id: Int) {
         self.type = type

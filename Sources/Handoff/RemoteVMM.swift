@@ -121,7 +121,7 @@ public final class RemoteVMM: VMMEndpoint {
     /// A request that was sent and not answered is `uncertain`, and the connection is dropped.
     @discardableResult
     func request(
-        _ message: HandoffMessage, descriptors: [Int32] = [], expect kinds: [String] = [], checkDescriptors: Bool = true
+        _ message: HandoffMessage, descriptors: [Int32] = [], attachment: [UInt8]? = nil, expect kinds: [String] = [], checkDescriptors: Bool = true
     ) throws(EndpointError) -> (HandoffMessage, [Int32]) {
         var message = message
         message.id = nextID
@@ -134,7 +134,7 @@ public final class RemoteVMM: VMMEndpoint {
             connection = try reconnect(for: message.type)
         }
         do {
-            try connection.send(message, descriptors: descriptors)
+            try connection.send(message, descriptors: descriptors, attachment: attachment)
         } catch {
             // Not sent: the VMM did nothing. A connection the VMM closed while we were away
             // (its idle timeout) is opened again, once, and the request sent on the new one.
@@ -142,7 +142,7 @@ public final class RemoteVMM: VMMEndpoint {
             guard reused else { throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno) }
             connection = try reconnect(for: message.type)
             do {
-                try connection.send(message, descriptors: descriptors)
+                try connection.send(message, descriptors: descriptors, attachment: attachment)
             } catch {
                 self.connection = nil
                 throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
@@ -151,7 +151,7 @@ public final class RemoteVMM: VMMEndpoint {
         let reply: HandoffMessage
         let received: [Int32]
         do {
-            (reply, received) = try connection.receive()
+            (reply, received, lastAttachment) = try connection.receiveAttached()
         } catch {
             self.connection = nil
             throw EndpointError("\(role) VMM: \(message.type): no answer: \(error.message)", errno: error.errno, uncertain: true)
@@ -237,9 +237,16 @@ public final class RemoteVMM: VMMEndpoint {
 
     public func pause() throws(EndpointError) -> VMState {
         let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))
-        guard let text = reply.state, let data = Data(base64Encoded: text) else { throw EndpointError("\(role) VMM: pause: no VM state in the reply") }
+        let bytes: [UInt8]
+        if let attachment = lastAttachment {
+            bytes = attachment
+        } else if let text = reply.state, let data = Data(base64Encoded: text) {
+            bytes = [UInt8](data)
+        } else {
+            throw EndpointError("\(role) VMM: pause: no VM state in the reply")
+        }
         do {
-            let state = try VMState(decoding: [UInt8](data))
+            let state = try VMState(decoding: bytes)
             pausedState = state
             return state
         } catch {
@@ -317,24 +324,22 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     public func checkState(_ state: VMState) throws(EndpointError) {
-        var message = HandoffMessage(type: "check-state", id: 0)
-        message.state = Data(state.encoded).base64EncodedString()
         stagedState = nil
-        try request(message)
+        try request(HandoffMessage(type: "check-state", id: 0), attachment: state.encoded)
         stagedState = state
     }
 
     public func restore(_ state: VMState) throws(EndpointError) {
-        var message = HandoffMessage(type: "restore", id: 0)
         // The VMM keeps the state it checked: the restore inside the blackout does not carry
         // it a second time.
-        if stagedState != state { message.state = Data(state.encoded).base64EncodedString() }
-        let (reply, _) = try request(message)
+        let (reply, _) = try request(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
     /// The state the VMM checked (and keeps) last.
     private var stagedState: VMState?
+    /// The attachment of the last reply (the VM state of a pause).
+    private var lastAttachment: [UInt8]?
 
     public func destroy() throws(EndpointError) {
         _ = try undoRequest(HandoffMessage(type: "destroy", id: 0))

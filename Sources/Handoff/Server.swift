@@ -11,8 +11,18 @@ public protocol HandoffHandler: AnyObject {
     /// Answers one request. The request's descriptors are the handler's to keep or close; the
     /// reply's descriptors stay open (the peer receives its own copies).
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32])
+    /// The same with the frame's attachment (the VM state), in the request and in the reply.
+    func handle(_ request: HandoffMessage, descriptors: [Int32], attachment: [UInt8]?) -> (HandoffMessage, [Int32], [UInt8]?)
     /// Set once a request (retire, destroy, shutdown) ends the VMM.
     var exitRequested: Bool { get }
+}
+
+extension HandoffHandler {
+    /// A handler that takes no attachment: a request that carries one is answered without it.
+    public func handle(_ request: HandoffMessage, descriptors: [Int32], attachment: [UInt8]?) -> (HandoffMessage, [Int32], [UInt8]?) {
+        let (reply, replyDescriptors) = handle(request, descriptors: descriptors)
+        return (reply, replyDescriptors, nil)
+    }
 }
 
 /// A VMM's side of the protocol: one coordinator connection at a time, each checked by
@@ -80,8 +90,9 @@ public final class HandoffServer {
             first = false
             let request: HandoffMessage
             let descriptors: [Int32]
+            let attachment: [UInt8]?
             do {
-                (request, descriptors) = try connection.receive()
+                (request, descriptors, attachment) = try connection.receiveAttached()
             } catch {
                 if error.kind != .closed { log("dropping the connection: \(error.message)") }
                 return
@@ -93,9 +104,9 @@ public final class HandoffServer {
                 try? connection.send(reply)
                 continue
             }
-            let (reply, replyDescriptors) = handler.handle(request, descriptors: descriptors)
+            let (reply, replyDescriptors, replyAttachment) = handler.handle(request, descriptors: descriptors, attachment: attachment)
             do {
-                try connection.send(reply, descriptors: replyDescriptors)
+                try connection.send(reply, descriptors: replyDescriptors, attachment: replyAttachment)
             } catch {
                 log("the reply to \(request.type) could not be sent: \(error.message)")
                 return

@@ -99,10 +99,16 @@ public final class HandoffConnection: @unchecked Sendable {
         return PeerCredentials(pid: pid, uid: uid, gid: gid)
     }
 
-    /// Sends one message with descriptors (which stay open here: the caller owns them).
-    public func send(_ message: HandoffMessage, descriptors: [Int32] = []) throws(HandoffError) {
+    /// Sends one message with descriptors (which stay open here: the caller owns them), and
+    /// its attachment (raw bytes after the JSON, counted in the message's `attachment`).
+    public func send(_ message: HandoffMessage, descriptors: [Int32] = [], attachment: [UInt8]? = nil) throws(HandoffError) {
         guard descriptors.count <= HandoffConnection.maxDescriptors else {
             throw HandoffError(.unexpectedDescriptors, "\(descriptors.count) descriptors in one frame (at most \(HandoffConnection.maxDescriptors))")
+        }
+        var message = message
+        message.attachment = attachment.map(\.count)
+        guard (attachment?.count ?? 0) <= HandoffMessage.maxAttachmentBytes else {
+            throw HandoffError(.malformed, "a \(message.type) attachment of \(attachment?.count ?? 0) bytes (at most \(HandoffMessage.maxAttachmentBytes))")
         }
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
@@ -113,6 +119,7 @@ public final class HandoffConnection: @unchecked Sendable {
         let length = UInt32(payload.count)
         frame += [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
         frame += payload
+        if let attachment { frame += attachment }
         let result = frame.withUnsafeBytes { buffer in
             descriptors.withUnsafeBufferPointer { fds in
                 ckvm_send_with_fds(fd, buffer.baseAddress, UInt(buffer.count), fds.baseAddress, Int32(fds.count))
@@ -122,8 +129,20 @@ public final class HandoffConnection: @unchecked Sendable {
     }
 
     /// Receives one message and the descriptors that came with it (now owned by the caller).
-    /// On any error every received descriptor is closed.
+    /// On any error every received descriptor is closed. A message with an attachment is
+    /// refused here: its receiver takes `receiveAttached()`.
     public func receive() throws(HandoffError) -> (HandoffMessage, [Int32]) {
+        let (message, descriptors, attachment) = try receiveAttached()
+        guard attachment == nil else {
+            for descriptor in descriptors { Glibc.close(descriptor) }
+            throw HandoffError(.malformed, "a \(message.type) with an attachment where none is taken")
+        }
+        return (message, descriptors)
+    }
+
+    /// Receives one message, its descriptors and its attachment (the raw bytes its
+    /// `attachment` counts, at most `HandoffMessage.maxAttachmentBytes`).
+    public func receiveAttached() throws(HandoffError) -> (HandoffMessage, [Int32], [UInt8]?) {
         var descriptors: [Int32] = []
         do throws(HandoffError) {
             let header = try read(count: 8, into: &descriptors)
@@ -141,7 +160,14 @@ public final class HandoffConnection: @unchecked Sendable {
             guard HandoffMessage.knownTypes.contains(message.type) else {
                 throw HandoffError(.malformed, "an unknown message type '\(message.type)'")
             }
-            return (message, descriptors)
+            var attachment: [UInt8]? = nil
+            if let count = message.attachment {
+                guard count >= 0, count <= HandoffMessage.maxAttachmentBytes else {
+                    throw HandoffError(.malformed, "an attachment of \(count) bytes (at most \(HandoffMessage.maxAttachmentBytes))")
+                }
+                attachment = try read(count: count, into: &descriptors)
+            }
+            return (message, descriptors, attachment)
         } catch {
             for descriptor in descriptors { Glibc.close(descriptor) }
             throw error

@@ -216,6 +216,26 @@ final class TinyVMM: HandoffHandler {
     static let always: Set<String> = ["hello", "status", "read-guest", "arm-faults", "shutdown"]
 
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
+        let (reply, replyDescriptors, _) = handle(request, descriptors: descriptors, attachment: nil)
+        return (reply, replyDescriptors)
+    }
+
+    /// The VM state a request brings: its attachment (version 4), or base64 in `state`.
+    private func requestState(_ request: HandoffMessage, _ attachment: [UInt8]?) throws -> VMState? {
+        let bytes: [UInt8]
+        if let attachment {
+            bytes = attachment
+        } else if let text = request.state {
+            guard let data = Data(base64Encoded: text) else { throw EndpointError("\(request.type): the state is not base64") }
+            bytes = [UInt8](data)
+        } else {
+            return nil
+        }
+        do { return try VMState(decoding: bytes) } catch { throw EndpointError("\(request.type): \(error.message)") }
+    }
+
+    func handle(_ request: HandoffMessage, descriptors: [Int32], attachment: [UInt8]?) -> (HandoffMessage, [Int32], [UInt8]?) {
+        var replyAttachment: [UInt8]? = nil
         var reply = HandoffMessage(type: "ok", id: request.id)
         do {
             let phase = self.phase
@@ -247,7 +267,7 @@ final class TinyVMM: HandoffHandler {
                 let tapQueues = taps.flatMap(\.queues)
                 log.say("describe: \(description.guestMemfds.count) gmem files handed over")
                 // The descriptors stay open here: SCM_RIGHTS gives the peer its own.
-                if isModel { reply.handles = handles } else { return (reply, handles + tapQueues) }
+                if isModel { reply.handles = handles } else { return (reply, handles + tapQueues, nil) }
             case "pause":
                 try expectNone(descriptors)
                 let clock = ContinuousClock()
@@ -256,7 +276,7 @@ final class TinyVMM: HandoffHandler {
                 let stopped = clock.now
                 let state = try vmm.pause()
                 paused = true
-                reply.state = Data(state.encoded).base64EncodedString()
+                replyAttachment = state.encoded
                 reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false
                 log.say("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
@@ -335,9 +355,7 @@ final class TinyVMM: HandoffHandler {
                 log.say("the encryption context moved in")
             case "check-state":
                 try expectNone(descriptors)
-                guard let text = request.state, let data = Data(base64Encoded: text) else { throw EndpointError("check-state needs state") }
-                let state: VMState
-                do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("check-state: \(error.message)") }
+                guard let state = try requestState(request, attachment) else { throw EndpointError("check-state needs state") }
                 staged = nil
                 try vmm.checkState(state)
                 staged = state
@@ -346,9 +364,8 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 // The state comes with the request, or is the one check-state kept.
                 let state: VMState
-                if let text = request.state {
-                    guard let data = Data(base64Encoded: text) else { throw EndpointError("restore: the state is not base64") }
-                    do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("restore: \(error.message)") }
+                if let given = try requestState(request, attachment) {
+                    state = given
                 } else if let staged {
                     state = staged
                 } else {
@@ -416,7 +433,7 @@ final class TinyVMM: HandoffHandler {
             reply.message = "\(error)"
         }
         reply.fired = newlyFired()
-        return (reply, [])
+        return (reply, [], reply.type == "ok" ? replyAttachment : nil)
     }
 
     /// The armed faults that fired since the last reply said so.

@@ -36,6 +36,7 @@ struct FuzzTests {
             ("gmem", ["{\"name\": \"ram\", \"size\": 2097152, \"flags\": 3, \"inode\": {\"device\": 1, \"inode\": 1}}", "{}", "7"]),
             ("faults", ["[\"kernel:set-memslot=errno:EEXIST\"]", "[\"nonsense\"]", "[]"]),
             ("handles", ["[1]", "[99999]", "[-1]", "[]"]),
+            ("attachment", ["0", "16", "-1", "67108865", "\"x\""]),
         ]
         for (name, values) in candidates where random.next() % 2 == 0 {
             fields.append("\"\(name)\": \(values[Int(random.next() % UInt64(values.count))])")
@@ -48,6 +49,9 @@ struct FuzzTests {
         let length = UInt32(payload.count)
         var frame = HandoffConnection.magic + [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
         frame += payload
+        // Now and then raw bytes after the JSON, as an attachment (which may or may not match
+        // the count the JSON gives).
+        if random.next() % 4 == 0 { frame += (0..<Int(random.next() % 64)).map { _ in UInt8(truncatingIfNeeded: random.next()) } }
         // Now and then a frame cut short or a wrong magic.
         switch random.next() % 16 {
         case 0: frame = Array(frame.prefix(Int(random.next() % UInt64(frame.count))))
