@@ -37,7 +37,7 @@ let package = Package(
         // Migration plans: strict YAML/JSON parsing with field paths, and the one validator.
         .target(name: "Plans", dependencies: ["Kernel", .product(name: "Yams", package: "Yams")]),
         // The durable journal: one CRC-chained, fdatasync'ed append-only log per migration.
-        .target(name: "Journal", dependencies: ["Kernel", "Plans"]),
+        .target(name: "Journal", dependencies: ["CKVM", "Kernel", "Plans"]),
         // The migration: journaled state machine, VMM endpoints, recovery, fault points.
         .target(name: "Orchestrator", dependencies: ["Kernel", "Plans", "Journal", "Guests"]),
         // The handoff protocol between the coordinator and VMM processes (docs/handoff.md).

@@ -449,3 +449,45 @@ int ckvm_poll_any(const int *fds, int count, int milliseconds) {
         return -1;
     }
 }
+
+/* CRC-32C (Castagnoli), reflected, without the pre- and post-inversion (the caller does
+ * both): SSE4.2's crc32 instruction where the CPU has it, else a byte table. */
+static uint32_t crc32c_table[256];
+static int crc32c_table_ready;
+
+static uint32_t crc32c_software(uint32_t crc, const unsigned char *p, unsigned long length) {
+    if (!__atomic_load_n(&crc32c_table_ready, __ATOMIC_ACQUIRE)) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+            crc32c_table[i] = c;
+        }
+        __atomic_store_n(&crc32c_table_ready, 1, __ATOMIC_RELEASE);
+    }
+    while (length--) crc = crc32c_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hardware(uint32_t crc, const unsigned char *p, unsigned long length) {
+    uint64_t value = crc;
+    while (length >= 8) {
+        uint64_t word;
+        memcpy(&word, p, 8);
+        value = __builtin_ia32_crc32di(value, word);
+        p += 8;
+        length -= 8;
+    }
+    uint32_t small = (uint32_t)value;
+    while (length--) small = __builtin_ia32_crc32qi(small, *p++);
+    return small;
+}
+#endif
+
+uint32_t ckvm_crc32c(uint32_t crc, const void *data, unsigned long length) {
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("sse4.2")) return crc32c_hardware(crc, data, length);
+#endif
+    return crc32c_software(crc, data, length);
+}

@@ -298,6 +298,9 @@ unsigned long ckvm_thread_self(void);
 /* Unblocks `signo` in the calling thread: a process inherits its blocked mask from whoever
    spawned it, and a kick that stays blocked never interrupts KVM_RUN. */
 int ckvm_unblock_signal(int signo);
+/** CRC-32C over `length` bytes, continuing `crc` (reflected; no pre- or post-inversion: the
+ *  caller inverts): SSE4.2 where the CPU has it, a table otherwise. */
+uint32_t ckvm_crc32c(uint32_t crc, const void *data, unsigned long length);
 /** Room for SO_PEERGROUPS: a peer's supplementary groups (the kernel returns them sorted;
  *  getsockopt through SwiftNIO zero-fills the rest). */
 typedef struct ckvm_peer_groups { unsigned int gids[1024]; } ckvm_peer_groups;
