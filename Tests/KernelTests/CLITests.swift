@@ -1,65 +1,9 @@
 import Foundation
 import Testing
 
-/// Runs the built `gmigrate` binary and captures what it prints and its exit code.
-struct CommandResult {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-}
 
-func gmigrate(_ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
-    let binary = URL(fileURLWithPath: repositoryRoot).appendingPathComponent(".build/debug/gmigrate")
-    let candidates = [
-        Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("gmigrate"),
-        Bundle.main.bundleURL.appendingPathComponent("gmigrate"),
-        binary,
-    ]
-    guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
-        // A product that is not built is a failure of the test, never a skip.
-        throw FixtureError("gmigrate is not built (looked in \(candidates.map(\.path).joined(separator: ", ")))")
-    }
-    return try run(executable.path, arguments, environment: environment)
-}
 
-/// Runs a program to its end from the repository's root; its exit status and output.
-func run(_ path: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: path)
-    process.arguments = arguments
-    process.currentDirectoryURL = URL(fileURLWithPath: repositoryRoot)
-    if let environment { process.environment = environment }
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    // Both pipes drained at once: a child that fills one while we wait on the other never hangs.
-    final class Box: @unchecked Sendable {
-        var data = Data()
-    }
-    let stderr = Box()
-    let done = DispatchSemaphore(value: 0)
-    let errorHandle = err.fileHandleForReading
-    Thread {
-        stderr.data = errorHandle.readDataToEndOfFile()
-        done.signal()
-    }.start()
-    let stdout = out.fileHandleForReading.readDataToEndOfFile()
-    done.wait()
-    process.waitUntilExit()
-    return CommandResult(
-        status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
-        stderr: String(decoding: stderr.data, as: UTF8.self))
-}
 
-func temporaryFile(_ text: String, name: String = "t.kscript") throws -> String {
-    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gmigrate-tests-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    let path = directory.appendingPathComponent(name).path
-    try text.write(toFile: path, atomically: true, encoding: .utf8)
-    return path
-}
 
 @Suite("gmigrate command line")
 struct CLITests {

@@ -106,9 +106,3 @@ struct ConformanceTests {
 
 import Foundation
 
-/// The package root, found from this file's path.
-let repositoryRoot: String = {
-    var url = URL(fileURLWithPath: #filePath)
-    for _ in 0..<3 { url.deleteLastPathComponent() }
-    return url.path
-}()

@@ -72,13 +72,6 @@ final class DaemonFixture {
     }
 }
 
-/// A handle that appends to `path` (created if missing), for a child process's output.
-func appendingLog(_ path: String) -> FileHandle? {
-    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
-    let handle = FileHandle(forWritingAtPath: path)
-    handle?.seekToEndOfFile()
-    return handle
-}
 
 /// Whether a daemon answers /healthz on `socket`.
 func daemonIsHealthy(_ socket: String) -> Bool {

@@ -2,18 +2,6 @@ import Kernel
 import KernelScript
 import Testing
 
-/// SplitMix64 (as in swift-argument-parser's `roll` example): a seed reproduces a run.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
 
 /// Generates a random script of operations both backends can run on this host (no link,
 /// move or confidential types), with sizes and offsets drawn to hit the kernel's edge cases.

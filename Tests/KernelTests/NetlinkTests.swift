@@ -74,14 +74,6 @@ struct NetlinkTests {
     }
 }
 
-/// A value shared between threads.
-final class Locked<Value: Sendable>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stored: Value
-    init(_ value: Value) { stored = value }
-    var value: Value { lock.withLock { stored } }
-    func mutate(_ body: (inout Value) -> Void) { lock.withLock { body(&stored) } }
-}
 
 /// The validator's NIC checks through rtnetlink, in a network namespace the test makes and
 /// removes (never the host's own interfaces).

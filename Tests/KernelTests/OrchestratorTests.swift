@@ -10,11 +10,6 @@ func loadPlan(_ name: String, strategy: Strategy? = nil) throws -> MigrationPlan
     return try #require(report.plan, "\(report.diagnostics)")
 }
 
-func temporaryDirectory(_ prefix: String) -> String {
-    let path = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString)").path
-    try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    return path
-}
 
 /// The journal's own consistency: no corruption, one start, every intent answered by an
 /// outcome (or, after a crash, by recovery), one finished record and nothing after it, a state

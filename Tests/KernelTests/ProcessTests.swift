@@ -11,23 +11,7 @@ import Testing
 import Glibc
 #endif
 
-/// Why a fixture could not be set up or read: a failure of the test, never a skip.
-struct FixtureError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
 
-/// Where the built executables are.
-func executable(_ name: String) throws -> String {
-    let candidates = [
-        Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent(name).path,
-        repositoryRoot + "/.build/debug/" + name,
-    ]
-    guard let found = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-        throw FixtureError("\(name) is not built (looked in \(candidates.joined(separator: ", ")))")
-    }
-    return found
-}
 
 func isAlive(_ pid: Int32) -> Bool {
     // A zombie is not alive: reap it first if it is our child.
@@ -36,16 +20,6 @@ func isAlive(_ pid: Int32) -> Bool {
     return ProcessWatch.isAlive(pid)
 }
 
-/// Waits until `condition` holds, checking it every few milliseconds; `seconds` is only an
-/// outer bound against a hang.
-func waitUntil(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
-    let deadline = Date().addingTimeInterval(seconds)
-    while Date() < deadline {
-        if condition() { return true }
-        usleep(5000)
-    }
-    return condition()
-}
 
 /// A test's VMM processes: a source tinyvmm running the demo guest, and the plan that names it.
 final class ProcessFixture {

@@ -1,0 +1,146 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Helpers every test target uses: where the repository and the built programs are, scratch
+// directories, running a program, waiting on a condition, a seeded generator.
+
+/// The package root, found from this file's path.
+public let repositoryRoot: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    for _ in 0..<3 { url.deleteLastPathComponent() }
+    return url.path
+}()
+
+public func temporaryDirectory(_ prefix: String) -> String {
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("\(prefix)-\(UUID().uuidString)").path
+    try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    return path
+}
+
+/// Why a fixture could not be set up or read: a failure of the test, never a skip.
+public struct FixtureError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// Where the built executables are.
+public func executable(_ name: String) throws -> String {
+    let candidates = [
+        Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent(name).path,
+        repositoryRoot + "/.build/debug/" + name,
+    ]
+    guard let found = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        throw FixtureError("\(name) is not built (looked in \(candidates.joined(separator: ", ")))")
+    }
+    return found
+}
+
+/// Waits until `condition` holds, checking it every few milliseconds; `seconds` is only an
+/// outer bound against a hang.
+public func waitUntil(_ seconds: Double = 10, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(5000)
+    }
+    return condition()
+}
+
+/// Runs the built `gmigrate` binary and captures what it prints and its exit code.
+public struct CommandResult: Sendable {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
+    public init(status: Int32, stdout: String, stderr: String) {
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+    }
+}
+
+public func gmigrate(_ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
+    let binary = URL(fileURLWithPath: repositoryRoot).appendingPathComponent(".build/debug/gmigrate")
+    let candidates = [
+        Bundle.main.bundleURL.deletingLastPathComponent().appendingPathComponent("gmigrate"),
+        Bundle.main.bundleURL.appendingPathComponent("gmigrate"),
+        binary,
+    ]
+    guard let executable = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
+        // A product that is not built is a failure of the test, never a skip.
+        throw FixtureError("gmigrate is not built (looked in \(candidates.map(\.path).joined(separator: ", ")))")
+    }
+    return try run(executable.path, arguments, environment: environment)
+}
+
+/// Runs a program to its end from the repository's root; its exit status and output.
+public func run(_ path: String, _ arguments: [String], environment: [String: String]? = nil) throws -> CommandResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    process.currentDirectoryURL = URL(fileURLWithPath: repositoryRoot)
+    if let environment { process.environment = environment }
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    // Both pipes drained at once: a child that fills one while we wait on the other never hangs.
+    final class Box: @unchecked Sendable {
+        var data = Data()
+    }
+    let stderr = Box()
+    let done = DispatchSemaphore(value: 0)
+    let errorHandle = err.fileHandleForReading
+    Thread {
+        stderr.data = errorHandle.readDataToEndOfFile()
+        done.signal()
+    }.start()
+    let stdout = out.fileHandleForReading.readDataToEndOfFile()
+    done.wait()
+    process.waitUntilExit()
+    return CommandResult(
+        status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+        stderr: String(decoding: stderr.data, as: UTF8.self))
+}
+
+public func temporaryFile(_ text: String, name: String = "t.kscript") throws -> String {
+    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("gmigrate-tests-\(UUID().uuidString)")
+    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    let path = directory.appendingPathComponent(name).path
+    try text.write(toFile: path, atomically: true, encoding: .utf8)
+    return path
+}
+
+/// SplitMix64 (as in swift-argument-parser's `roll` example): a seed reproduces a run.
+public struct SplitMix64: RandomNumberGenerator {
+    public var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
+
+/// A value shared between threads.
+public final class Locked<Value: Sendable>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: Value
+    public init(_ value: Value) { stored = value }
+    public var value: Value { lock.withLock { stored } }
+    public func mutate(_ body: (inout Value) -> Void) { lock.withLock { body(&stored) } }
+}
+
+/// A handle that appends to `path` (created if missing), for a child process's output.
+public func appendingLog(_ path: String) -> FileHandle? {
+    if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+    let handle = FileHandle(forWritingAtPath: path)
+    handle?.seekToEndOfFile()
+    return handle
+}
