@@ -79,14 +79,33 @@ let package = Package(
         // Benchmark of plan validation: tools/bench-plan-validation.
         .executableTarget(name: "plan-benchmark", dependencies: ["Plans"]),
         // The test kit: the one gate (requireKVM, requireTool, requireNetns...) every test that
-        // needs something of the host goes through (Tests/GmigrateTestKit/README.md).
+        // needs something of the host goes through, and the helpers every test target uses
+        // (Tests/GmigrateTestKit/README.md).
         .target(name: "GmigrateTestKit", dependencies: ["Kernel"], path: "Tests/GmigrateTestKit", exclude: ["README.md"]),
+        // Fixtures the module test targets share: plans, journal checks, VMM processes and peers
+        // (nothing of the daemon).
+        .target(
+            name: "GmigrateTestSupport", dependencies: ["GmigrateTestKit", "CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "Guests"],
+            path: "Tests/GmigrateTestSupport"),
+        // One test target per module: each builds and runs with its module's dependencies only
+        // (the daemon's, Hummingbird and NIO, only for CoordinatorTests).
+        .testTarget(name: "KernelTests", dependencies: ["GmigrateTestKit", "CKVM", "Kernel", "KernelScript"]),
+        .testTarget(name: "PlanTests", dependencies: ["GmigrateTestKit", "Kernel", "Plans", .product(name: "Yams", package: "Yams")]),
+        .testTarget(name: "JournalTests", dependencies: ["GmigrateTestKit", "GmigrateTestSupport", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff"]),
+        .testTarget(name: "OrchestratorTests", dependencies: ["GmigrateTestKit", "GmigrateTestSupport", "Kernel", "Plans", "Journal", "Orchestrator"]),
         .testTarget(
-            name: "KernelTests",
+            name: "HandoffTests",
+            dependencies: ["GmigrateTestKit", "GmigrateTestSupport", "CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "Guests"]),
+        .testTarget(
+            name: "CoordinatorTests",
             dependencies: [
-                "GmigrateTestKit", "Kernel", "KernelScript", "Plans", "Journal", "Orchestrator", "Handoff", "Coordinator", "HostNet", "CKVM", "gmigrate", "tinyvmm", .product(name: "Yams", package: "Yams"),
-            ]
-        ),
+                "GmigrateTestKit", "GmigrateTestSupport", "CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "HostNet", "Coordinator",
+                .product(name: "Yams", package: "Yams"),
+            ]),
+        .testTarget(
+            name: "HostNetTests",
+            dependencies: ["GmigrateTestKit", "GmigrateTestSupport", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "HostNet"]),
+        .testTarget(name: "CLITests", dependencies: ["GmigrateTestKit", "GmigrateTestSupport", "Kernel", "Plans", "Journal", "Orchestrator"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,7 +1,13 @@
+import CKVM
 import Foundation
+import GmigrateTestKit
 import Kernel
 import KernelScript
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// One conformance case: a kernel script (Tests/conformance/NAME.kscript) whose `=> RESULT`
 /// lines are the kernel's answers. Each runs on both backends; where the real kernel lacks an
@@ -105,4 +111,3 @@ struct ConformanceTests {
 }
 
 import Foundation
-

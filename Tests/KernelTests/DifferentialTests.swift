@@ -1,7 +1,13 @@
+import CKVM
+import Foundation
+import GmigrateTestKit
 import Kernel
 import KernelScript
 import Testing
 
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Generates a random script of operations both backends can run on this host (no link,
 /// move or confidential types), with sizes and offsets drawn to hit the kernel's edge cases.

@@ -1,6 +1,13 @@
 import CKVM
+import Foundation
+import GmigrateTestKit
 import Kernel
+import KernelScript
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @Suite("Kernel boundary")
 struct KernelBoundaryTests {

@@ -1,23 +1,13 @@
+import CKVM
 import Foundation
-@_exported import GmigrateTestKit
+import GmigrateTestKit
 import Kernel
 import KernelScript
 import Testing
 
-/// The two kernels every conformance case runs on.
-enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
-    case model, linux
-    var testDescription: String { rawValue }
-
-    /// A fresh backend; for linux, through the test kit's gate (a skip where /dev/kvm is
-    /// unusable, a failure under GMIGRATE_REQUIRE_KVM=1).
-    func make(sourceLocation: SourceLocation = #_sourceLocation) throws -> any KernelBackend {
-        switch self {
-        case .model: return KernelModel()
-        case .linux: return try requireKVM(sourceLocation: sourceLocation)
-        }
-    }
-}
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Runs a script text on a backend and returns its line results.
 func runScript(_ text: String, on backend: any KernelBackend, name: String = "case") throws -> [LineResult] {

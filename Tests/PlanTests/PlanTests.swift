@@ -1,8 +1,13 @@
 import Foundation
+import GmigrateTestKit
 import Kernel
 import Plans
 import Testing
 import Yams
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The plan files under migration-plans/, relative to the repository root.
 func planFiles(_ directory: String) -> [String] {
@@ -22,6 +27,7 @@ func jsonVersion(ofYAMLAt path: String) throws -> String {
 /// an input for the validator's host rules (the same on every host running the tests), not an
 /// assertion about the host the tests run on.
 let thisMachineKind = HostCapabilities(
+
     backend: "linux", apiVersion: 12, vmTypes: ["default"],
     guestMemfd: .init(supported: true, flags: ["mmap", "init-shared"], flagsRaw: 3),
     userMemoryRegion2: true, preFaultMemory: false, immediateExit: true,

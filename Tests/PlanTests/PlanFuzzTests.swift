@@ -1,7 +1,13 @@
 import Foundation
+import GmigrateTestKit
 import Kernel
 import Plans
 import Testing
+import Yams
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Random and mutated plans: the validator must answer every input with a report, never crash,
 /// and its answers must hold up against simple oracles.

@@ -1,248 +1,20 @@
 import CKVM
-import Coordinator
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
 import Handoff
+import HostNet
 import Journal
 import Kernel
 import Orchestrator
 import Plans
 import Testing
+import Yams
+@testable import Coordinator
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// One connection to a VMM's handoff socket that speaks raw messages: what a hostile or
-/// confused coordinator could send.
-final class RawPeer {
-    let connection: HandoffConnection
-    private var nextID = 1
-
-    init(_ socket: String) throws {
-        connection = try HandoffConnection.connect(path: socket)
-        connection.setTimeout(.seconds(5))
-        var hello = HandoffMessage(type: "hello", id: 0)
-        hello.version = HandoffMessage.protocolVersion
-        let reply = try ask(hello)
-        guard reply.type == "ok" else { throw FixtureError("hello refused: \(reply.message ?? "?")") }
-    }
-
-    /// Sends one request (with descriptors) and returns its reply.
-    @discardableResult
-    func ask(_ message: HandoffMessage, descriptors: [Int32] = []) throws -> HandoffMessage {
-        var message = message
-        message.id = nextID
-        nextID += 1
-        try connection.send(message, descriptors: descriptors)
-        let (reply, received) = try connection.receive()
-        for fd in received { close(fd) }
-        return reply
-    }
-
-    func ask(_ type: String, _ edit: (inout HandoffMessage) -> Void = { _ in }) throws -> HandoffMessage {
-        var message = HandoffMessage(type: type, id: 0)
-        edit(&message)
-        return try ask(message)
-    }
-}
-
-/// A tinyvmm on the model (or on real KVM), with its directory; shut down at the end.
-final class VMMUnderTest {
-    let directory: String
-    let socket: String
-    let process: Process
-
-    init(_ name: String, source: Bool, backend: String = "model", guest: String = "counter") throws {
-        directory = temporaryDirectory("gmigrate-" + name)
-        socket = directory + "/vmm.sock"
-        var plan: String? = nil
-        if source {
-            plan = directory + "/plan.yaml"
-            let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            try text.write(toFile: plan!, atomically: true, encoding: .utf8)
-        }
-        process = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
-            name: "hardening/" + name, logFile: directory + "/vmm.log", plan: plan, extra: source ? ["--guest", guest] : [])
-    }
-
-    var log: String { (try? String(contentsOfFile: directory + "/vmm.log", encoding: .utf8)) ?? "" }
-
-    func stop() {
-        (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
-        if !ProcessWatch.waitForExit(process.processIdentifier, timeout: .seconds(5)) { process.terminate() }
-        process.waitUntilExit()
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-}
-
-@Suite("Hostile peers and hosts: VMM requests", .serialized)
-struct VMMRequestHardeningTests {
-    /// Requests within the protocol's types but outside the VM: each answered by an error, and
-    /// the VMM and its guest live on.
-    @Test func outOfRangeRequestsAreAnsweredNotFatal() throws {
-        let vmm = try VMMUnderTest("ranges", source: true)
-        defer { vmm.stop() }
-        let peer = try RawPeer(vmm.socket)
-        // The demo's slot is 2 MiB at 0: 16 bytes from its last 8 leave it.
-        for (gpa, count) in [(UInt64(2 << 20) - 8, 16), (UInt64(2 << 20) - 1, 2), (UInt64.max - 4, 16), (0, Int.max)] {
-            let reply = try peer.ask("read-guest") {
-                $0.gpa = gpa
-                $0.count = count
-            }
-            if count == Int.max {
-                // Clamped to 64 KiB by the VMM: inside the slot, answered.
-                #expect(reply.type == "ok")
-            } else {
-                #expect(reply.type == "error", "read-guest of \(count) bytes at 0x\(String(gpa, radix: 16))")
-            }
-        }
-        let target = try VMMUnderTest("ranges-target", source: false)
-        defer { target.stop() }
-        let empty = try RawPeer(target.socket)
-        for vcpus in [-1, 0, 1 << 40, Int.max, Int.min] {
-            let reply = try empty.ask("create-vm") {
-                $0.vmType = .default
-                $0.vcpus = vcpus
-            }
-            #expect(reply.type == "error", "create-vm with \(vcpus) vcpus")
-            #expect(reply.message?.contains("vcpus") == true)
-        }
-        #expect(vmm.process.isRunning && target.process.isRunning)
-        let status = try peer.ask("status")
-        #expect(status.running == true, "the source's guest runs on")
-    }
-
-    /// A running source refuses what only a target being built may be asked; a target being
-    /// built refuses what only a source may be asked. Its status stays true.
-    @Test func requestsOutsideTheVMMsPhaseAreRefused() throws {
-        let source = try VMMUnderTest("phase-source", source: true)
-        defer { source.stop() }
-        let peer = try RawPeer(source.socket)
-        for type in ["unbind", "release-memory", "restore", "check-state", "destroy", "bind", "create-vm"] {
-            let reply = try peer.ask(type) {
-                $0.slots = []
-                $0.strategy = .share
-                $0.vmType = .default
-                $0.vcpus = 2
-            }
-            #expect(reply.type == "error" && reply.message?.contains("this VMM is running") == true, "a running source refuses \(type): \(reply)")
-        }
-        let status = try peer.ask("status")
-        #expect(status.running == true, "status says running, and it is")
-        let counter = status.counter ?? 0
-        #expect(waitUntil(5) { ((try? peer.ask("status"))?.counter ?? 0) > counter }, "the guest still counts")
-
-        let target = try VMMUnderTest("phase-target", source: false)
-        defer { target.stop() }
-        let empty = try RawPeer(target.socket)
-        for type in ["pause", "retire", "resume", "describe", "restore", "bind"] {
-            let reply = try empty.ask(type) {
-                $0.slots = []
-                $0.strategy = .share
-            }
-            #expect(reply.type == "error" && reply.message?.contains("this VMM is empty") == true, "an empty target refuses \(type): \(reply)")
-        }
-        #expect(try empty.ask("create-vm") { $0.vmType = .default; $0.vcpus = 2 }.type == "ok")
-        for type in ["pause", "retire"] {
-            let reply = try empty.ask(type)
-            #expect(reply.type == "error" && reply.message?.contains("this VMM is building") == true, "a target being built refuses \(type)")
-        }
-    }
-
-    /// A descriptor's kind is checked exactly: a memfd named `kvm-gmem` is not a guest_memfd,
-    /// and a guest_memfd smaller than its description is not mapped as the larger one.
-    @Test func forgedDescriptorsAreRefused() throws {
-        _ = try Backend.linux.make()
-        let target = try VMMUnderTest("forged", source: false, backend: "linux")
-        defer { target.stop() }
-        let peer = try RawPeer(target.socket)
-        #expect(try peer.ask("create-vm") { $0.vmType = .default; $0.vcpus = 1 }.type == "ok")
-        let gmem = try JSONDecoder().decode(
-            VMDescription.Gmem.self, from: Data(#"{"name": "ram", "size": 2097152, "flags": 3, "inode": {"device": 1, "inode": 1}}"#.utf8))
-        // A file whose path holds the kind's name: a substring check took it for a guest_memfd.
-        let impostor = target.directory + "/anon_inode:[kvm-gmem]"
-        #expect(FileManager.default.createFile(atPath: impostor, contents: Data(count: 2 << 20)))
-        let memfd = open(impostor, O_RDWR)
-        #expect(memfd >= 0)
-        defer { close(memfd) }
-        var request = HandoffMessage(type: "receive-memory", id: 0)
-        request.gmem = gmem
-        request.strategy = .share
-        let forged = try peer.ask(request, descriptors: [memfd])
-        #expect(forged.type == "error")
-        #expect(forged.message?.contains("received [\(impostor)]") == true, "the refusal names what came: \(forged.message ?? "")")
-        // A real guest_memfd of 4 KiB described as 2 MiB.
-        let kernel = try LinuxKVM()
-        let vm = try kernel.createVirtualMachine()
-        let small = try vm.createGuestMemfd(size: 4096, flags: [.mmap, .initShared])
-        let short = try peer.ask(request, descriptors: [small.handle.raw])
-        #expect(short.type == "error")
-        #expect(short.message?.contains("holds 4096 bytes") == true, "\(short.message ?? "")")
-        #expect(target.process.isRunning)
-    }
-}
-
-@Suite("Hostile peers and hosts: the state directory", .serialized)
-struct StateDirectoryHardeningTests {
-    /// `lock` planted as a symbolic link: refused, and its target is neither truncated nor written.
-    @Test func aSymlinkedLockIsNotFollowed() throws {
-        let directory = temporaryDirectory("gmigrate-symlock")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let state = directory + "/state"
-        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        let victim = directory + "/victim"
-        try "precious\n".write(toFile: victim, atomically: true, encoding: .utf8)
-        try FileManager.default.createSymbolicLink(atPath: state + "/lock", withDestinationPath: victim)
-        #expect { _ = try Journal(stateDirectory: state) } throws: { error in
-            (error as? JournalError)?.kind == .unsafe && "\(error)".contains("symbolic link")
-        }
-        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
-        let result = try gmigrate(["journal", "list", "--state-dir", state])
-        #expect(result.status != 0 || !result.stdout.contains("precious"))
-    }
-
-    /// A journal planted as a symbolic link is not reopened for appending (recovery would write
-    /// into its target), and reading it is refused too.
-    @Test func aSymlinkedJournalIsNotFollowed() throws {
-        let directory = temporaryDirectory("gmigrate-symjournal")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let state = directory + "/state"
-        let victim = directory + "/victim"
-        try "precious\n".write(toFile: victim, atomically: true, encoding: .utf8)
-        let store = try Journal(stateDirectory: state)
-        try FileManager.default.createSymbolicLink(atPath: state + "/journal/20260101T000000-x-0000000000000001.log", withDestinationPath: victim)
-        #expect { _ = try store.reopen(id: "20260101T000000-x-0000000000000001") } throws: { error in
-            (error as? JournalError)?.kind == .unsafe
-        }
-        let reports = MigrationRunner.recoverAll(store, provider: recoveryProvider)
-        #expect(reports.count == 1 && reports.first?.state == nil, "recovery does not act on it: \(reports)")
-        #expect(try String(contentsOfFile: victim, encoding: .utf8) == "precious\n")
-        // An id that would leave the journal directory is no id.
-        #expect { _ = try Journal.read(stateDirectory: state, id: "../../victim") } throws: { error in
-            (error as? JournalError)?.kind == .invalidID
-        }
-    }
-
-    /// A state directory (or its journal directory) that others may write is refused, with a
-    /// clear error and the journal exit code, before anything is written.
-    @Test(arguments: ["state", "state/journal"])
-    func aWritableStateDirectoryIsRefused(_ which: String) throws {
-        let directory = temporaryDirectory("gmigrate-writable")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let state = directory + "/state"
-        _ = try Journal(stateDirectory: state)
-        #expect(chmod(directory + "/" + which, 0o777) == 0)
-        #expect { _ = try Journal(stateDirectory: state) } throws: { error in
-            (error as? JournalError)?.kind == .unsafe && "\(error)".contains("writable by others")
-        }
-        let result = try gmigrate(["migrate", "migration-plans/demo.yaml", "--backend", "model", "--state-dir", state])
-        #expect(result.status == 10, "\(result.stdout)\(result.stderr)")
-        #expect(result.stderr.contains("writable by others"))
-        #expect((try FileManager.default.contentsOfDirectory(atPath: state + "/journal")).isEmpty, "nothing was written")
-    }
-}
 
 @Suite("Hostile peers and hosts: plans and sockets", .serialized)
 struct PlanPathHardeningTests {
@@ -379,29 +151,6 @@ struct SocketHardeningTests {
         kill(vmm.process.processIdentifier, SIGTERM)
         #expect(ProcessWatch.waitForExit(vmm.process.processIdentifier, timeout: .seconds(10)), "SIGTERM ends the VMM")
         vmm.process.waitUntilExit()
-    }
-}
-
-/// A tinyvmm started at a given socket (an empty target, or a source running the counter guest).
-struct VMMUnderTestAt {
-    let process: Process
-    let socket: String
-    init(socket: String, directory: String, plan: Bool = false) throws {
-        self.socket = socket
-        var planFile: String? = nil
-        if plan {
-            planFile = directory + "/vmm-plan.yaml"
-            try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-                .write(toFile: planFile!, atomically: true, encoding: .utf8)
-        }
-        process = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host3.json", name: "hardening/at",
-            logFile: directory + "/at.log", plan: planFile, extra: plan ? ["--guest", "counter"] : [])
-    }
-    func stop() {
-        (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
-        process.waitUntilExit()
     }
 }
 
@@ -567,22 +316,5 @@ struct DaemonAPIHardeningTests {
         let listed = (try? JSONSerialization.jsonObject(with: try daemon.call("GET", "/v1/migrations").body)) as? [[String: Any]]
         #expect(listed?.count == 2)
         #expect(try daemon.call("GET", "/v1/migrations/\(ids[0])").status == 404)
-    }
-}
-
-@Suite("Hostile peers and hosts: the VMM's socket", .serialized)
-struct VMMSocketHardeningTests {
-    /// A peer that connects and sends nothing is closed after the first-request timeout; the
-    /// next coordinator is served.
-    @Test func anIdlePeerDoesNotHoldTheVMM() throws {
-        let vmm = try VMMUnderTest("idle", source: false)
-        defer { vmm.stop() }
-        let idle = try HandoffConnection.connect(path: vmm.socket)
-        _ = idle
-        let began = ContinuousClock.now
-        let status = try RemoteVMM(role: "test", socketPath: vmm.socket, timeout: .seconds(20)).status()
-        #expect(status.running == false)
-        #expect(ContinuousClock.now - began < .seconds(15), "served once the idle peer was dropped")
-        #expect(vmm.log.contains("dropping the connection"))
     }
 }

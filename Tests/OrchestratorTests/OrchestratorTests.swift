@@ -1,88 +1,15 @@
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
 import Journal
 import Kernel
 import Orchestrator
 import Plans
 import Testing
 
-func loadPlan(_ name: String, strategy: Strategy? = nil) throws -> MigrationPlan {
-    let report = PlanLoader.load(path: repositoryRoot + "/migration-plans/" + name, strategy: strategy)
-    return try #require(report.plan, "\(report.diagnostics)")
-}
-
-
-/// The journal's own consistency: no corruption, one start, every intent answered by an
-/// outcome (or, after a crash, by recovery), one finished record and nothing after it, a state
-/// that agrees with the point of no return and with what was observed.
-func checkJournal(_ contents: JournalContents, expect state: TerminalState? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
-    #expect(contents.corruption == nil, sourceLocation: sourceLocation)
-    guard case .started? = contents.entries.first?.event else {
-        Issue.record("the journal does not start with its start record", sourceLocation: sourceLocation)
-        return
-    }
-    var open: JournalEntry.Event? = nil
-    for entry in contents.entries {
-        switch entry.event {
-        case .intent:
-            #expect(open == nil, "an intent without an outcome before #\(entry.sequence)", sourceLocation: sourceLocation)
-            open = entry.event
-        case .outcome(let outcome):
-            // A second outcome of the same step (an injected after: fault) answers no intent.
-            if open != nil {
-                #expect(open == .intent(step: outcome.step, direction: outcome.direction), "#\(entry.sequence) answers no intent", sourceLocation: sourceLocation)
-            }
-            open = nil
-        case .recovery:
-            // A crash between an intent and its outcome leaves the intent unanswered; recovery takes over there.
-            open = nil
-        default:
-            break
-        }
-    }
-    guard case .finished(let finished)? = contents.entries.last?.event else {
-        Issue.record("the journal does not end with its finished record: \(contents.entries.last.map { "\($0.event)" } ?? "empty")", sourceLocation: sourceLocation)
-        return
-    }
-    #expect(contents.entries.filter { if case .finished = $0.event { true } else { false } }.count == 1, "one finished record", sourceLocation: sourceLocation)
-    if let state { #expect(finished.state == state, "\(finished.reason)", sourceLocation: sourceLocation) }
-    // What the terminal state claims was observed, in this journal, after the last step.
-    let observed = contents.entries.compactMap { entry -> JournalEntry.Observation? in
-        if case .observed(let observation) = entry.event { return observation }
-        return nil
-    }
-    let machine = MigrationMachine(replaying: contents.entries.map(\.event))
-    switch finished.state {
-    case .completed:
-        #expect(machine.pastPointOfNoReturn, "completed without passing the point of no return", sourceLocation: sourceLocation)
-        #expect(observed.contains { $0.role == .target && $0.liveness == .running }, "completed without seeing the target run", sourceLocation: sourceLocation)
-    case .rolledBack:
-        // Past the point of no return only while the target provably never ran the guest.
-        #expect(!machine.pastPointOfNoReturn || machine.sourceCanTakeBack, "rolled back after the target may have run", sourceLocation: sourceLocation)
-        let nothingChanged = machine.attempted.allSatisfy { $0 == .prepare }
-        #expect(nothingChanged || observed.last { $0.role == .source }?.liveness == .running, "rolled back without seeing the source run", sourceLocation: sourceLocation)
-    case .stuck:
-        Issue.record("a finished record holds stuck", sourceLocation: sourceLocation)
-    case .lost:
-        break
-    }
-}
-
-extension JournalContents {
-    /// The target VMM's pid, as create-target recorded it.
-    var targetPID: Int32? {
-        entries.outcomes.last { $0.step == .createTarget && $0.direction == .forward && $0.ok }?.details["pid"].flatMap { Int32($0) }
-    }
-
-    var started: JournalEntry.Started? {
-        if case .started(let started)? = entries.first?.event { return started }
-        return nil
-    }
-
-    var finished: JournalEntry.Finished? {
-        if case .finished(let finished)? = entries.last?.event { return finished }
-        return nil
-    }
-}
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The kernel calls each in-process run makes while it migrates, and the step that makes each:
 /// what the migration is specified to do, so that a fault point never reached is a failure.
@@ -241,25 +168,5 @@ struct BindingCheckTests {
         #expect(verify?.error?.contains("slot 0 differs") == true, "\(verify?.error ?? "no verify-bindings outcome")")
         #expect(!contents.entries.outcomes.contains { $0.step == .pauseSource }, "the source was never paused")
         #expect(run.verification?.passed == true, "the source's guest carries on")
-    }
-}
-
-/// The journal's CRC-32C: the standard check value, and the hardware path (contiguous bytes)
-/// equal to the table (any other sequence) on every length and split.
-@Suite("CRC-32C")
-struct CRC32CTests {
-    @Test func checkValueAndAgreement() {
-        #expect(CRC32C.update(0, Array("123456789".utf8)) == 0xE306_9283, "RFC 3720's check value")
-        #expect(CRC32C.update(0, AnySequence(Array("123456789".utf8))) == 0xE306_9283, "the table gives it too")
-        var random = SplitMix64(seed: 0xc2c)
-        for length in [0, 1, 7, 8, 9, 63, 64, 65, 4095, 37_000] {
-            let bytes = (0..<length).map { _ in UInt8(truncatingIfNeeded: random.next()) }
-            let hardware = CRC32C.update(0, bytes)
-            #expect(hardware == CRC32C.update(0, AnySequence(bytes)), "length \(length)")
-            #expect(hardware == CRC32C.update(0, Data(bytes)), "length \(length), as Data")
-            // Continuing over a split equals one pass.
-            let cut = length / 3
-            #expect(CRC32C.update(CRC32C.update(0, Array(bytes[..<cut])), Array(bytes[cut...])) == hardware, "length \(length) split at \(cut)")
-        }
     }
 }

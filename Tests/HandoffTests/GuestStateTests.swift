@@ -1,8 +1,18 @@
+import CKVM
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Guests
+import Handoff
+import Journal
 import Kernel
 import Orchestrator
 import Plans
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The demo's JSON: one document with a hop per migration.
 struct DemoReport {
@@ -20,18 +30,6 @@ struct DemoReport {
         guard let guest = verification(hop)["guest"] as? [String: Any] else { return nil }
         return (guest["problems"] as? [String] ?? ["no problems list"], guest["vcpus"] as? [[String: Any]] ?? [])
     }
-}
-
-/// The demo in a fresh state directory; no VMM of it may outlive it.
-func demo(_ arguments: [String]) throws -> (result: CommandResult, state: String) {
-    let state = temporaryDirectory("gmigrate-demo")
-    let result = try gmigrate(["demo", "--state-dir", state, "--json"] + arguments)
-    let left = try processes(named: "tinyvmm").filter { pid in
-        (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8))?.contains(state) ?? false
-    }
-    #expect(left.isEmpty, "the demo leaves no VMM running: \(left)")
-    for pid in left { kill(pid, SIGKILL) }
-    return (result, state)
 }
 
 /// Issue 12: a real guest (long mode, 2 vcpus, LAPIC timer, syscalls, SSE, TSC and kvmclock)

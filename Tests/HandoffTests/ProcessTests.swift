@@ -1,5 +1,8 @@
 import CKVM
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Guests
 import Handoff
 import Journal
 import Kernel
@@ -10,158 +13,6 @@ import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
-
-
-
-func isAlive(_ pid: Int32) -> Bool {
-    // A zombie is not alive: reap it first if it is our child.
-    var status: Int32 = 0
-    if waitpid(pid, &status, WNOHANG) == pid { return false }
-    return ProcessWatch.isAlive(pid)
-}
-
-
-/// A test's VMM processes: a source tinyvmm running the demo guest, and the plan that names it.
-final class ProcessFixture {
-    let directory: String
-    let plan: String
-    let source: Process
-    let backend: String
-    var pids: [Int32] = []
-
-    /// A source VMM running `guest` (the counter guest by default: its count in memory and in
-    /// eax pins down the switch-over exactly; the long-mode guest has its own tests).
-    init(
-        strategy: String = "auto", backend: String = "linux", guest: String = "counter", allowFaults: Bool = false, extra: [String] = [],
-        edit: (String) -> String = { $0 }
-    ) throws {
-        directory = temporaryDirectory("gmigrate-proc")
-        self.backend = backend
-        let socket = directory + "/source.sock"
-        let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            .replacingOccurrences(of: "strategy: auto", with: "strategy: \(strategy)")
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
-        plan = directory + "/plan.yaml"
-        try edit(text).write(toFile: plan, atomically: true, encoding: .utf8)
-        source = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
-            name: "test/source", logFile: directory + "/source.log", plan: plan, allowFaults: allowFaults, extra: ["--guest", guest] + extra)
-        pids.append(source.processIdentifier)
-        // The guest counts before the migration.
-        let counts = waitUntil {
-            let counter = (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)).status().counter) ?? nil
-            return (counter ?? 0) > 0
-        }
-        guard counts else {
-            throw FixtureError("the source guest does not count: see \(directory)/source.log")
-        }
-    }
-
-    var sourceSocket: String { directory + "/source.sock" }
-
-    /// The guest's counter in the source right before the migration started.
-    var counterBefore: UInt32 = 0
-
-    func migrate(_ extra: [String] = [], json: Bool = true) throws -> CommandResult {
-        counterBefore = (try? RemoteVMM(role: "test", socketPath: sourceSocket, timeout: .seconds(2)).status().counter).flatMap { $0 } ?? 0
-        var arguments = ["migrate", plan, "--state-dir", directory] + (json ? ["--json"] : [])
-        if backend == "model" { arguments += ["--backend", "model", "--model-host", directory + "/host.json"] }
-        return try gmigrate(arguments + extra)
-    }
-
-    /// Other state directories the test migrated this guest with: their targets are finished too.
-    var otherStateDirectories: [String] = []
-
-    /// A fresh state directory for another migration of this fixture's guest.
-    func stateDirectory() -> String {
-        let made = temporaryDirectory("gmigrate-proc-s")
-        otherStateDirectories.append(made)
-        return made
-    }
-
-    /// The journals in a state directory.
-    static func journals(in directory: String) -> [JournalContents] {
-        let ids = ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []).filter { $0.hasSuffix(".log") }
-        return ids.compactMap { try? Journal.read(stateDirectory: directory, id: String($0.dropLast(4))) }
-    }
-
-    /// The journal of the (only) migration.
-    func journal() throws -> JournalContents {
-        let ids = ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []).filter { $0.hasSuffix(".log") }
-        guard let id = ids.first?.replacingOccurrences(of: ".log", with: "") else { throw FixtureError("no journal in \(directory)") }
-        return try Journal.read(stateDirectory: directory, id: id)
-    }
-
-    func started() throws -> JournalEntry.Started {
-        guard let started = try journal().started else { throw FixtureError("the journal has no started record") }
-        return started
-    }
-
-    /// Asks every VMM still answering to exit, then checks that no process is left.
-    func finish(sourceLocation: SourceLocation = #_sourceLocation) {
-        var sockets = [sourceSocket]
-        for contents in ([directory] + otherStateDirectories).flatMap(Self.journals(in:)) {
-            if let pid = contents.targetPID { pids.append(pid) }
-            if let socket = contents.started?.targetSocket { sockets.append(socket) }
-        }
-        for socket in sockets {
-            (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
-        }
-        for pid in Set(pids) {
-            #expect(waitUntil { !isAlive(pid) }, "VMM process \(pid) is left running", sourceLocation: sourceLocation)
-            if isAlive(pid) { kill(pid, SIGKILL) }
-        }
-        for made in [directory] + otherStateDirectories { try? FileManager.default.removeItem(atPath: made) }
-    }
-}
-
-extension ProcessRun {
-    static func spawnVMMForTests(
-        tinyvmm: String, socket: String, backend: String, name: String, logFile: String, plan: String?, allowFaults: Bool = false,
-        extra: [String] = []
-    ) throws -> Process {
-        setenv("GMIGRATE_TINYVMM", tinyvmm, 1)
-        return try spawnVMM(socket: socket, backend: backend, name: name, logFile: logFile, plan: plan, allowFaults: allowFaults, extra: extra)
-    }
-}
-
-/// The survivor of a migration: the one VMM whose guest runs, with its counter going on.
-func runningGuest(_ sockets: [String]) -> [(socket: String, counter: UInt32)] {
-    sockets.compactMap { socket in
-        guard let vmm = try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)),
-            let first = try? vmm.status(), first.running, let before = first.counter
-        else { return nil }
-        guard waitUntil(5, { ((try? vmm.status().counter) ?? nil).map { $0 > before } ?? false }) else { return nil }
-        return (socket, before)
-    }
-}
-
-/// What the journal says of the guest at the switch-over: the counter in the source's memory
-/// and its register copy (eax) at the pause, and the counter in the target's memory at the
-/// restore, before the guest ran there.
-struct SwitchOver {
-    var counterAtPause: UInt32?
-    var eaxAtPause: UInt32?
-    var counterAtRestore: UInt32?
-
-    init(_ contents: JournalContents) {
-        let pause = contents.entries.outcomes.last { $0.step == .pauseSource && $0.ok && $0.direction == .forward }
-        counterAtPause = pause?.details["counter"].flatMap { UInt32($0) }
-        if let text = pause?.details["vm-state"], let data = Data(base64Encoded: text),
-            let state = try? VMState(decoding: [UInt8](data))
-        {
-            eaxAtPause = state.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) }
-        }
-        counterAtRestore = contents.entries.outcomes.last { $0.step == .resumeTarget && $0.ok }?.details["counter"].flatMap { UInt32($0) }
-    }
-
-    /// Memory and registers agree: the loop increments memory, then loads it into eax.
-    var memoryAgreesWithRegisters: Bool {
-        guard let memory = counterAtPause, let eax = eaxAtPause else { return false }
-        return eax == memory || eax &+ 1 == memory
-    }
-}
 
 @Suite("Migrations between VMM processes", .serialized)
 struct ProcessTests {
@@ -399,36 +250,7 @@ struct ProcessTests {
         #expect(honoured.stdout.contains("injected fault before:bind-memslots: EIO"))
     }
 
-    /// Runs a migration that waits at `point`, SIGKILLs a VMM during the wait, lets it finish.
-    func killDuring(
-        _ fixture: ProcessFixture, point: String, killCoordinator: Bool = false, victim: (JournalContents) throws -> Int32
-    ) throws -> CommandResult {
-        let spec = point.contains("=") ? point : "\(point)=delay:1500ms"
-        let step = String(point.split(separator: "=")[0].split(separator: ":")[1])
-        fixture.counterBefore = (try? RemoteVMM(role: "test", socketPath: fixture.sourceSocket, timeout: .seconds(2)).status().counter).flatMap { $0 } ?? 0
-        #expect(fixture.counterBefore > 0, "the guest counts before the migration")
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try executable("gmigrate"))
-        process.arguments = ["migrate", fixture.plan, "--state-dir", fixture.directory, "--inject", spec]
-        process.currentDirectoryURL = URL(fileURLWithPath: repositoryRoot)
-        let out = Pipe()
-        process.standardOutput = out
-        process.standardError = out
-        try process.run()
-        let reached = waitUntil(10) {
-            guard let contents = try? fixture.journal() else { return false }
-            return contents.entries.contains { if case .intent(let s, .forward) = $0.event { s.rawValue == step } else { false } }
-        }
-        #expect(reached, "the migration reached \(point)")
-        let pid = killCoordinator ? process.processIdentifier : try victim(try fixture.journal())
-        if pid > 0 {
-            kill(pid, SIGKILL)
-            if !killCoordinator { fixture.pids.append(pid) }
-        }
-        let output = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return CommandResult(status: process.terminationStatus, stdout: String(decoding: output, as: UTF8.self), stderr: "")
-    }
+
 
     @Test("gmigrate demo: the first README command")
     func demo() throws {
@@ -461,14 +283,6 @@ struct ProcessTests {
         #expect(try processes(named: "tinyvmm").filter { pid in
             (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8))?.contains(state) ?? false
         }.isEmpty, "the demo leaves no VMM running")
-    }
-}
-
-/// The pids of this host's processes whose executable is `name` (zombies excluded).
-func processes(named name: String) throws -> [Int32] {
-    try FileManager.default.contentsOfDirectory(atPath: "/proc").compactMap { Int32($0) }.filter { pid in
-        guard let comm = try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8) else { return false }
-        return comm.trimmingCharacters(in: .whitespacesAndNewlines) == name && ProcessWatch.isAlive(pid)
     }
 }
 

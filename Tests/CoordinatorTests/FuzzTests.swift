@@ -1,8 +1,16 @@
 import CKVM
-import Coordinator
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
 import Handoff
+import HostNet
+import Journal
+import Kernel
+import Orchestrator
+import Plans
 import Testing
+import Yams
+@testable import Coordinator
 
 #if canImport(Glibc)
 import Glibc

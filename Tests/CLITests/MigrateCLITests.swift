@@ -1,9 +1,15 @@
 import Foundation
-import Kernel
+import GmigrateTestKit
+import GmigrateTestSupport
 import Journal
+import Kernel
 import Orchestrator
 import Plans
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A copy of demo.yaml with some lines replaced, in a temporary file.
 func demoVariant(_ replacements: [(String, String)], name: String = "variant.yaml") throws -> String {
@@ -140,5 +146,3 @@ struct MigrateCLITests {
         }
     }
 }
-
-

@@ -1,9 +1,16 @@
 import CKVM
-@testable import Coordinator
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Handoff
+import HostNet
 import Journal
+import Kernel
+import Orchestrator
+import Plans
 import Testing
 import Yams
+@testable import Coordinator
 
 #if canImport(Glibc)
 import Glibc
@@ -71,7 +78,6 @@ final class DaemonFixture {
         #expect(process.terminationStatus == 0, "a clean exit on SIGTERM", sourceLocation: sourceLocation)
     }
 }
-
 
 /// Whether a daemon answers /healthz on `socket`.
 func daemonIsHealthy(_ socket: String) -> Bool {
@@ -467,11 +473,6 @@ enum ProcessRunHelper {
     }
 }
 
-enum RemoteVMMHelper {
-    static func shutdown(_ socket: String) throws {
-        try RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)).shutdown()
-    }
-}
 
 /// Just enough of OpenAPI 3 schema checking for the daemon's documents: `$ref`, `type`,
 /// `required`, `properties`, `items` and `enum`.

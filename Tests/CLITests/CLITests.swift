@@ -1,9 +1,15 @@
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Journal
+import Kernel
+import Orchestrator
+import Plans
 import Testing
 
-
-
-
+#if canImport(Glibc)
+import Glibc
+#endif
 
 @Suite("gmigrate command line")
 struct CLITests {

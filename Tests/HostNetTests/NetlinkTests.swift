@@ -1,8 +1,12 @@
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
 import Handoff
 import HostNet
 import Journal
 import Kernel
+import Orchestrator
+import Plans
 import Testing
 
 #if canImport(Glibc)
@@ -52,7 +56,7 @@ struct NetlinkTests {
         defer { fixture.finish() }
         let started = Date()
         let killed = Locked<Date?>(nil)
-        let result = try ProcessTests().killDuring(fixture, point: "before:bind-memslots=delay:20s") { contents in
+        let result = try killDuring(fixture, point: "before:bind-memslots=delay:20s") { contents in
             killed.mutate { $0 = Date() }
             return contents.targetPID ?? 0
         }
@@ -73,7 +77,6 @@ struct NetlinkTests {
         #expect(runningGuest([fixture.sourceSocket]).count == 1, "the source runs the guest again")
     }
 }
-
 
 /// The validator's NIC checks through rtnetlink, in a network namespace the test makes and
 /// removes (never the host's own interfaces).

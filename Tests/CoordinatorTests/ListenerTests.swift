@@ -1,7 +1,16 @@
 import CKVM
-import Coordinator
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Handoff
+import HostNet
+import Journal
+import Kernel
+import Orchestrator
+import Plans
 import Testing
+import Yams
+@testable import Coordinator
 
 #if canImport(Glibc)
 import Glibc
@@ -25,6 +34,7 @@ private func writeConfig(_ directory: String, _ extra: String = "") throws -> St
 /// execs it, unless `listenPID` says otherwise) in its environment.
 private func startActivated(
     descriptor: Int32, arguments: [String], log: String, listenFDs: String = "1", listenPID: String? = nil
+
 ) throws -> Process {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/bin/sh")

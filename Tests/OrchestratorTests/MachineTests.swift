@@ -1,9 +1,15 @@
 import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
 import Journal
 import Kernel
 import Orchestrator
 import Plans
 import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A scripted world for the pure machine: how each step and each observation comes out.
 struct World {
@@ -321,4 +327,3 @@ final class Counter: @unchecked Sendable {
         return value
     }
 }
-

@@ -1,0 +1,139 @@
+import CKVM
+import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Guests
+import Handoff
+import Journal
+import Kernel
+import Orchestrator
+import Plans
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("Hostile peers and hosts: VMM requests", .serialized)
+struct VMMRequestHardeningTests {
+    /// Requests within the protocol's types but outside the VM: each answered by an error, and
+    /// the VMM and its guest live on.
+    @Test func outOfRangeRequestsAreAnsweredNotFatal() throws {
+        let vmm = try VMMUnderTest("ranges", source: true)
+        defer { vmm.stop() }
+        let peer = try RawPeer(vmm.socket)
+        // The demo's slot is 2 MiB at 0: 16 bytes from its last 8 leave it.
+        for (gpa, count) in [(UInt64(2 << 20) - 8, 16), (UInt64(2 << 20) - 1, 2), (UInt64.max - 4, 16), (0, Int.max)] {
+            let reply = try peer.ask("read-guest") {
+                $0.gpa = gpa
+                $0.count = count
+            }
+            if count == Int.max {
+                // Clamped to 64 KiB by the VMM: inside the slot, answered.
+                #expect(reply.type == "ok")
+            } else {
+                #expect(reply.type == "error", "read-guest of \(count) bytes at 0x\(String(gpa, radix: 16))")
+            }
+        }
+        let target = try VMMUnderTest("ranges-target", source: false)
+        defer { target.stop() }
+        let empty = try RawPeer(target.socket)
+        for vcpus in [-1, 0, 1 << 40, Int.max, Int.min] {
+            let reply = try empty.ask("create-vm") {
+                $0.vmType = .default
+                $0.vcpus = vcpus
+            }
+            #expect(reply.type == "error", "create-vm with \(vcpus) vcpus")
+            #expect(reply.message?.contains("vcpus") == true)
+        }
+        #expect(vmm.process.isRunning && target.process.isRunning)
+        let status = try peer.ask("status")
+        #expect(status.running == true, "the source's guest runs on")
+    }
+
+    /// A running source refuses what only a target being built may be asked; a target being
+    /// built refuses what only a source may be asked. Its status stays true.
+    @Test func requestsOutsideTheVMMsPhaseAreRefused() throws {
+        let source = try VMMUnderTest("phase-source", source: true)
+        defer { source.stop() }
+        let peer = try RawPeer(source.socket)
+        for type in ["unbind", "release-memory", "restore", "check-state", "destroy", "bind", "create-vm"] {
+            let reply = try peer.ask(type) {
+                $0.slots = []
+                $0.strategy = .share
+                $0.vmType = .default
+                $0.vcpus = 2
+            }
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is running") == true, "a running source refuses \(type): \(reply)")
+        }
+        let status = try peer.ask("status")
+        #expect(status.running == true, "status says running, and it is")
+        let counter = status.counter ?? 0
+        #expect(waitUntil(5) { ((try? peer.ask("status"))?.counter ?? 0) > counter }, "the guest still counts")
+
+        let target = try VMMUnderTest("phase-target", source: false)
+        defer { target.stop() }
+        let empty = try RawPeer(target.socket)
+        for type in ["pause", "retire", "resume", "describe", "restore", "bind"] {
+            let reply = try empty.ask(type) {
+                $0.slots = []
+                $0.strategy = .share
+            }
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is empty") == true, "an empty target refuses \(type): \(reply)")
+        }
+        #expect(try empty.ask("create-vm") { $0.vmType = .default; $0.vcpus = 2 }.type == "ok")
+        for type in ["pause", "retire"] {
+            let reply = try empty.ask(type)
+            #expect(reply.type == "error" && reply.message?.contains("this VMM is building") == true, "a target being built refuses \(type)")
+        }
+    }
+
+    /// A descriptor's kind is checked exactly: a memfd named `kvm-gmem` is not a guest_memfd,
+    /// and a guest_memfd smaller than its description is not mapped as the larger one.
+    @Test func forgedDescriptorsAreRefused() throws {
+        _ = try Backend.linux.make()
+        let target = try VMMUnderTest("forged", source: false, backend: "linux")
+        defer { target.stop() }
+        let peer = try RawPeer(target.socket)
+        #expect(try peer.ask("create-vm") { $0.vmType = .default; $0.vcpus = 1 }.type == "ok")
+        let gmem = try JSONDecoder().decode(
+            VMDescription.Gmem.self, from: Data(#"{"name": "ram", "size": 2097152, "flags": 3, "inode": {"device": 1, "inode": 1}}"#.utf8))
+        // A file whose path holds the kind's name: a substring check took it for a guest_memfd.
+        let impostor = target.directory + "/anon_inode:[kvm-gmem]"
+        #expect(FileManager.default.createFile(atPath: impostor, contents: Data(count: 2 << 20)))
+        let memfd = open(impostor, O_RDWR)
+        #expect(memfd >= 0)
+        defer { close(memfd) }
+        var request = HandoffMessage(type: "receive-memory", id: 0)
+        request.gmem = gmem
+        request.strategy = .share
+        let forged = try peer.ask(request, descriptors: [memfd])
+        #expect(forged.type == "error")
+        #expect(forged.message?.contains("received [\(impostor)]") == true, "the refusal names what came: \(forged.message ?? "")")
+        // A real guest_memfd of 4 KiB described as 2 MiB.
+        let kernel = try LinuxKVM()
+        let vm = try kernel.createVirtualMachine()
+        let small = try vm.createGuestMemfd(size: 4096, flags: [.mmap, .initShared])
+        let short = try peer.ask(request, descriptors: [small.handle.raw])
+        #expect(short.type == "error")
+        #expect(short.message?.contains("holds 4096 bytes") == true, "\(short.message ?? "")")
+        #expect(target.process.isRunning)
+    }
+}
+
+@Suite("Hostile peers and hosts: the VMM's socket", .serialized)
+struct VMMSocketHardeningTests {
+    /// A peer that connects and sends nothing is closed after the first-request timeout; the
+    /// next coordinator is served.
+    @Test func anIdlePeerDoesNotHoldTheVMM() throws {
+        let vmm = try VMMUnderTest("idle", source: false)
+        defer { vmm.stop() }
+        let idle = try HandoffConnection.connect(path: vmm.socket)
+        _ = idle
+        let began = ContinuousClock.now
+        let status = try RemoteVMM(role: "test", socketPath: vmm.socket, timeout: .seconds(20)).status()
+        #expect(status.running == false)
+        #expect(ContinuousClock.now - began < .seconds(15), "served once the idle peer was dropped")
+        #expect(vmm.log.contains("dropping the connection"))
+    }
+}
