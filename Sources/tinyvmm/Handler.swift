@@ -273,9 +273,11 @@ final class TinyVMM: HandoffHandler {
                 let clock = ContinuousClock()
                 let began = clock.now
                 stopGuest()
+                // Once its vcpus are stopped the VMM is paused, even if saving the state fails:
+                // the coordinator's rollback must be able to resume it.
+                paused = true
                 let stopped = clock.now
                 let state = try vmm.pause()
-                paused = true
                 replyAttachment = state.encoded
                 reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false

@@ -238,6 +238,22 @@ struct ProcessTests {
         #expect(never.stdout.contains("warning: the fault kernel:punch-hole=errno:EIO was armed and never fired"), "\(never.stdout)")
     }
 
+    /// The source stops its vcpus and then fails to save their state: it is paused all the
+    /// same, so the rollback's resume is taken and the guest runs on in the source.
+    @Test func aPauseThatFailsAfterTheStopIsResumed() throws {
+        _ = try Backend.linux.make()
+        let fixture = try ProcessFixture(strategy: "share", allowFaults: true)
+        defer { fixture.finish() }
+        let result = try fixture.migrate(["--inject", "kernel:get-vcpu-state=errno:EIO"])
+        #expect(result.status == 6, "rolled back: \(result.stdout)\(result.stderr)")
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        let summary = try #require(report["summary"] as? [String: Any])
+        #expect((summary["unfiredFaults"] as? [String]) == [], "the fault fired in the source")
+        #expect((summary["reason"] as? String ?? "").contains("source VMM was seen running the guest again"), "\(summary["reason"] ?? "")")
+        let counter = runningGuest([fixture.sourceSocket]).first?.counter ?? 0
+        #expect(waitUntil(5) { (runningGuest([fixture.sourceSocket]).first?.counter ?? 0) > counter }, "the guest counts on in the source")
+    }
+
     /// spec.faults of a socket plan are honoured with --allow-faults.
     @Test func planFaultsInASocketPlan() throws {
         _ = try Backend.linux.make()
