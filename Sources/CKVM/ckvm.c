@@ -387,11 +387,13 @@ int ckvm_unblock_signal(int signo) {
 }
 
 int ckvm_reset_signals(void) {
-    /* Dispositions first (an ignored SIGTERM survives exec), then the mask. */
-    for (int signo = 1; signo < NSIG; signo++) {
-        if (signo == SIGKILL || signo == SIGSTOP) continue;
+    /* Dispositions first (an ignored SIGTERM survives exec), then the mask. Only the signals a
+     * VMM must answer: SIGTERM and SIGINT stop it, SIGUSR1 kicks its vcpus. An ignored SIGHUP
+     * (nohup) or SIGPIPE stays ignored. */
+    const int answered[] = { SIGTERM, SIGINT, SIGUSR1 };
+    for (unsigned i = 0; i < sizeof answered / sizeof answered[0]; i++) {
         struct sigaction current;
-        if (sigaction(signo, NULL, &current) == 0 && current.sa_handler == SIG_IGN) signal(signo, SIG_DFL);
+        if (sigaction(answered[i], NULL, &current) == 0 && current.sa_handler == SIG_IGN) signal(answered[i], SIG_DFL);
     }
     sigset_t none;
     sigemptyset(&none);
@@ -453,17 +455,18 @@ int ckvm_poll_any(const int *fds, int count, int milliseconds) {
 /* CRC-32C (Castagnoli), reflected, without the pre- and post-inversion (the caller does
  * both): SSE4.2's crc32 instruction where the CPU has it, else a byte table. */
 static uint32_t crc32c_table[256];
-static int crc32c_table_ready;
+static pthread_once_t crc32c_table_once = PTHREAD_ONCE_INIT;
+
+static void crc32c_build_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+        crc32c_table[i] = c;
+    }
+}
 
 static uint32_t crc32c_software(uint32_t crc, const unsigned char *p, unsigned long length) {
-    if (!__atomic_load_n(&crc32c_table_ready, __ATOMIC_ACQUIRE)) {
-        for (uint32_t i = 0; i < 256; i++) {
-            uint32_t c = i;
-            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-            crc32c_table[i] = c;
-        }
-        __atomic_store_n(&crc32c_table_ready, 1, __ATOMIC_RELEASE);
-    }
+    pthread_once(&crc32c_table_once, crc32c_build_table);
     while (length--) crc = crc32c_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
     return crc;
 }

@@ -28,10 +28,11 @@ final class ConnectionCount: Sendable {
 
 /// Bounds what one connection may cost the daemon, per listener: at most `limit` connections
 /// open (one more is closed at once, so a flood on loopback TCP never starves the UNIX socket,
-/// which has its own count), and a request must arrive whole within `requestTimeout` of the
-/// connection opening or of the previous response (a peer that opens and waits, or sends a
-/// header a byte at a time, is closed). Hummingbird's idle timeout closes connections that stay
-/// silent between requests.
+/// which has its own count); the first request must arrive whole within `requestTimeout` of the
+/// connection opening (a peer that opens and waits, or sends a header a byte at a time, is
+/// closed), and a request's body within `requestTimeout` of its head; between requests a
+/// connection may stay silent `idleTimeout` (Hummingbird's idle handler closes it too). A long
+/// response (an event stream) is never cut: no timer runs while one is being answered.
 final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPRequestPart
     typealias InboundOut = HTTPRequestPart
@@ -40,13 +41,19 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
 
     let count: ConnectionCount
     let requestTimeout: TimeAmount
+    let idleTimeout: TimeAmount
     let logger: Logger
     private var admitted = false
     private var deadline: Scheduled<Void>?
+    /// Requests read whose response has not ended (HTTP/1.1 pipelining may read ahead).
+    private var outstanding = 0
+    /// A request's head was read and its end not yet.
+    private var reading = false
 
-    init(count: ConnectionCount, requestTimeout: TimeAmount, logger: Logger) {
+    init(count: ConnectionCount, requestTimeout: TimeAmount, idleTimeout: TimeAmount, logger: Logger) {
         self.count = count
         self.requestTimeout = requestTimeout
+        self.idleTimeout = idleTimeout
         self.logger = logger
     }
 
@@ -57,7 +64,7 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         admitted = true
-        arm(context)
+        arm(context, requestTimeout, "no whole request within headerTimeoutSeconds")
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -75,24 +82,40 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .end = unwrapInboundIn(data) {
-            deadline?.cancel()
-            deadline = nil
+        switch unwrapInboundIn(data) {
+        case .head:
+            // The body must follow within the request timeout.
+            reading = true
+            outstanding += 1
+            arm(context, requestTimeout, "no whole request within headerTimeoutSeconds")
+        case .end:
+            reading = false
+            disarm()
+        case .body:
+            break
         }
         context.fireChannelRead(data)
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        if case .end = unwrapOutboundIn(data) { arm(context) }
+        if case .end = unwrapOutboundIn(data) {
+            outstanding = max(0, outstanding - 1)
+            // Idle from here, unless a pipelined request is already being read or answered.
+            if outstanding == 0 && !reading { arm(context, idleTimeout, "idle for idleTimeoutSeconds") }
+        }
         context.write(data, promise: promise)
     }
 
-    private func arm(_ context: ChannelHandlerContext) {
+    private func disarm() {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    private func arm(_ context: ChannelHandlerContext, _ timeout: TimeAmount, _ why: String) {
         deadline?.cancel()
         let channel = context.channel
-        let timeout = requestTimeout
         deadline = context.eventLoop.scheduleTask(in: timeout) { [logger] in
-            logger.info("closed a connection: no whole request within headerTimeoutSeconds", metadata: ["seconds": "\(timeout.nanoseconds / 1_000_000_000)"])
+            logger.info("closed a connection: \(why)", metadata: ["seconds": "\(timeout.nanoseconds / 1_000_000_000)"])
             channel.close(promise: nil)
         }
     }

@@ -48,6 +48,8 @@ final class MigrationRecord: @unchecked Sendable {
     var snapshot: MigrationView { lock.withLock { view } }
     var id: String { snapshot.id }
     var isFinished: Bool { ["completed", "rolled-back", "stuck", "lost"].contains(snapshot.state) }
+    /// Finished in its journal: nothing more will happen to its VM (stuck is not).
+    var hasEnded: Bool { ["completed", "rolled-back", "lost"].contains(snapshot.state) }
 
     func update(_ change: (inout MigrationView) -> MigrationEvent?) {
         let (event, targets) = lock.withLock { () -> (MigrationEvent?, [AsyncStream<MigrationEvent>.Continuation]) in
@@ -262,7 +264,8 @@ public final class CoordinatorCore: @unchecked Sendable {
             guard accepting else {
                 throw CoordinatorProblem(status: 503, code: "shutting-down", title: "The daemon is shutting down", detail: "no new migrations")
             }
-            if let busy = records.values.first(where: { $0.snapshot.vm == vm && !$0.isFinished }) {
+            // A stuck or unfinished migration still holds its VM: recovery will take it up.
+            if let busy = records.values.first(where: { $0.snapshot.vm == vm && !$0.hasEnded }) {
                 throw CoordinatorProblem(status: 409, code: "vm-migrating", title: "The VM is already migrating",
                     detail: "migration \(busy.id) of \(vm) is still \(busy.snapshot.state)")
             }

@@ -282,7 +282,9 @@ public enum DaemonServer {
             return HTTP1Channel(
                 responder: httpResponder(responder, logger: logger),
                 configuration: .init(
-                    additionalChannelHandlers: [ConnectionGuard(count: count, requestTimeout: requestTimeout, logger: logger)],
+                    additionalChannelHandlers: [
+                        ConnectionGuard(count: count, requestTimeout: requestTimeout, idleTimeout: .seconds(Int64(settings.idleTimeoutSeconds)), logger: logger)
+                    ],
                     idleTimeout: .seconds(Int64(settings.idleTimeoutSeconds))))
         }
         let group = core.config.socketGroup

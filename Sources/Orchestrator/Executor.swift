@@ -156,6 +156,8 @@ public final class MigrationExecutor {
         faults.interruptDelays { stop.isSet }
         defer { faults.interruptDelays(when: nil) }
         guard let record = machine.started else { preconditionFailure("the machine has its started record") }
+        // However the run ends (a journal error thrown included), what it wrote is synced.
+        defer { try? journal.sync() }
         loop: while true {
             if let stop = pendingStop(machine) {
                 try append(.stopRequested(stop), to: &machine)

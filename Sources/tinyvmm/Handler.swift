@@ -210,7 +210,9 @@ final class TinyVMM: HandoffHandler {
             "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "move-enc-context", "check-state",
             "restore", "destroy", "unbind", "release-memory", "describe",
         ],
-        .running: ["describe", "pause", "resume", "bindings", "probe-mapping"],
+        // restore again: the coordinator repeats resume-target after a crash or a lost reply,
+        // and a VMM whose guest runs answers ok (idempotent), as docs/handoff.md says.
+        .running: ["describe", "pause", "resume", "restore", "bindings", "probe-mapping"],
         .paused: ["describe", "pause", "resume", "retire", "bindings", "probe-mapping"],
     ]
     static let always: Set<String> = ["hello", "status", "read-guest", "arm-faults", "shutdown"]
@@ -362,6 +364,13 @@ final class TinyVMM: HandoffHandler {
                 try vmm.checkState(state)
                 staged = state
                 log.say("checked the state: \(state.vcpus.count) vcpus, every section known and restorable here")
+            case "restore" where vmm.isRunning:
+                // Idempotent: a VMM whose guest runs has restored already (a repeated
+                // resume-target after a crash or a lost reply).
+                try expectNone(descriptors)
+                reply.running = guestRuns
+                reply.counter = counter
+                log.say("restore: the guest runs already")
             case "restore":
                 try expectNone(descriptors)
                 // The state comes with the request, or is the one check-state kept.
