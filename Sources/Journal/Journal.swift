@@ -193,9 +193,13 @@ public final class Journal: Sendable {
         try Journal.makeDirectory(stateDirectory)
         let directoryFD = try Journal.openDirectory(stateDirectory, followLink: true)
         let journalFD: Int32
-        do {
-            try Journal.makeDirectory(stateDirectory + "/journal")
-            journalFD = try Journal.openDirectory(stateDirectory + "/journal", followLink: false)
+        do throws(JournalError) {
+            if mkdirat(directoryFD, "journal", 0o700) == 0 {
+                _ = fsync(directoryFD)  // the new directory's entry is durable
+            } else if errno != EEXIST {
+                throw JournalError(.io, "\(stateDirectory)/journal: \(String(cString: strerror(errno)))", errno: errno)
+            }
+            journalFD = try Journal.openDirectory(stateDirectory + "/journal", followLink: false, relativeTo: directoryFD, name: "journal")
         } catch {
             Glibc.close(directoryFD)
             throw error
@@ -277,7 +281,7 @@ public final class Journal: Sendable {
     /// recovery needs it.
     public func remove(id: String) throws(JournalError) {
         try Journal.checkID(id)
-        let contents = try Journal.read(path: journalPath(id))
+        let contents = try read(id: id)
         guard case .finished? = contents.entries.last?.event else {
             throw JournalError(.io, "\(journalPath(id)): not finished; only a finished journal is deleted")
         }
@@ -292,7 +296,7 @@ public final class Journal: Sendable {
     public func reopen(id: String) throws(JournalError) -> (MigrationJournal, JournalContents) {
         try Journal.checkID(id)
         let path = journalPath(id)
-        let contents = try Journal.read(path: path)
+        let contents = try read(id: id)
         if let corruption = contents.corruption { throw JournalError(.corrupt, corruption) }
         let fd = openat(journalFD, id + ".log", O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { throw JournalError(errno == ELOOP ? .unsafe : .io, "\(path): \(String(cString: strerror(errno)))", errno: errno) }
@@ -308,7 +312,21 @@ public final class Journal: Sendable {
 
     /// The ids of every journal in the directory, oldest first (ids sort by time).
     public func ids() -> [String] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/journal")) ?? []
+        // Listed through the journal directory's descriptor: the directory the lock covers.
+        var names: [String] = []
+        let copy = dup(journalFD)
+        guard copy >= 0, let stream = fdopendir(copy) else {
+            if copy >= 0 { Glibc.close(copy) }
+            return []
+        }
+        defer { closedir(stream) }
+        rewinddir(stream)
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { buffer in
+                String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
+            }
+            names.append(name)
+        }
         return names.filter { $0.hasSuffix(".log") }.map { String($0.dropLast(4)) }.filter(Journal.isValidID).sorted()
     }
 
@@ -321,7 +339,27 @@ public final class Journal: Sendable {
     /// Reads and verifies a journal file: the CRC chain, the header check and the sequence.
     /// The file itself must not be a symbolic link.
     public static func read(path: String) throws(JournalError) -> JournalContents {
-        let bytes = try readRegularFile(path)
+        parse(try readRegularFile(path), path: path)
+    }
+
+    /// Reads a journal of this state directory through the directory's own descriptor
+    /// (`openat`, `O_NOFOLLOW`): what recovery trusts is the file the lock covers.
+    public func read(id: String) throws(JournalError) -> JournalContents {
+        try Journal.checkID(id)
+        let path = journalPath(id)
+        let fd = openat(journalFD, id + ".log", O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else {
+            let error = errno
+            if error == ENOENT { throw JournalError(.notFound, "\(path): no such journal", errno: error) }
+            if error == ELOOP { throw JournalError(.unsafe, "\(path) is a symbolic link: refused", errno: error) }
+            throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
+        }
+        defer { Glibc.close(fd) }
+        return Journal.parse(try Journal.readAll(fd, path: path), path: path)
+    }
+
+    /// Verifies the bytes of a journal file: the CRC chain, the header check and the sequence.
+    static func parse(_ bytes: [UInt8], path: String) -> JournalContents {
         var entries: [JournalEntry] = []
         var offset = 0
         var crc: UInt32 = 0
@@ -398,6 +436,11 @@ public final class Journal: Sendable {
             throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
         }
         defer { Glibc.close(fd) }
+        return try readAll(fd, path: path)
+    }
+
+    /// Reads a whole regular file from its descriptor.
+    static func readAll(_ fd: Int32, path: String) throws(JournalError) -> [UInt8] {
         var status = stat()
         guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
             throw JournalError(.unsafe, "\(path) is not a regular file: refused")
@@ -418,8 +461,9 @@ public final class Journal: Sendable {
     /// Opens a directory of the state directory and checks that only this user can change it:
     /// owned by the effective uid (or root), writable by neither group nor others, and (for an
     /// entry of the state directory) not a symbolic link.
-    static func openDirectory(_ path: String, followLink: Bool) throws(JournalError) -> Int32 {
-        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (followLink ? 0 : O_NOFOLLOW))
+    static func openDirectory(_ path: String, followLink: Bool, relativeTo parent: Int32? = nil, name: String? = nil) throws(JournalError) -> Int32 {
+        let flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC | (followLink ? 0 : O_NOFOLLOW)
+        let fd = if let parent, let name { openat(parent, name, flags) } else { Glibc.open(path, flags) }
         guard fd >= 0 else {
             let error = errno
             if error == ELOOP || error == ENOTDIR { throw JournalError(.unsafe, "\(path) is a symbolic link or not a directory: refused", errno: error) }

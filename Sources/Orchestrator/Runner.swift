@@ -99,7 +99,7 @@ public enum MigrationRunner {
     ) -> [RecoveryReport] {
         store.ids().compactMap { id -> RecoveryReport? in
             do {
-                let contents = try Journal.read(path: store.directory + "/journal/" + id + ".log")
+                let contents = try store.read(id: id)
                 if let corruption = contents.corruption {
                     return RecoveryReport(id: id, state: nil, action: "none", problem: corruption)
                 }
