@@ -175,14 +175,16 @@ public final class CoordinatorCore: @unchecked Sendable {
             idempotency = idempotency.filter { !doomed.contains($0.value.id) }
             return doomed
         }
+        var deleted = 0
         for id in doomed {
             do {
                 try journal.remove(id: id)
+                deleted += 1
             } catch {
                 logger.warning("retention: the journal could not be deleted", metadata: ["migration": "\(id)", "error": "\(error)"])
             }
         }
-        if !doomed.isEmpty { logger.info("retention: deleted \(doomed.count) finished journal(s) beyond keepFinishedJournals") }
+        if deleted > 0 { logger.info("retention: deleted \(deleted) finished journal(s) beyond keepFinishedJournals") }
     }
 
     /// A VM's identity, for "already migrating": its source VMM's socket, or the plan's name in-process.

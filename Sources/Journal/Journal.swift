@@ -347,15 +347,7 @@ public final class Journal: Sendable {
     public func read(id: String) throws(JournalError) -> JournalContents {
         try Journal.checkID(id)
         let path = journalPath(id)
-        let fd = openat(journalFD, id + ".log", O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        guard fd >= 0 else {
-            let error = errno
-            if error == ENOENT { throw JournalError(.notFound, "\(path): no such journal", errno: error) }
-            if error == ELOOP { throw JournalError(.unsafe, "\(path) is a symbolic link: refused", errno: error) }
-            throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
-        }
-        defer { Glibc.close(fd) }
-        return Journal.parse(try Journal.readAll(fd, path: path), path: path)
+        return Journal.parse(try Journal.readRegularFile(id + ".log", in: journalFD, path: path), path: path)
     }
 
     /// Verifies the bytes of a journal file: the CRC chain, the header check and the sequence.
@@ -426,9 +418,11 @@ public final class Journal: Sendable {
         }
     }
 
-    /// Reads a whole regular file opened with `O_NOFOLLOW` (at most a journal's worth).
-    static func readRegularFile(_ path: String) throws(JournalError) -> [UInt8] {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+    /// Reads a whole regular file opened with `O_NOFOLLOW`: `name` relative to the directory
+    /// descriptor `directory` (the current directory by default), `path` for messages.
+    static func readRegularFile(_ name: String, in directory: Int32 = AT_FDCWD, path: String? = nil) throws(JournalError) -> [UInt8] {
+        let path = path ?? name
+        let fd = openat(directory, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else {
             let error = errno
             if error == ENOENT { throw JournalError(.notFound, "\(path): no such journal", errno: error) }
@@ -436,11 +430,6 @@ public final class Journal: Sendable {
             throw JournalError(.io, "\(path): \(String(cString: strerror(error)))", errno: error)
         }
         defer { Glibc.close(fd) }
-        return try readAll(fd, path: path)
-    }
-
-    /// Reads a whole regular file from its descriptor.
-    static func readAll(_ fd: Int32, path: String) throws(JournalError) -> [UInt8] {
         var status = stat()
         guard fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
             throw JournalError(.unsafe, "\(path) is not a regular file: refused")

@@ -565,7 +565,8 @@ final class StopProbe: @unchecked Sendable {
 }
 
 extension Duration {
-    var nanoseconds: Int64 {
+    /// The duration in whole nanoseconds (wrapping past Int64, ~292 years), for timings.
+    public var nanoseconds: Int64 {
         let (seconds, attoseconds) = components
         return seconds &* 1_000_000_000 &+ attoseconds / 1_000_000_000
     }

@@ -489,9 +489,6 @@ final class TinyVMM: HandoffHandler {
     }
 }
 
-extension Duration {
-    var nanoseconds: Int64 { components.seconds &* 1_000_000_000 &+ components.attoseconds / 1_000_000_000 }
-}
 
 /// The violations a guest reported, kept for the log and for status.
 final class ViolationLog: @unchecked Sendable {

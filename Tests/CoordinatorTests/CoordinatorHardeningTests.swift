@@ -19,10 +19,7 @@ import Glibc
 @Suite("Hostile peers and hosts: plans and sockets", .serialized)
 struct PlanPathHardeningTests {
     func plan(source: String, target: String, name: String = "demo") throws -> String {
-        try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: source)
-            .replacingOccurrences(of: "vmm: spawn", with: "vmm: \(target)")
-            .replacingOccurrences(of: "name: demo-processes", with: "name: \(name)")
+        try processPlan(source: source, target: target, name: name)
     }
 
     /// `..` and symbolic links do not lead out of vmmSocketDirectories, and one VM written two
@@ -212,10 +209,7 @@ struct DaemonAPIHardeningTests {
         #expect(listener >= 0)
         let source = try VMMUnderTestAt(socket: directory + "/s.sock", directory: directory, plan: true)
         defer { source.stop() }
-        let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: source.socket)
-            .replacingOccurrences(of: "vmm: spawn", with: "vmm: \(stall)")
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+        let text = try processPlan(source: source.socket, target: stall, longSteps: true)
         let answer = try daemon.call("POST", "/v1/migrations", body: text)
         #expect(answer.status == 202, "\(answer.text)")
         let id = try #require(daemon.json(answer)["id"] as? String)
@@ -300,7 +294,7 @@ struct DaemonAPIHardeningTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let daemon = try DaemonFixture(config: "keepFinishedJournals: 2", socket: directory + "/g.sock", stateDirectory: directory + "/state")
         defer { daemon.stop() }
-        func descriptors() -> Int { ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(daemon.process.processIdentifier)/fd")) ?? []).count }
+        func descriptors() -> Int { openDescriptors(daemon.process.processIdentifier).count }
         var ids: [String] = []
         var counts: [Int] = []
         for index in 0..<5 {

@@ -288,7 +288,14 @@ struct DaemonTests {
         #expect(several.hasSuffix("\n200"), "\(several)")
         let stranger = try get(groups: "100")
         #expect(stranger.hasSuffix("\n403"), "\(stranger)")
-        #expect(peerGroups(ckvm_peer_groups(), pid: getpid()).allSatisfy { $0 == 0 }, "zeros only: group 0 only if /proc says so")
+        // The buffer as the kernel fills it: sorted groups, then SwiftNIO's zero padding.
+        var buffer = ckvm_peer_groups()
+        withUnsafeMutableBytes(of: &buffer.gids) { raw in
+            let gids = raw.bindMemory(to: UInt32.self)
+            gids[0] = 100
+            gids[1] = 4343
+        }
+        #expect(peerGroups(buffer, pid: getpid()) == [100, 4343], "the padding is not group 0")
     }
 
     /// kill -9 of the daemon mid-migration; the restarted daemon recovers it before serving:
@@ -298,10 +305,7 @@ struct DaemonTests {
         _ = try Backend.linux.make()
         let daemon = try DaemonFixture(backend: "linux")
         let socket = daemon.directory + "/src.sock"
-        let plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
-            + "  faults:\n    - before:bind-memslots=delay:10s\n"
+        let plan = try processPlan(source: socket, longSteps: true) + "  faults:\n    - before:bind-memslots=delay:10s\n"
         let file = daemon.directory + "/plan.yaml"
         try plan.write(toFile: file, atomically: true, encoding: .utf8)
         let source = try ProcessRunHelper.spawn(socket: socket, plan: file, log: daemon.directory + "/src.log")
@@ -358,10 +362,7 @@ struct DaemonTests {
         var plans: [String] = []
         for index in 0..<4 {
             let socket = daemon.directory + "/src-\(index).sock"
-            let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-                .replacingOccurrences(of: "name: demo-processes", with: "name: proc-\(index)")
-                .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+            let text = try processPlan(source: socket, name: "proc-\(index)", longSteps: true)
             let file = daemon.directory + "/proc-\(index).yaml"
             try text.write(toFile: file, atomically: true, encoding: .utf8)
             sources.append(try ProcessRunHelper.spawn(socket: socket, plan: file, log: daemon.directory + "/src-\(index).log"))
@@ -398,10 +399,7 @@ struct DaemonVMEventTests {
         let daemon = try DaemonFixture(backend: "linux")
         defer { daemon.stop() }
         let socket = daemon.directory + "/src.sock"
-        let plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
-            + "  faults:\n    - before:bind-memslots=delay:20s\n"
+        let plan = try processPlan(source: socket, longSteps: true) + "  faults:\n    - before:bind-memslots=delay:20s\n"
         let file = daemon.directory + "/plan.yaml"
         try plan.write(toFile: file, atomically: true, encoding: .utf8)
         let source = try ProcessRunHelper.spawn(socket: socket, plan: file, log: daemon.directory + "/src.log")

@@ -22,11 +22,6 @@ import Glibc
 struct FuzzTests {
     static let seeds: [UInt64] = [1, 0x5eed, 0xdead_beef]
 
-    /// What each open descriptor of `pid` is, as a set.
-    func descriptors(_ pid: Int32) -> Set<String> {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-        return Set(names.map { "\($0) " + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "?") })
-    }
 
     /// A random request: a real type or not, fields of the right or wrong kind and size.
     static func randomFrame(_ random: inout SplitMix64, id: Int) -> [UInt8] {
@@ -99,7 +94,7 @@ struct FuzzTests {
             let vmm = try VMMUnderTest("fuzz-\(seed)-\(source)", source: source)
             defer { vmm.stop() }
             let pid = vmm.process.processIdentifier
-            let before = descriptors(pid)
+            let before = Set(openDescriptors(pid))
             let deadline = ContinuousClock.now + .seconds(8)
             var sent = 0
             while sent < 150, ContinuousClock.now < deadline {
@@ -124,7 +119,7 @@ struct FuzzTests {
             #expect(status.running == source || !source, "seed \(seed): the source's guest still runs")
             // Nothing received is kept: no pipe, socket, file or device beyond what it held.
             func kept() -> Set<String> {
-                descriptors(pid).subtracting(before).filter { $0.contains("pipe:") || $0.contains("socket:") || $0.contains("/dev/null") || $0.contains(vmm.directory) }
+                Set(openDescriptors(pid)).subtracting(before).filter { $0.contains("pipe:") || $0.contains("socket:") || $0.contains("/dev/null") || $0.contains(vmm.directory) }
             }
             #expect(waitUntil(3) { kept().isEmpty }, "seed \(seed): the VMM keeps \(kept())")
         }
@@ -138,7 +133,7 @@ struct FuzzTests {
         let daemon = try DaemonFixture(backend: "model")
         defer { daemon.stop() }
         let pid = daemon.process.processIdentifier
-        let before = descriptors(pid).count
+        let before = Set(openDescriptors(pid)).count
         let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
         let paths = [
             "/healthz", "/v1/host", "/metrics", "/v1/plans/validate", "/v1/plans/validate?rehearse=true", "/v1/migrations", "/v1/migrations?state=lost",
@@ -176,6 +171,6 @@ struct FuzzTests {
         // Migrations the fuzz started finish; then the daemon holds what it held.
         let listed = (try? JSONSerialization.jsonObject(with: try daemon.call("GET", "/v1/migrations").body)) as? [[String: Any]] ?? []
         for migration in listed { _ = try daemon.waitFinished(migration["id"] as? String ?? "") }
-        #expect(waitUntil(5) { descriptors(pid).count <= before + 2 }, "seed \(seed): descriptors \(before) before, \(descriptors(pid).count) after; statuses \(statuses)")
+        #expect(waitUntil(5) { Set(openDescriptors(pid)).count <= before + 2 }, "seed \(seed): descriptors \(before) before, \(Set(openDescriptors(pid)).count) after; statuses \(statuses)")
     }
 }

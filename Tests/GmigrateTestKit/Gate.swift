@@ -37,12 +37,8 @@ public struct PrerequisiteMissing: Error, CustomStringConvertible {
 public func requireKVM(sourceLocation: SourceLocation = #_sourceLocation) throws -> LinuxKVM {
     switch LinuxKVM.availability() {
     case .success:
-        do {
-            return try LinuxKVM()
-        } catch {
-            // /dev/kvm answered availability() and then failed to open: a product failure.
-            throw error
-        }
+        // /dev/kvm answered availability(): failing to open it now is a product failure.
+        return try LinuxKVM()
     case .failure(let error):
         try Gate.missing("needs a usable /dev/kvm: \(error)", sourceLocation: sourceLocation)
     }

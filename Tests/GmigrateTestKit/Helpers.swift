@@ -144,3 +144,12 @@ public func appendingLog(_ path: String) -> FileHandle? {
     handle?.seekToEndOfFile()
     return handle
 }
+
+/// What each open descriptor of process `pid` is ("3 socket:[123]", ...), sorted: for the tests
+/// that a peer's input leaves nothing open behind it.
+public func openDescriptors(_ pid: Int32) -> [String] {
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+    return names.map { name in
+        "\(name) " + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(name)")) ?? "?")
+    }.sorted()
+}

@@ -118,10 +118,7 @@ public final class ProcessFixture {
         directory = temporaryDirectory("gmigrate-proc")
         self.backend = backend
         let socket = directory + "/source.sock"
-        let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            .replacingOccurrences(of: "strategy: auto", with: "strategy: \(strategy)")
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
+        let text = try processPlan(source: socket, strategy: strategy, longSteps: true)
         plan = directory + "/plan.yaml"
         try edit(text).write(toFile: plan, atomically: true, encoding: .utf8)
         source = try ProcessRun.spawnVMMForTests(
@@ -309,9 +306,7 @@ public final class VMMUnderTest {
         var plan: String? = nil
         if source {
             plan = directory + "/plan.yaml"
-            let text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-            try text.write(toFile: plan!, atomically: true, encoding: .utf8)
+            try processPlan(source: socket).write(toFile: plan!, atomically: true, encoding: .utf8)
         }
         process = try ProcessRun.spawnVMMForTests(
             tinyvmm: try executable("tinyvmm"), socket: socket, backend: backend == "linux" ? "linux" : "model:" + directory + "/host.json",
@@ -337,9 +332,7 @@ public struct VMMUnderTestAt {
         var planFile: String? = nil
         if plan {
             planFile = directory + "/vmm-plan.yaml"
-            try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-                .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
-                .write(toFile: planFile!, atomically: true, encoding: .utf8)
+            try processPlan(source: socket).write(toFile: planFile!, atomically: true, encoding: .utf8)
         }
         process = try ProcessRun.spawnVMMForTests(
             tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host3.json", name: "hardening/at",
@@ -387,4 +380,17 @@ public enum RemoteVMMHelper {
     public static func shutdown(_ socket: String) throws {
         try RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)).shutdown()
     }
+}
+
+/// migration-plans/demo-processes.yaml with its source VMM's socket, and, where given, its
+/// target, strategy and name; `longSteps` gives it a 60 s step timeout (for a loaded machine, or
+/// an injected delay). The plan most process tests migrate.
+public func processPlan(source: String, target: String? = nil, strategy: String? = nil, name: String? = nil, longSteps: Bool = false) throws -> String {
+    var text = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
+        .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: source)
+    if let target { text = text.replacingOccurrences(of: "vmm: spawn", with: "vmm: \(target)") }
+    if let strategy { text = text.replacingOccurrences(of: "strategy: auto", with: "strategy: \(strategy)") }
+    if let name { text = text.replacingOccurrences(of: "name: demo-processes", with: "name: \(name)") }
+    if longSteps { text = text.replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s") }
+    return text
 }

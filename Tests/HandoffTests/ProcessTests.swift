@@ -305,13 +305,6 @@ struct ProcessTests {
 /// Hostile input to a VMM: nothing crashes it, nothing leaks a descriptor.
 @Suite("Handoff decoder", .serialized)
 struct HandoffDecoderTests {
-    /// What each open descriptor of `pid` is ("3 socket:[123]", ...), sorted.
-    func openDescriptors(_ pid: Int32) -> [String] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-        return names.map { name in
-            "\(name) " + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(name)")) ?? "?")
-        }.sorted()
-    }
 
     func rawConnection(_ socket: String) throws -> Int32 {
         let connection = try HandoffConnection.connect(path: socket)

@@ -163,10 +163,8 @@ struct TapHandoverTests {
         let directory = temporaryDirectory("gmtap")
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let socket = directory + "/source.sock"
-        let plan = try String(contentsOfFile: repositoryRoot + "/migration-plans/demo-processes.yaml", encoding: .utf8)
-            .replacingOccurrences(of: "/tmp/gmigrate-demo/source.sock", with: socket)
+        let plan = try processPlan(source: socket, longSteps: true)
             .replacingOccurrences(of: "  strategy: auto", with: "    nics:\n      - {name: tap0, mtu: 1400, bridge: br-gm, queues: 2}\n  strategy: share")
-            .replacingOccurrences(of: "stepTimeout: 5s", with: "stepTimeout: 60s")
         let planFile = directory + "/plan.yaml"
         try plan.write(toFile: planFile, atomically: true, encoding: .utf8)
         func inNamespace(_ arguments: [String], wait: Bool = true) throws -> (Process, String) {
