@@ -338,41 +338,38 @@ check_sse:
 3:
         ret
 
+# A clock reading in rax only goes forward from the last one (kept at [rbx + last]): if it went
+# back, violation `code` (seen rax, expected at least rdx); else the largest step is kept at
+# [rbx + maxstep] for the verifier. The first reading (last still 0) only sets last.
+        .macro forward_only last, maxstep, code
+        mov     rdx, [rbx + \last]
+        mov     [rbx + \last], rax
+        test    rdx, rdx
+        jz      .Ldone\@
+        cmp     rax, rdx
+        jae     .Lstep\@
+        mov     ecx, \code
+        call    violation
+        jmp     .Ldone\@
+.Lstep\@:
+        sub     rax, rdx
+        cmp     rax, [rbx + \maxstep]
+        jbe     .Ldone\@
+        mov     [rbx + \maxstep], rax
+.Ldone\@:
+        .endm
+
 # The TSC and the kvmclock only go forward; the largest steps are kept for the verifier.
 check_clocks:
         rdtsc
         shl     rdx, 32
         or      rax, rdx
-        mov     rdx, [rbx + LASTTSC]
-        mov     [rbx + LASTTSC], rax
-        test    rdx, rdx
-        jz      2f
-        cmp     rax, rdx
-        jae     1f
-        mov     ecx, 1                      # the TSC went back: seen rax, expected at least rdx
-        call    violation
-        jmp     2f
-1:      sub     rax, rdx
-        cmp     rax, [rbx + MAXTSCSTEP]
-        jbe     2f
-        mov     [rbx + MAXTSCSTEP], rax
-2:      call    kvmclock
+        forward_only LASTTSC, MAXTSCSTEP, 1         # 1: the TSC went back
+        call    kvmclock
         test    rax, rax
-        jz      4f
-        mov     rdx, [rbx + LASTCLOCK]
-        mov     [rbx + LASTCLOCK], rax
-        test    rdx, rdx
-        jz      4f
-        cmp     rax, rdx
-        jae     3f
-        mov     ecx, 2                      # the kvmclock went back: seen rax, expected at least rdx
-        call    violation
-        jmp     4f
-3:      sub     rax, rdx
-        cmp     rax, [rbx + MAXCLOCKSTEP]
-        jbe     4f
-        mov     [rbx + MAXCLOCKSTEP], rax
-4:      ret
+        jz      1f                                  # KVM has not filled the pvclock yet
+        forward_only LASTCLOCK, MAXCLOCKSTEP, 2     # 2: the kvmclock went back
+1:      ret
 
 # The kvmclock in nanoseconds from this vcpu's pvclock struct (0 until KVM has filled it).
 kvmclock:
