@@ -35,6 +35,7 @@ let package = Package(
         // The `gmigrate kernel run` script language: parser and runner, on either backend.
         .target(name: "KernelScript", dependencies: ["Kernel"]),
         // Migration plans: strict YAML/JSON parsing with field paths, and the one validator.
+        // Plans reads libyaml's event stream (CYaml, which the Yams package builds) into its own nodes.
         .target(name: "Plans", dependencies: ["Kernel", .product(name: "Yams", package: "Yams")]),
         // The durable journal: one CRC-chained, fdatasync'ed append-only log per migration.
         .target(name: "Journal", dependencies: ["CKVM", "Kernel", "Plans"]),

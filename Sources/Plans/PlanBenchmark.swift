@@ -1,5 +1,3 @@
-import Yams
-
 /// Synthetic plans for the validation benchmark (tools/bench-plan-validation) and its test.
 public enum PlanBenchmark {
     /// A valid plan with `slots` memslots of 16 MiB each, back to back over one gmem file.
@@ -37,13 +35,13 @@ public enum PlanBenchmark {
 }
 
 extension PlanBenchmark {
-    /// Times the three phases of loading one plan text: YAML composition, the strict parse into
+    /// Times the three phases of loading one plan text: YAML composition (libyaml's events into nodes), the strict parse into
     /// a draft, and the rules. Each phase runs on the previous phase's output, so their sum is
     /// one `PlanLoader.load`.
     public static func phases(_ text: String) -> (compose: Duration, parse: Duration, rules: Duration)? {
         let clock = ContinuousClock()
         let start = clock.now
-        guard let root = try? Yams.compose(yaml: text, .basic) else { return nil }
+        guard let root = try? PlanNode.compose(text) else { return nil }
         let composed = clock.now
         var parser = PlanParser()
         let draft = parser.parse(root)

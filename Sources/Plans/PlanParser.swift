@@ -1,6 +1,5 @@
 import Foundation
 import Kernel
-import Yams
 
 /// The plan as written, before validation: every field optional, each with its place in the file.
 struct PlanDraft {
@@ -49,17 +48,16 @@ struct PlanDraft {
 struct PlanParser {
     var diagnostics: [PlanDiagnostic] = []
     /// The document, for the position of a field path a rule reports without its node: found
-    /// by walking the path when a diagnostic needs it (rarely), not recorded for every field as
-    /// it is read (a 4096-slot plan has 25,000 of them).
-    var root: Node?
+    /// by walking the path when a diagnostic needs it (rarely).
+    var root: PlanNode?
 
-    mutating func report(_ code: PlanRule, _ path: String, _ message: String, severity: PlanDiagnostic.Severity = .error, at node: Node? = nil) {
-        let mark = node?.mark ?? self.node(at: path)?.mark
-        diagnostics.append(PlanDiagnostic(severity: severity, code: code, path: path, line: mark?.line, column: mark?.column, message: message))
+    mutating func report(_ code: PlanRule, _ path: String, _ message: String, severity: PlanDiagnostic.Severity = .error, at node: PlanNode? = nil) {
+        let place = node ?? self.node(at: path)
+        diagnostics.append(PlanDiagnostic(severity: severity, code: code, path: path, line: place?.line, column: place?.column, message: message))
     }
 
     /// The node at a field path (`spec.vm.memslots[3].size`), if the document has one.
-    func node(at path: String) -> Node? {
+    func node(at path: String) -> PlanNode? {
         var current = root
         for component in path.split(separator: ".") {
             var name = component
@@ -69,7 +67,7 @@ struct PlanParser {
                 indices.insert(index, at: 0)
                 name = name[..<open]
             }
-            if !name.isEmpty { current = current?.mapping?[String(name)] }
+            if !name.isEmpty { current = current?[String(name)] }
             for index in indices {
                 guard let sequence = current?.sequence, index >= 0, index < sequence.count else { return nil }
                 current = sequence[index]
@@ -81,36 +79,33 @@ struct PlanParser {
 
     static func join(_ path: String, _ key: String) -> String { path.isEmpty ? key : path + "." + key }
 
-    private static func kindName(_ node: Node) -> String {
-        switch node {
+    private static func kindName(_ node: PlanNode) -> String {
+        switch node.content {
         case .scalar: "a scalar"
         case .mapping: "a mapping"
         case .sequence: "a list"
-        case .alias: "an alias"
         }
     }
 
     /// The fields of one mapping, in file order (a handful: a linear search beats hashing).
     struct Fields {
-        var entries: [(name: String, node: Node)] = []
-        subscript(name: String) -> Node? { entries.first { $0.name == name }?.node }
+        var entries: [(name: String, node: PlanNode)] = []
+        subscript(name: String) -> PlanNode? { entries.first { $0.name == name }?.node }
     }
 
     /// The fields of a mapping, checked against the allowed and required names.
-    mutating func mapping(_ node: Node, _ path: String, allowed: [String], required: [String] = []) -> Fields? {
-        guard case .mapping(let mapping) = node else {
+    mutating func mapping(_ node: PlanNode, _ path: String, allowed: [String], required: [String] = []) -> Fields? {
+        guard case .mapping(let mapping) = node.content else {
             report(.invalidType, path, "expected a mapping, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
         var fields = Fields()
         fields.entries.reserveCapacity(mapping.count)
-        for index in mapping.indices {
-            let (keyNode, value) = mapping[index]
-            guard case .scalar(let key) = keyNode else {
+        for (keyNode, value) in mapping {
+            guard case .scalar(let name) = keyNode.content else {
                 report(.invalidType, path, "field names must be scalars", at: keyNode)
                 continue
             }
-            let name = key.string
             guard allowed.contains(name) else {
                 let fieldPath = PlanParser.join(path, name)
                 let hint = PlanParser.closest(name, among: allowed).map { " (did you mean '\($0)'?)" } ?? ""
@@ -118,7 +113,7 @@ struct PlanParser {
                 continue
             }
             guard fields[name] == nil else {
-                report(.duplicateField, PlanParser.join(path, name), "'\(name)' is given twice", at: keyNode)
+                report(.duplicateField, PlanParser.join(path, name), "'\(name)' is given twice in one mapping", at: keyNode)
                 continue
             }
             fields.entries.append((name, value))
@@ -129,24 +124,24 @@ struct PlanParser {
         return fields
     }
 
-    mutating func sequence(_ node: Node, _ path: @autoclosure () -> String) -> [Node]? {
-        guard case .sequence(let sequence) = node else {
+    mutating func sequence(_ node: PlanNode, _ path: @autoclosure () -> String) -> [PlanNode]? {
+        guard case .sequence(let sequence) = node.content else {
             report(.invalidType, path(), "expected a list, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
-        return Array(sequence)
+        return sequence
     }
 
-    mutating func string(_ node: Node, _ path: @autoclosure () -> String) -> String? {
-        guard case .scalar(let scalar) = node else {
+    mutating func string(_ node: PlanNode, _ path: @autoclosure () -> String) -> String? {
+        guard case .scalar(let scalar) = node.content else {
             report(.invalidType, path(), "expected a scalar, found \(PlanParser.kindName(node))", at: node)
             return nil
         }
-        return scalar.string
+        return scalar
     }
 
     /// A size, offset or address: plain integer, 0x hex, or Ki/Mi/Gi/Ti (K/M/G/T) suffix.
-    mutating func quantity(_ node: Node, _ path: @autoclosure () -> String) -> UInt64? {
+    mutating func quantity(_ node: PlanNode, _ path: @autoclosure () -> String) -> UInt64? {
         guard let text = string(node, path()) else { return nil }
         let compact = text.utf8.contains(UInt8(ascii: "_")) ? String(text.filter { $0 != "_" }) : text
         guard let value = parseQuantity(compact) else {
@@ -156,7 +151,7 @@ struct PlanParser {
         return value
     }
 
-    mutating func integer(_ node: Node, _ path: @autoclosure () -> String) -> Int? {
+    mutating func integer(_ node: PlanNode, _ path: @autoclosure () -> String) -> Int? {
         guard let text = string(node, path()) else { return nil }
         guard let value = Int(text) else {
             report(.invalidValue, path(), "'\(text)' is not an integer", at: node)
@@ -165,7 +160,7 @@ struct PlanParser {
         return value
     }
 
-    mutating func duration(_ node: Node, _ path: String) -> Duration? {
+    mutating func duration(_ node: PlanNode, _ path: String) -> Duration? {
         guard let text = string(node, path) else { return nil }
         guard let value = parseDuration(text) else {
             report(.invalidDuration, path, "'\(text)' is not a duration (a number with ns, us, ms, s, m or h: 50ms, 5s)", at: node)
@@ -178,7 +173,7 @@ struct PlanParser {
         return value
     }
 
-    mutating func endpoint(_ node: Node, _ path: String, allowSpawn: Bool) -> Endpoint? {
+    mutating func endpoint(_ node: PlanNode, _ path: String, allowSpawn: Bool) -> Endpoint? {
         guard let text = string(node, path) else { return nil }
         switch text {
         case "in-process": return .inProcess
@@ -198,7 +193,7 @@ struct PlanParser {
         }
     }
 
-    mutating func enumeration<T>(_ node: Node, _ path: String, _ values: [(String, T)]) -> T? {
+    mutating func enumeration<T>(_ node: PlanNode, _ path: String, _ values: [(String, T)]) -> T? {
         guard let text = string(node, path) else { return nil }
         guard let (_, value) = values.first(where: { $0.0 == text }) else {
             report(.invalidValue, path, "'\(text)' is none of \(values.map(\.0).joined(separator: ", "))", at: node)
@@ -209,7 +204,7 @@ struct PlanParser {
 
     // MARK: - The plan
 
-    mutating func parse(_ root: Node) -> PlanDraft {
+    mutating func parse(_ root: PlanNode) -> PlanDraft {
         self.root = root
         var draft = PlanDraft()
         guard let top = mapping(root, "", allowed: ["apiVersion", "kind", "metadata", "spec"], required: ["apiVersion", "kind", "metadata", "spec"])
@@ -256,7 +251,7 @@ struct PlanParser {
         return draft
     }
 
-    private mutating func parseVM(_ node: Node, into draft: inout PlanDraft) {
+    private mutating func parseVM(_ node: PlanNode, into draft: inout PlanDraft) {
         let path = "spec.vm"
         guard let vm = mapping(node, path, allowed: ["type", "vcpus", "guestMemfds", "memslots", "nics"], required: ["vcpus", "guestMemfds", "memslots"])
         else { return }

@@ -1,6 +1,5 @@
 import Foundation
 import Kernel
-import Yams
 
 /// The kernel limits the validator checks against when no host is given: x86 KVM as the
 /// reference model stands for it (KVM_USER_MEM_SLOTS, KVM_MAX_VCPUS of this machine kind).
@@ -42,19 +41,17 @@ public enum PlanLoader {
                 diagnostics: [PlanDiagnostic(code: .syntaxError, path: "", message: "the plan is larger than \(maxBytes) bytes")],
                 strategy: nil, plan: nil)
         }
-        let root: Node?
+        let root: PlanNode?
         do {
-            // The basic resolver: scalars stay text (the parser reads sizes, addresses and
-            // durations itself), and no regex runs per scalar to guess a tag.
-            root = try Yams.compose(yaml: text, .basic)
+            // libyaml's events straight into the parser's nodes: scalars stay text (the parser
+            // reads sizes, addresses and durations itself), and a key given twice is kept for
+            // the parser to report with its path, like every other problem of a readable plan.
+            root = try PlanNode.compose(text)
         } catch {
-            let diagnostic = syntaxDiagnostic(error)
-            // A key given twice is well-formed YAML: the plan is invalid (exit 1), not unreadable,
-            // though Yams stops composing there, so no further rule can run. Every duplicate is
-            // reported, each with its path.
-            let wellFormed = diagnostic.code == PlanRule.duplicateField.rawValue
-            let diagnostics = wellFormed ? duplicateDiagnostics(text, first: diagnostic) : [diagnostic]
-            return PlanReport(file: file, parsed: wellFormed, diagnostics: diagnostics, strategy: nil, plan: nil)
+            return PlanReport(
+                file: file, parsed: false,
+                diagnostics: [PlanDiagnostic(code: .syntaxError, path: "", line: error.line, column: error.column, message: error.message)],
+                strategy: nil, plan: nil)
         }
         guard let root else {
             return PlanReport(
@@ -96,74 +93,6 @@ public enum PlanLoader {
                 strategy: nil, plan: nil)
         }
         return load(text: text, file: path, host: host, strategy: strategy, network: network)
-    }
-
-    /// Every key given twice, with its mapping's path. Yams stops at the first mapping with a
-    /// duplicate and gives the position of one occurrence; renaming that occurrence to a marker
-    /// and composing again finds the next, and the marker's place in the composed tree gives the
-    /// path. Only on this error path; at most 64 rounds.
-    static func duplicateDiagnostics(_ text: String, first: PlanDiagnostic) -> [PlanDiagnostic] {
-        var lines = text.split(separator: "\n", omittingEmptySubsequences: false).map { Array($0.unicodeScalars) }
-        var found: [(marker: String, name: String, line: Int, column: Int)] = []
-        for round in 0..<64 {
-            let current = lines.map { String(String.UnicodeScalarView($0)) }.joined(separator: "\n")
-            do {
-                guard let root = try Yams.compose(yaml: current, .basic), !found.isEmpty else { break }
-                var paths: [String: String] = [:]
-                func walk(_ node: Node, _ path: String) {
-                    if let mapping = node.mapping {
-                        for (key, value) in mapping {
-                            let name = key.string ?? ""
-                            if name.hasPrefix("gmigrate-duplicate-") { paths[name] = path }
-                            walk(value, PlanParser.join(path, name))
-                        }
-                    } else if let sequence = node.sequence {
-                        for (index, item) in sequence.enumerated() { walk(item, path + "[\(index)]") }
-                    }
-                }
-                walk(root, "")
-                return found.sorted { ($0.line, $0.column) < ($1.line, $1.column) }.map { item in
-                    PlanDiagnostic(
-                        code: .duplicateField, path: PlanParser.join(paths[item.marker] ?? "", item.name), line: item.line, column: item.column,
-                        message: "'\(item.name)' is given twice in one mapping")
-                }
-            } catch YamlError.duplicatedKeysInMapping(let duplicates, let context) {
-                let (line, column) = (context.mark.line, context.mark.column)
-                guard line >= 1, line <= lines.count, column >= 1, column <= lines[line - 1].count, let name = duplicates.first else { break }
-                let marker = "gmigrate-duplicate-\(round)"
-                var scalars = lines[line - 1]
-                var start = column - 1
-                if scalars[start] == "\"" || scalars[start] == "'" { start += 1 }
-                let nameScalars = Array(name.unicodeScalars)
-                guard start + nameScalars.count <= scalars.count, Array(scalars[start..<(start + nameScalars.count)]) == nameScalars else { break }
-                scalars.replaceSubrange(start..<(start + nameScalars.count), with: marker.unicodeScalars)
-                lines[line - 1] = scalars
-                found.append((marker, name, line, column))
-            } catch {
-                break
-            }
-        }
-        return [first]
-    }
-
-    static func syntaxDiagnostic(_ error: any Error) -> PlanDiagnostic {
-        guard let yaml = error as? YamlError else {
-            return PlanDiagnostic(code: .syntaxError, path: "", message: "\(error)")
-        }
-        switch yaml {
-        case .scanner(let context, let problem, let mark, _), .parser(let context, let problem, let mark, _),
-            .composer(let context, let problem, let mark, _):
-            let contextText = context.map { " (\($0.text) at \($0.mark.line):\($0.mark.column))" } ?? ""
-            return PlanDiagnostic(code: .syntaxError, path: "", line: mark.line, column: mark.column, message: problem + contextText)
-        case .reader(let problem, let offset, _, _):
-            return PlanDiagnostic(code: .syntaxError, path: "", message: problem + (offset.map { " at byte \($0)" } ?? ""))
-        case .duplicatedKeysInMapping(let duplicates, let context):
-            return PlanDiagnostic(
-                code: .duplicateField, path: "", line: context.mark.line, column: context.mark.column,
-                message: "\(duplicates.joined(separator: ", ")) given twice in one mapping")
-        default:
-            return PlanDiagnostic(code: .syntaxError, path: "", message: "\(yaml)")
-        }
     }
 }
 

@@ -1,9 +1,15 @@
 // Measures `PlanLoader.load` (parse + validate) on synthetic plans of growing size and prints
 // the median, minimum and maximum of several runs. Run it in release mode:
 //   swift run -c release plan-benchmark [RUNS]
+//   plan-benchmark --emit SLOTS     prints the synthetic plan of SLOTS memslots (for timing the
+//                                   whole `gmigrate plan validate` process on it)
 import Foundation
 import Plans
 
+if CommandLine.arguments.count == 3, CommandLine.arguments[1] == "--emit", let slots = Int(CommandLine.arguments[2]), slots >= 0 {
+    print(PlanBenchmark.plan(slots: slots), terminator: "")
+    exit(0)
+}
 let runs = CommandLine.arguments.count > 1 ? Int(CommandLine.arguments[1]) ?? 15 : 15
 print("slots  median_ms  min_ms  max_ms  per_slot_us  (\(runs) runs each)")
 var medians: [Int: Double] = [:]
