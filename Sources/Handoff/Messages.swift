@@ -13,14 +13,18 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// source is paused); arm-faults; every reply may carry the faults that fired.
     /// 4: the VM state travels as raw bytes after the frame's JSON (`attachment`), not as
     /// base64 inside it.
-    public static let protocolVersion = 4
+    /// 5: `stage-state` replaces check-state: the target checks the state, sets it and reads it
+    /// back before the point of no return, and `restore` only runs the vcpus. A `pause` may
+    /// carry a socket on which the source sends its state straight to the target, whose
+    /// `stage-state` carries the socket's other end (`timeoutMilliseconds` bounds its wait).
+    public static let protocolVersion = 5
 
     /// The largest attachment a frame may carry (a VM state is tens of KiB).
     public static let maxAttachmentBytes = 64 << 20
 
     /// Requests, in the order a migration uses them, then the replies.
     public static let requestTypes: Set<String> = [
-        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "pause", "check-state", "resume",
+        "hello", "describe", "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "pause", "stage-state", "resume",
         "move-enc-context", "restore", "retire", "destroy", "unbind", "release-memory", "status", "read-guest", "arm-faults", "shutdown",
     ]
     public static let knownTypes: Set<String> = requestTypes.union(["ok", "error"])
@@ -81,9 +85,11 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// (`stop`, `save`; `restore`, `resume`): the blackout's parts as the VMM measured them.
     public var timings: [String: Int64]?
     /// The number of raw bytes that follow this message's JSON in its frame (the VM state of
-    /// a pause reply, a check-state or a restore). The bytes themselves are the frame's
+    /// a pause reply, a stage-state or a restore). The bytes themselves are the frame's
     /// attachment, handed over beside the message.
     public var attachment: Int?
+    /// stage-state by socket: how long the target waits for the source's state.
+    public var timeoutMilliseconds: Int?
 
     public init(type: String, id: Int) {
         self.type = type

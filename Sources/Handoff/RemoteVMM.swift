@@ -27,7 +27,7 @@ public final class RemoteVMM: VMMEndpoint {
     /// The peer's kernel: `linux`, or `model:HOSTFILE`.
     public let backend: String
     private var connection: HandoffConnection?
-    private var timeout: Duration
+    private(set) var timeout: Duration
     private let expectedUID: UInt32?
     private var nextID = 1
     private var memory: [String: Int32] = [:]
@@ -123,6 +123,18 @@ public final class RemoteVMM: VMMEndpoint {
     func request(
         _ message: HandoffMessage, descriptors: [Int32] = [], attachment: [UInt8]? = nil, expect kinds: [String] = [], checkDescriptors: Bool = true
     ) throws(EndpointError) -> (HandoffMessage, [Int32]) {
+        let sent = try send(message, descriptors: descriptors, attachment: attachment)
+        return try reply(to: sent, expect: kinds, checkDescriptors: checkDescriptors)
+    }
+
+    /// A request sent, its reply not yet read.
+    struct Sent {
+        var message: HandoffMessage
+        var connection: HandoffConnection
+    }
+
+    /// Sends a request (the first half of `request`): two VMMs can then work on theirs at once.
+    func send(_ message: HandoffMessage, descriptors: [Int32] = [], attachment: [UInt8]? = nil) throws(EndpointError) -> Sent {
         var message = message
         message.id = nextID
         nextID += 1
@@ -148,17 +160,23 @@ public final class RemoteVMM: VMMEndpoint {
                 throw EndpointError("\(role) VMM: \(message.type): \(error.message)", errno: error.errno)
             }
         }
+        return Sent(message: message, connection: connection)
+    }
+
+    /// Reads the reply to a sent request (the second half of `request`).
+    func reply(to sent: Sent, expect kinds: [String] = [], checkDescriptors: Bool = true) throws(EndpointError) -> (HandoffMessage, [Int32]) {
+        let message = sent.message
         let reply: HandoffMessage
         let received: [Int32]
         do {
-            (reply, received, lastAttachment) = try connection.receiveAttached()
+            (reply, received, lastAttachment) = try sent.connection.receiveAttached()
         } catch {
-            self.connection = nil
+            if connection === sent.connection { connection = nil }
             throw EndpointError("\(role) VMM: \(message.type): no answer: \(error.message)", errno: error.errno, uncertain: true)
         }
         guard reply.id == message.id else {
             for descriptor in received { Glibc.close(descriptor) }
-            self.connection = nil
+            if connection === sent.connection { connection = nil }
             throw EndpointError("\(role) VMM: \(message.type): a reply to request \(reply.id) where \(message.id) was due", uncertain: true)
         }
         for text in reply.fired ?? [] {
@@ -236,7 +254,11 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     public func pause() throws(EndpointError) -> VMState {
-        let (reply, _) = try request(HandoffMessage(type: "pause", id: 0))
+        try pausedState(try request(HandoffMessage(type: "pause", id: 0)).0)
+    }
+
+    /// The state a pause reply brings: its attachment, or base64 in `state`.
+    private func pausedState(_ reply: HandoffMessage) throws(EndpointError) -> VMState {
         let bytes: [UInt8]
         if let attachment = lastAttachment {
             bytes = attachment
@@ -251,6 +273,54 @@ public final class RemoteVMM: VMMEndpoint {
             return state
         } catch {
             throw EndpointError("\(role) VMM: pause: \(error.message)")
+        }
+    }
+
+    /// Two VMM processes: the target is asked to stage the state that comes on one end of a
+    /// socket pair, then the source to pause and send its state on the other end (and to the
+    /// coordinator, for the journal); both work at once, and both replies are read whatever
+    /// happens, so that neither connection is left with a reply due.
+    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState {
+        guard let target = target as? RemoteVMM else {
+            let state: VMState
+            do { state = try pause() } catch { throw .source(error) }
+            do { try target.stage(state) } catch { throw .target(error) }
+            return state
+        }
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+            throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
+        }
+        defer {
+            Glibc.close(ends[0])
+            Glibc.close(ends[1])
+        }
+        var stage = HandoffMessage(type: "stage-state", id: 0)
+        stage.timeoutMilliseconds = Int(clamping: target.timeout.nanoseconds / 1_000_000)
+        let staging: Sent
+        do { staging = try target.send(stage, descriptors: [ends[1]]) } catch { throw .target(error) }
+        let pausing: Sent
+        do {
+            pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]])
+        } catch {
+            // The target hears the end of the socket (closed here) and answers that no state came.
+            Glibc.close(ends[0])
+            ends[0] = -1
+            _ = try? target.reply(to: staging)
+            throw .source(error)
+        }
+        // Both sent: the coordinator's ends are closed, so that each VMM sees the other's end only.
+        Glibc.close(ends[0])
+        Glibc.close(ends[1])
+        ends = [-1, -1]
+        let paused = Result { () throws(EndpointError) -> VMState in try pausedState(try reply(to: pausing).0) }
+        let staged = Result { () throws(EndpointError) in _ = try target.reply(to: staging) }
+        switch (paused, staged) {
+        case (.failure(let error), _): throw .source(error)
+        case (.success, .failure(let error)): throw .target(error)
+        case (.success(let state), .success):
+            target.stagedState = state
+            return state
         }
     }
 
@@ -323,21 +393,21 @@ public final class RemoteVMM: VMMEndpoint {
         try request(message, descriptors: isModel ? [] : [source.raw])
     }
 
-    public func checkState(_ state: VMState) throws(EndpointError) {
+    public func stage(_ state: VMState) throws(EndpointError) {
         stagedState = nil
-        try request(HandoffMessage(type: "check-state", id: 0), attachment: state.encoded)
+        try request(HandoffMessage(type: "stage-state", id: 0), attachment: state.encoded)
         stagedState = state
     }
 
     public func restore(_ state: VMState) throws(EndpointError) {
-        // The VMM keeps the state it checked: the restore inside the blackout does not carry
-        // it a second time.
+        // The VMM has the state it staged set already: the restore inside the blackout only
+        // runs the vcpus.
         let (reply, _) = try request(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
-    /// The state the VMM checked (and keeps) last.
-    private var stagedState: VMState?
+    /// The state the VMM staged last.
+    fileprivate(set) var stagedState: VMState?
     /// The attachment of the last reply (the VM state of a pause).
     private var lastAttachment: [UInt8]?
 

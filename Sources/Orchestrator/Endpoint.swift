@@ -87,6 +87,23 @@ public struct EndpointError: Error, Equatable, Sendable, CustomStringConvertible
     }
 }
 
+/// Why `pause(stagingIn:)` failed: the source's pause, or the target's stage (the source is
+/// paused then, and the rollback resumes it).
+public enum PauseError: Error, Equatable, Sendable {
+    case source(EndpointError)
+    case target(EndpointError)
+}
+
+extension VMMEndpoint {
+    /// Through the coordinator: the source's state comes here, then goes to the target.
+    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState {
+        let state: VMState
+        do { state = try pause() } catch { throw .source(error) }
+        do { try target.stage(state) } catch { throw .target(error) }
+        return state
+    }
+}
+
 /// What a copy moved: only populated pages travel.
 public struct CopyReport: Codable, Equatable, Sendable {
     /// The size of the file.
@@ -139,6 +156,10 @@ public protocol VMMEndpoint: AnyObject {
     /// Stops every vcpu together (pending I/O completed first) and returns the whole VM state.
     /// Idempotent: a paused VM answers its saved state.
     func pause() throws(EndpointError) -> VMState
+    /// Pauses this VMM (the source) and stages its state in `target` (`stage`), the state going
+    /// the shortest way between them: two VMM processes pass it over a socket pair while the
+    /// coordinator waits for both. Returns the state, for the journal.
+    func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState
     func resume() throws(EndpointError)
     /// Closes the VM; its memory lives on through the target's files. Idempotent: a VMM that is
     /// already gone is retired. Returns a note for the journal (nil when nothing is worth saying).
@@ -162,12 +183,14 @@ public protocol VMMEndpoint: AnyObject {
     /// Tries to map one guest page, as a guest access would; nil if it mapped.
     func probeGuestMapping(gpa: UInt64) -> KernelError?
     func moveEncryptionContext(from source: KernelHandle) throws(EndpointError)
-    /// Whether this VMM can restore `state`, setting nothing: as many vcpus, every section known,
-    /// every capability a section needs present, and each vcpu's CPUID this VMM's CPU model.
-    /// Asked before the point of no return, so that a refusal rolls the migration back.
-    func checkState(_ state: VMState) throws(EndpointError)
-    /// Restores the whole VM state and reads it back (a difference fails it, naming the section
-    /// and the field, before any vcpu runs), then runs every vcpu.
+    /// Checks that this VMM can restore `state` (as many vcpus, every section known, every
+    /// capability a section needs present, each vcpu's CPUID this VMM's CPU model), sets it into
+    /// the VM and its vcpus and reads it back (a difference fails it, naming the section and the
+    /// field); the vcpus do not run. Asked before the point of no return, so that a refusal
+    /// rolls the migration back.
+    func stage(_ state: VMState) throws(EndpointError)
+    /// Runs every vcpu with `state`: a state `stage` set already is not set again; another one
+    /// is checked, set and read back first. Idempotent: a VMM whose guest runs answers ok.
     func restore(_ state: VMState) throws(EndpointError)
     /// Undo of createVM, receiveMemory and bind: closes everything the target holds. Idempotent:
     /// a VMM that is already gone is destroyed.

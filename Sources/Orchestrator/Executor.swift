@@ -130,6 +130,8 @@ public final class MigrationExecutor {
     /// The VMMs' own measurements of the blackout's parts (stop, save, restore, resume).
     private var vmmTimings: [String: Int64] = [:]
     private var checkedCancel = false
+    /// The state the source paused with in this run (the journal has it too, for a later run).
+    private var pausedState: VMState?
 
     public init(
         journal: MigrationJournal, provider: any EndpointProvider, faults: FaultInjector, armed: [String] = [],
@@ -230,6 +232,7 @@ public final class MigrationExecutor {
         let began = clock.now
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
+            pausedState = nil
             blackout = nil
             blackoutParts = [:]
             vmmTimings = [:]
@@ -286,6 +289,11 @@ public final class MigrationExecutor {
             try append(.outcome(failure), to: &machine)
             report(StepReport(failure))
         }
+    }
+
+    /// A target's refusal of the saved state, as the journal says it.
+    static func refusal(_ error: EndpointError) -> EndpointError {
+        EndpointError("the target refuses the saved state: \(error.message)", errno: error.errno, uncertain: error.uncertain)
     }
 
     /// The forward steps whose effect happens in the target VMM.
@@ -378,22 +386,34 @@ public final class MigrationExecutor {
             return try verify(description, target: try target(timeout: timeout), strategy: started.strategy, confidential: machine.isConfidential)
         case .pauseSource:
             let source = try source(timeout: timeout)
-            var state = try source.pause()
-            vmmTimings.merge(source.lastTimings) { _, b in b }
-            var details = source.guestDetails
+            let target = try target(timeout: timeout)
+            var state: VMState
+            var details: [String: String]
+            // The target stages the state (checks it, sets it, reads it back) while the source
+            // can still take the guest back: a refusal rolls back.
+            let staging = clock.now
             if let alteration = faults.alteration(at: .state) {
+                // A state altered on purpose passes through here, between the two.
+                state = try source.pause()
+                vmmTimings.merge(source.lastTimings) { _, b in b }
                 state = state.altered(by: alteration)
-                details["altered"] = "injected fault state=alter:\(alteration)"
+                details = source.guestDetails.merging(["altered": "injected fault state=alter:\(alteration)"]) { _, b in b }
+                do { try target.stage(state) } catch { throw MigrationExecutor.refusal(error) }
+            } else {
+                do {
+                    state = try source.pause(stagingIn: target)
+                } catch {
+                    switch error {
+                    case .source(let error): throw error
+                    case .target(let error): throw MigrationExecutor.refusal(error)
+                    }
+                }
+                vmmTimings.merge(source.lastTimings) { _, b in b }
+                details = source.guestDetails
             }
-            // The target says whether it can restore this state (format, capabilities, CPU
-            // model) while the source can still take the guest back: a refusal rolls back.
-            let checking = clock.now
-            do {
-                try target(timeout: timeout).checkState(state)
-            } catch {
-                throw EndpointError("the target refuses the saved state: \(error.message)", errno: error.errno, uncertain: error.uncertain)
-            }
-            vmmTimings["check-state"] = (clock.now - checking).nanoseconds
+            for (part, nanoseconds) in target.lastTimings { vmmTimings["stage-" + part] = nanoseconds }
+            vmmTimings["pause-and-stage"] = (clock.now - staging).nanoseconds
+            pausedState = state
             let encoded = state.encoded
             return details.merging([
                 "vm-state": Data(encoded).base64EncodedString(), "vcpus": "\(state.vcpus.count)", "state-bytes": "\(encoded.count)",
@@ -428,11 +448,16 @@ public final class MigrationExecutor {
             try target(timeout: timeout).moveEncryptionContext(from: handle)
             return [:]
         case .resumeTarget:
-            guard let text = machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
-                throw EndpointError("the journal holds no saved VM state")
-            }
+            // The state this run paused with; after a crash, the one the journal holds.
             let state: VMState
-            do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }
+            if let pausedState {
+                state = pausedState
+            } else {
+                guard let text = machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
+                    throw EndpointError("the journal holds no saved VM state")
+                }
+                do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }
+            }
             let target = try target(timeout: timeout)
             try target.restore(state)
             vmmTimings.merge(target.lastTimings) { _, b in b }

@@ -31,6 +31,8 @@ public final class InProcessVMM: VMMEndpoint {
     private var gmems: [String: VMDescription.Gmem] = [:]
     private var slots: [UInt32: (slot: VMDescription.Slot, strategy: Strategy?)] = [:]
     private var saved: VMState? = nil
+    /// The state `stage` set into the vcpus (read back equal), which have not run since.
+    private var loaded: VMState? = nil
     /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
     /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
     /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
@@ -417,11 +419,9 @@ public final class InProcessVMM: VMMEndpoint {
         hasReceivedEncryptionContext = true
     }
 
-    /// Restores the whole state (the VM's sections, every vcpu's, the clock last), then reads it
-    /// back: a section that differs from what was saved fails the restore, naming it, before
-    /// any vcpu runs. A section this kernel cannot restore, or a capability it lacks, fails
-    /// it before anything is set.
-    public func checkState(_ state: VMState) throws(EndpointError) {
+    /// Whether this VMM can restore `state`, setting nothing: as many vcpus, every section known,
+    /// every capability a section needs present, and each vcpu's CPUID this VMM's CPU model.
+    func checkState(_ state: VMState) throws(EndpointError) {
         guard vm != nil else { throw EndpointError("\(role): no VM to restore into") }
         guard state.vcpus.count == vcpus.count else {
             throw EndpointError("\(role): \(state.vcpus.count) vcpu states for \(vcpus.count) vcpus")
@@ -449,15 +449,40 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
-    /// Restores a saved state into this VM, in KVM's order (the VM's sections but the clock,
-    /// each vcpu's, the clock last), then reads it back and compares. `verify: false` is the
-    /// bare floor `tools/bench-blackout` measures against: the same sets, no check, no read-back.
+    /// Checks `state` (`checkState`), sets it into the VM and its vcpus, and reads it back: a
+    /// section that differs from what was saved fails it, naming it. The vcpus do not run: the
+    /// restore that follows the point of no return runs them without setting anything again.
+    public func stage(_ state: VMState) throws(EndpointError) {
+        guard !isRunning else { throw EndpointError("\(role): the VM runs; a state is staged only in a VM that does not") }
+        try checkState(state)
+        try load(state, verify: true)
+    }
+
+    /// Restores a saved state into this VM and runs it: what `stage` set already is not set
+    /// again; otherwise the state is checked, set and read back here.
     public func restore(_ state: VMState) throws(EndpointError) { try restore(state, verify: true) }
 
+    /// `verify: false` is the bare floor `tools/bench-blackout` measures against: the same sets,
+    /// no check, no read-back.
     public func restore(_ state: VMState, verify: Bool) throws(EndpointError) {
         if isRunning { return }
+        guard vm != nil else { throw EndpointError("\(role): no VM to restore into") }
+        if loaded != state {
+            if verify { try checkState(state) }
+            try load(state, verify: verify)
+        } else {
+            lastTimings = [:]
+        }
+        saved = state
+        loaded = nil
+        isRunning = true
+    }
+
+    /// Sets a state in KVM's order (the VM's sections but the clock, each vcpu's, the clock
+    /// last), then, with `verify`, reads it back and compares.
+    private func load(_ state: VMState, verify: Bool) throws(EndpointError) {
         guard let vm else { throw EndpointError("\(role): no VM to restore into") }
-        if verify { try checkState(state) }
+        loaded = nil
         let clock = ContinuousClock()
         let began = clock.now
         do {
@@ -474,8 +499,7 @@ public final class InProcessVMM: VMMEndpoint {
             throw EndpointError.from(error)
         }
         lastTimings = ["restore": (clock.now - began).nanoseconds]
-        saved = state
-        isRunning = true
+        loaded = state
     }
 
     public func unbind(_ requested: [VMDescription.Slot]) throws(EndpointError) {
@@ -513,6 +537,7 @@ public final class InProcessVMM: VMMEndpoint {
         vcpus.removeAll()
         vm = nil
         saved = nil
+        loaded = nil
         hasReceivedEncryptionContext = false
     }
 

@@ -86,8 +86,23 @@ final class TinyVMM: HandoffHandler {
         startGuest()
     }
 
-    /// Runs every vcpu on a thread of its own.
+    /// Runs every vcpu on a thread of its own: the threads `prepareGuest` made, or new ones.
     func startGuest() {
+        if !threads.isEmpty {
+            for thread in threads { thread.open() }
+            return
+        }
+        makeThreads(gated: false)
+    }
+
+    /// Makes the vcpu threads of a target, each waiting before its first KVM_RUN until
+    /// `startGuest`: no thread is created inside the blackout.
+    func prepareGuest() {
+        guard threads.isEmpty else { return }
+        makeThreads(gated: true)
+    }
+
+    private func makeThreads(gated: Bool) {
         guard vmm.guest != nil, threads.isEmpty else { return }
         let violations = self.violations
         let log = self.log
@@ -107,7 +122,7 @@ final class TinyVMM: HandoffHandler {
                 log.say("guest violation: \(text)")
             }
         }
-        for thread in threads { thread.start() }
+        for thread in threads { thread.start(gated: gated) }
     }
 
     /// Stops every vcpu: all are asked at once (immediate_exit and a signal), then each is
@@ -193,7 +208,7 @@ final class TinyVMM: HandoffHandler {
     }
 
     private var paused = false
-    /// The state check-state accepted, for a restore that does not carry it again.
+    /// The state stage-state set into the vcpus, for a restore that does not carry it again.
     private var staged: VMState?
 
     var phase: Phase {
@@ -207,7 +222,7 @@ final class TinyVMM: HandoffHandler {
     static let allowed: [Phase: Set<String>] = [
         .empty: ["create-vm", "destroy", "unbind", "release-memory"],
         .building: [
-            "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "move-enc-context", "check-state",
+            "create-vm", "receive-memory", "receive-nics", "copy-memory", "bind", "bindings", "probe-mapping", "move-enc-context", "stage-state",
             "restore", "destroy", "unbind", "release-memory", "describe",
         ],
         // restore again: the coordinator repeats resume-target after a crash or a lost reply,
@@ -271,7 +286,8 @@ final class TinyVMM: HandoffHandler {
                 // The descriptors stay open here: SCM_RIGHTS gives the peer its own.
                 if isModel { reply.handles = handles } else { return (reply, handles + tapQueues, nil) }
             case "pause":
-                try expectNone(descriptors)
+                // An optional socket: the state goes straight to the target on it as well.
+                let channel = try stateChannel(descriptors)
                 let clock = ContinuousClock()
                 let began = clock.now
                 stopGuest()
@@ -279,13 +295,32 @@ final class TinyVMM: HandoffHandler {
                 // the coordinator's rollback must be able to resume it.
                 paused = true
                 let stopped = clock.now
-                let state = try vmm.pause()
-                replyAttachment = state.encoded
-                reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
+                let state: VMState
+                do {
+                    state = try vmm.pause()
+                } catch {
+                    if let channel { close(channel) }  // the target hears the end of the socket: no state comes
+                    throw error
+                }
+                let saved = clock.now
+                let encoded = state.encoded
+                if let channel {
+                    let connection = HandoffConnection(fd: channel)  // closes it when done
+                    connection.setTimeout(.seconds(5))
+                    do {
+                        try connection.send(HandoffMessage(type: "ok", id: 0), attachment: encoded)
+                    } catch {
+                        log.say("pause: the state could not be sent to the target: \(error.message)")
+                    }
+                }
+                replyAttachment = encoded
+                reply.timings = [
+                    "stop": (stopped - began).nanoseconds, "save": (saved - stopped).nanoseconds, "send": (clock.now - saved).nanoseconds,
+                ]
                 reply.running = false
-                log.say("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
                 reply.counter = counter
-                log.say("paused; counter \(reply.counter.map(String.init) ?? "-")")
+                log.say("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
+                log.say("paused; counter \(reply.counter.map(String.init) ?? "-")\(channel == nil ? "" : "; the state went to the target")")
             case "resume":
                 try expectNone(descriptors)
                 try vmm.resume()
@@ -341,7 +376,9 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 guard let slots = request.slots, let strategy = request.strategy else { throw EndpointError("bind needs slots and strategy") }
                 try vmm.bind(slots, strategy: strategy)
-                log.say("bound \(slots.count) memslots")
+                // The vcpu threads wait from now on, so that none is created inside the blackout.
+                prepareGuest()
+                log.say("bound \(slots.count) memslots; the vcpu threads wait")
             case "bindings":
                 try expectNone(descriptors)
                 reply.bindings = try vmm.bindings()
@@ -357,13 +394,39 @@ final class TinyVMM: HandoffHandler {
                 defer { if !isModel { close(handle.raw) } }
                 try vmm.moveEncryptionContext(from: handle)
                 log.say("the encryption context moved in")
-            case "check-state":
-                try expectNone(descriptors)
-                guard let state = try requestState(request, attachment) else { throw EndpointError("check-state needs state") }
+            case "stage-state":
+                // The state comes with the request, or from the source on the socket it carries.
+                let state: VMState
+                let clock = ContinuousClock()
+                let began = clock.now
+                if let channel = try stateChannel(descriptors) {
+                    guard attachment == nil else {
+                        close(channel)
+                        throw EndpointError("stage-state: a state and a socket; one of them")
+                    }
+                    let connection = HandoffConnection(fd: channel)
+                    connection.setTimeout(.milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
+                    let bytes: [UInt8]?
+                    do {
+                        let received: [Int32]
+                        (_, received, bytes) = try connection.receiveAttached()
+                        for descriptor in received { close(descriptor) }
+                    } catch {
+                        throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
+                    }
+                    guard let bytes else { throw EndpointError("stage-state: the source's message carries no state") }
+                    do { state = try VMState(decoding: bytes) } catch { throw EndpointError("stage-state: \(error.message)") }
+                } else {
+                    guard let given = try requestState(request, attachment) else { throw EndpointError("stage-state needs state") }
+                    state = given
+                }
+                let received = clock.now
                 staged = nil
-                try vmm.checkState(state)
+                try vmm.stage(state)
                 staged = state
-                log.say("checked the state: \(state.vcpus.count) vcpus, every section known and restorable here")
+                prepareGuest()
+                reply.timings = ["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]
+                log.say("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal")
             case "restore" where vmm.isRunning:
                 // Idempotent: a VMM whose guest runs has restored already (a repeated
                 // resume-target after a crash or a lost reply).
@@ -373,26 +436,27 @@ final class TinyVMM: HandoffHandler {
                 log.say("restore: the guest runs already")
             case "restore":
                 try expectNone(descriptors)
-                // The state comes with the request, or is the one check-state kept.
+                // The state comes with the request, or is the one stage-state set.
                 let state: VMState
                 if let given = try requestState(request, attachment) {
                     state = given
                 } else if let staged {
                     state = staged
                 } else {
-                    throw EndpointError("restore needs state (or a state check-state kept)")
+                    throw EndpointError("restore needs state (or a state stage-state set)")
                 }
-                let wasRunning = vmm.isRunning
+                let wasStaged = staged == state
                 let clock = ContinuousClock()
                 let began = clock.now
                 try vmm.restore(state)
                 let restored = clock.now
                 // The counter before the guest runs here: the coordinator checks it is the source's at its pause.
                 reply.counter = counter
-                if !wasRunning { startGuest() }
+                startGuest()
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 reply.running = vmm.isRunning && guestRuns
-                log.say("restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
+                log.say(wasStaged ? "restore: the staged state; the guest runs"
+                    : "restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
             case "destroy":
                 try expectNone(descriptors)
                 closeTaps()
@@ -464,6 +528,17 @@ final class TinyVMM: HandoffHandler {
         guard status.st_size >= 0, UInt64(status.st_size) == gmem.size else {
             throw EndpointError("the received guest_memfd for '\(gmem.name)' holds \(status.st_size) bytes, not the \(gmem.size) its description says")
         }
+    }
+
+    /// The socket a pause or stage-state may carry (the state's way between the two VMMs).
+    private func stateChannel(_ descriptors: [Int32]) throws -> Int32? {
+        guard let first = descriptors.first else { return nil }
+        guard descriptors.count == 1, HandoffConnection.kind(of: first).hasPrefix("socket:") else {
+            let kinds = descriptors.map(HandoffConnection.kind(of:))
+            for descriptor in descriptors { close(descriptor) }
+            throw EndpointError("expected at most one socket, received [\(kinds.joined(separator: ", "))] (closed)")
+        }
+        return first
     }
 
     private func expectNone(_ descriptors: [Int32]) throws {

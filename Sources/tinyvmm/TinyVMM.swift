@@ -154,6 +154,9 @@ final class VCPUThread: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopRequested = false
     private var running = false
+    /// Started, but waiting before its first KVM_RUN until `open` (a target's threads exist
+    /// before the pause, so that none is created inside the blackout).
+    private var gated = false
     private var threadID: UInt = 0
     private var reported: UInt32?
     static let kickSignal = SIGUSR1
@@ -178,14 +181,16 @@ final class VCPUThread: @unchecked Sendable {
     }
 
     var lastReported: UInt32? { condition.withLock { reported } }
-    var isRunning: Bool { condition.withLock { running } }
+    /// Whether the thread runs the guest (a gated thread does not yet).
+    var isRunning: Bool { condition.withLock { running && !gated } }
 
     private var linux: LinuxKVM? { (kernel as? LinuxKVM) ?? ((kernel as? FaultInjectingBackend)?.inner as? LinuxKVM) }
 
-    func start() {
+    func start(gated: Bool = false) {
         condition.withLock {
             stopRequested = false
             running = true
+            self.gated = gated
             entered = nil
         }
         linux?.requestImmediateExit(vcpu, false)
@@ -200,6 +205,7 @@ final class VCPUThread: @unchecked Sendable {
         _ = ckvm_unblock_signal(VCPUThread.kickSignal)
         condition.withLock {
             threadID = UInt(ckvm_thread_self())
+            while gated && !stopRequested { condition.wait() }
             entered = ContinuousClock.now
             condition.broadcast()
         }
@@ -249,11 +255,21 @@ final class VCPUThread: @unchecked Sendable {
         }
     }
 
-    /// Asks the vcpu to stop: immediate_exit, then a signal if it is in KVM_RUN.
+    /// Lets a gated thread enter KVM_RUN.
+    func open() {
+        condition.withLock {
+            gated = false
+            condition.broadcast()
+        }
+    }
+
+    /// Asks the vcpu to stop: immediate_exit, then a signal if it is in KVM_RUN (a gated thread
+    /// leaves without running).
     func requestStop() {
         condition.withLock {
             guard running else { return }
             stopRequested = true
+            condition.broadcast()
             linux?.requestImmediateExit(vcpu, true)
             if threadID != 0 { _ = ckvm_kick_thread(threadID, VCPUThread.kickSignal) }
         }

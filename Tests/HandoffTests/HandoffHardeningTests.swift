@@ -57,7 +57,7 @@ struct VMMRequestHardeningTests {
         let source = try VMMUnderTest("phase-source", source: true)
         defer { source.stop() }
         let peer = try RawPeer(source.socket)
-        for type in ["unbind", "release-memory", "check-state", "destroy", "bind", "create-vm"] {
+        for type in ["unbind", "release-memory", "stage-state", "destroy", "bind", "create-vm"] {
             let reply = try peer.ask(type) {
                 $0.slots = []
                 $0.strategy = .share

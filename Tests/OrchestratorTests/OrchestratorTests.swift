@@ -17,13 +17,14 @@ enum KernelCalls {
     static func made(strategy: Strategy, confidential: Bool) -> [KernelOperation: MigrationStep] {
         var calls: [KernelOperation: MigrationStep] = [
             .createVM: .createTarget, .createVCPU: .createTarget, .inodeIdentity: .handOverMemory, .setMemslot: .bindMemslots,
-            .getVCPUState: .pauseSource, .setVCPUState: .resumeTarget,
+            // The target stages the state (sets it, reads it back) in pause-source, before the
+            // point of no return; resume-target only runs its vcpus.
+            .getVCPUState: .pauseSource, .setVCPUState: .pauseSource,
             // The target VMM's VM is made as the source's was: irqchip and PIT, each vcpu's CPUID.
             .createInterruptControllers: .createTarget, .setCPUID: .createTarget,
-            // The VM's own state (irqchip, PIT, clock) is saved at the pause and restored at the
-            // resume.
-            // The target checks the capabilities the state needs at the pause (check-state).
-            .getVMState: .pauseSource, .setVMState: .resumeTarget, .checkExtension: .pauseSource,
+            // The VM's own state (irqchip, PIT, clock) is saved and staged in pause-source too.
+            // The target checks the capabilities the state needs there (stage-state).
+            .getVMState: .pauseSource, .setVMState: .pauseSource, .checkExtension: .pauseSource,
         ]
         switch strategy {
         case .link:
