@@ -163,9 +163,11 @@ public final class RemoteVMM: VMMEndpoint {
         return Sent(message: message, connection: connection)
     }
 
-    /// Reads the reply to a sent request (the second half of `request`).
-    func reply(to sent: Sent, expect kinds: [String] = [], checkDescriptors: Bool = true) throws(EndpointError) -> (HandoffMessage, [Int32]) {
+    /// Reads the reply to a sent request (the second half of `request`); inside the blackout,
+    /// polling for up to `spin` first.
+    func reply(to sent: Sent, expect kinds: [String] = [], checkDescriptors: Bool = true, spin: Duration = .zero) throws(EndpointError) -> (HandoffMessage, [Int32]) {
         let message = sent.message
+        if spin > .zero { sent.connection.spin(upTo: spin) }
         let reply: HandoffMessage
         let received: [Int32]
         do {
@@ -314,7 +316,7 @@ public final class RemoteVMM: VMMEndpoint {
         Glibc.close(ends[1])
         ends = [-1, -1]
         let paused = Result { () throws(EndpointError) -> VMState in try pausedState(try reply(to: pausing).0) }
-        let staged = Result { () throws(EndpointError) in _ = try target.reply(to: staging) }
+        let staged = Result { () throws(EndpointError) in _ = try target.reply(to: staging, spin: RemoteVMM.blackoutSpin) }
         switch (paused, staged) {
         case (.failure(let error), _): throw .source(error)
         case (.success, .failure(let error)): throw .target(error)
@@ -402,9 +404,13 @@ public final class RemoteVMM: VMMEndpoint {
     public func restore(_ state: VMState) throws(EndpointError) {
         // The VMM has the state it staged set already: the restore inside the blackout only
         // runs the vcpus.
-        let (reply, _) = try request(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
+        let sent = try send(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
+        let (reply, _) = try reply(to: sent, spin: RemoteVMM.blackoutSpin)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
+
+    /// How long the coordinator polls for a reply inside the blackout before it sleeps.
+    static let blackoutSpin: Duration = .milliseconds(10)
 
     /// The state the VMM staged last.
     fileprivate(set) var stagedState: VMState?

@@ -305,10 +305,9 @@ final class TinyVMM: HandoffHandler {
                 let saved = clock.now
                 let encoded = state.encoded
                 if let channel {
-                    let connection = HandoffConnection(fd: channel)  // closes it when done
-                    connection.setTimeout(.seconds(5))
+                    defer { close(channel) }
                     do {
-                        try connection.send(HandoffMessage(type: "ok", id: 0), attachment: encoded)
+                        try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
                     } catch {
                         log.say("pause: the state could not be sent to the target: \(error.message)")
                     }
@@ -404,17 +403,14 @@ final class TinyVMM: HandoffHandler {
                         close(channel)
                         throw EndpointError("stage-state: a state and a socket; one of them")
                     }
-                    let connection = HandoffConnection(fd: channel)
-                    connection.setTimeout(.milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
-                    let bytes: [UInt8]?
+                    defer { close(channel) }
+                    let bytes: [UInt8]
                     do {
-                        let received: [Int32]
-                        (_, received, bytes) = try connection.receiveAttached()
-                        for descriptor in received { close(descriptor) }
+                        bytes = try StateChannel.receive(
+                            on: channel, timeout: .milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
                     } catch {
                         throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
                     }
-                    guard let bytes else { throw EndpointError("stage-state: the source's message carries no state") }
                     do { state = try VMState(decoding: bytes) } catch { throw EndpointError("stage-state: \(error.message)") }
                 } else {
                     guard let given = try requestState(request, attachment) else { throw EndpointError("stage-state needs state") }
@@ -425,7 +421,7 @@ final class TinyVMM: HandoffHandler {
                 try vmm.stage(state)
                 staged = state
                 prepareGuest()
-                reply.timings = ["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]
+                reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }
                 log.say("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal")
             case "restore" where vmm.isRunning:
                 // Idempotent: a VMM whose guest runs has restored already (a repeated

@@ -267,12 +267,14 @@ struct DaemonAPIHardeningTests {
             #expect(connected == 0)
             return fd
         }
-        /// Whether the daemon closed `fd` (a read answers end of file) within `seconds`.
+        /// Whether the daemon closed `fd` within `seconds`: a read answers end of file, or a reset
+        /// (a close the kernel turns into RST), not a timeout.
         func closedByPeer(_ fd: Int32, within seconds: Int) -> Bool {
             var timeout = timeval(tv_sec: seconds, tv_usec: 0)
             setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
             var byte: UInt8 = 0
-            return recv(fd, &byte, 1, 0) == 0
+            let result = recv(fd, &byte, 1, 0)
+            return result == 0 || (result < 0 && errno == ECONNRESET)
         }
         let idle = (0..<4).map { _ in tcpConnection() }
         defer { for fd in idle { close(fd) } }
