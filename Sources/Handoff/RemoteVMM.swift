@@ -282,10 +282,11 @@ public final class RemoteVMM: VMMEndpoint {
     /// socket pair, then the source to pause and send its state on the other end (and to the
     /// coordinator, for the journal); both work at once, and both replies are read whatever
     /// happens, so that neither connection is left with a reply due.
-    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState {
+    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState {
         guard let target = target as? RemoteVMM else {
             let state: VMState
             do { state = try pause() } catch { throw .source(error) }
+            whileStaging(state)
             do { try target.stage(state) } catch { throw .target(error) }
             return state
         }
@@ -316,6 +317,7 @@ public final class RemoteVMM: VMMEndpoint {
         Glibc.close(ends[1])
         ends = [-1, -1]
         let paused = Result { () throws(EndpointError) -> VMState in try pausedState(try reply(to: pausing).0) }
+        if case .success(let state) = paused { whileStaging(state) }
         let staged = Result { () throws(EndpointError) in _ = try target.reply(to: staging, spin: RemoteVMM.blackoutSpin) }
         switch (paused, staged) {
         case (.failure(let error), _): throw .source(error)

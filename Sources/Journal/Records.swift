@@ -167,6 +167,10 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         case intent(step: MigrationStep, direction: Direction)
         /// Written after the effect, success or failure.
         case outcome(Outcome)
+        /// The VM state a step saved (pause-source: the source's, `VMState`'s binary format in
+        /// base64), journaled as soon as the source answers, while the target still stages it:
+        /// before the step's outcome, and off the blackout's path.
+        case saved(step: MigrationStep, state: String)
         /// From here on the migration only rolls forward.
         case pointOfNoReturn
         /// A VMM was asked whether it runs the guest, and answered (or did not).

@@ -96,9 +96,10 @@ public enum PauseError: Error, Equatable, Sendable {
 
 extension VMMEndpoint {
     /// Through the coordinator: the source's state comes here, then goes to the target.
-    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState {
+    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState {
         let state: VMState
         do { state = try pause() } catch { throw .source(error) }
+        whileStaging(state)
         do { try target.stage(state) } catch { throw .target(error) }
         return state
     }
@@ -158,8 +159,10 @@ public protocol VMMEndpoint: AnyObject {
     func pause() throws(EndpointError) -> VMState
     /// Pauses this VMM (the source) and stages its state in `target` (`stage`), the state going
     /// the shortest way between them: two VMM processes pass it over a socket pair while the
-    /// coordinator waits for both. Returns the state, for the journal.
-    func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> VMState
+    /// coordinator waits for both. `whileStaging` is given the state as soon as the source has
+    /// answered, while the target may still work (the coordinator journals it then). Returns
+    /// the state.
+    func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState
     func resume() throws(EndpointError)
     /// Closes the VM; its memory lives on through the target's files. Idempotent: a VMM that is
     /// already gone is retired. Returns a note for the journal (nil when nothing is worth saying).

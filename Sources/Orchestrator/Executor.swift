@@ -132,6 +132,11 @@ public final class MigrationExecutor {
     private var checkedCancel = false
     /// The state the source paused with in this run (the journal has it too, for a later run).
     private var pausedState: VMState?
+    /// Records journaled during a step's effect, for the machine before the step's outcome.
+    private var pendingEvents: [JournalEntry.Event] = []
+    private var pendingJournalError: JournalError?
+    /// Journal writes made while a VMM worked on the blackout's path (not on it themselves).
+    private var overlappedJournalTime: Duration = .zero
 
     public init(
         journal: MigrationJournal, provider: any EndpointProvider, faults: FaultInjector, armed: [String] = [],
@@ -197,6 +202,15 @@ public final class MigrationExecutor {
         return nil
     }
 
+    /// Journals a record in the middle of a step's effect (the state the source saved, while
+    /// the target still works); the machine is told of it before the step's outcome.
+    private func journalNow(_ event: JournalEntry.Event) throws(JournalError) {
+        let before = clock.now
+        try journal.append(event, durable: !(pauseRequested != nil && blackout == nil))
+        overlappedJournalTime += clock.now - before
+        pendingEvents.append(event)
+    }
+
     private func append(_ event: JournalEntry.Event, to machine: inout MigrationMachine) throws(JournalError) {
         let before = clock.now
         // Inside the blackout (the pause requested, the target not yet seen running, going
@@ -233,6 +247,7 @@ public final class MigrationExecutor {
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
             pausedState = nil
+            overlappedJournalTime = .zero
             blackout = nil
             blackoutParts = [:]
             vmmTimings = [:]
@@ -255,6 +270,15 @@ public final class MigrationExecutor {
             } catch {
                 result = .failure(error)
             }
+            for event in pendingEvents {
+                machine.apply(event)
+                observer(event)
+            }
+            pendingEvents = []
+            if let error = pendingJournalError {
+                pendingJournalError = nil
+                throw error
+            }
         }
         let duration = clock.now - began
         if case .success = result, direction == .forward, duration > timeout {
@@ -276,6 +300,7 @@ public final class MigrationExecutor {
                 // The guest runs again in the target: the blackout ends here.
                 blackout = clock.now - pauseRequested
                 blackoutParts["journal"] = journalTimeInBlackout.nanoseconds
+                blackoutParts["journal-while-staging"] = overlappedJournalTime.nanoseconds
                 // Within pause-source and resume-target, what the VMMs did themselves.
                 for (part, nanoseconds) in vmmTimings { blackoutParts["vmm." + part] = nanoseconds }
             }
@@ -392,16 +417,28 @@ public final class MigrationExecutor {
             // The target stages the state (checks it, sets it, reads it back) while the source
             // can still take the guest back: a refusal rolls back.
             let staging = clock.now
+            // The state is journaled as soon as the source answers, while the target stages it.
+            var journalError: JournalError?
+            func journalState(_ state: VMState) {
+                do throws(JournalError) {
+                    try journalNow(.saved(step: .pauseSource, state: Data(state.encoded).base64EncodedString()))
+                } catch {
+                    journalError = error
+                }
+            }
             if let alteration = faults.alteration(at: .state) {
                 // A state altered on purpose passes through here, between the two.
                 state = try source.pause()
                 vmmTimings.merge(source.lastTimings) { _, b in b }
                 state = state.altered(by: alteration)
                 details = source.guestDetails.merging(["altered": "injected fault state=alter:\(alteration)"]) { _, b in b }
+                journalState(state)
+                if let journalError { throw EndpointError("journaling the saved state: \(journalError.message)") }
                 do { try target.stage(state) } catch { throw MigrationExecutor.refusal(error) }
             } else {
+                defer { if let journalError { pendingJournalError = journalError } }
                 do {
-                    state = try source.pause(stagingIn: target)
+                    state = try source.pause(stagingIn: target, whileStaging: journalState)
                 } catch {
                     switch error {
                     case .source(let error): throw error
@@ -414,9 +451,8 @@ public final class MigrationExecutor {
             for (part, nanoseconds) in target.lastTimings { vmmTimings["stage-" + part] = nanoseconds }
             vmmTimings["pause-and-stage"] = (clock.now - staging).nanoseconds
             pausedState = state
-            let encoded = state.encoded
             return details.merging([
-                "vm-state": Data(encoded).base64EncodedString(), "vcpus": "\(state.vcpus.count)", "state-bytes": "\(encoded.count)",
+                "vcpus": "\(state.vcpus.count)", "state-bytes": "\(state.encoded.count)",
                 "sections": (state.vm.map(\.name) + (state.vcpus.first?.sections.map(\.name) ?? [])).joined(separator: ","),
             ]) { _, b in b }
         case .copyMemory:
@@ -453,7 +489,8 @@ public final class MigrationExecutor {
             if let pausedState {
                 state = pausedState
             } else {
-                guard let text = machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
+                // Its `saved` record; a journal of an older gmigrate kept it in the pause's outcome.
+                guard let text = machine.savedState ?? machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
                     throw EndpointError("the journal holds no saved VM state")
                 }
                 do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }

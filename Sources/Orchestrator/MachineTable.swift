@@ -104,6 +104,7 @@ extension JournalEntry.Event {
         case .started: "started"
         case .intent(_, let direction): direction == .undo ? "intent (undo)" : "intent"
         case .outcome: "outcome"
+        case .saved: "saved"
         case .pointOfNoReturn: "point of no return"
         case .observed: "observed"
         case .stopRequested(let stop): stop.kind == .cancel ? "cancel" : "abort"

@@ -85,6 +85,8 @@ public struct MigrationMachine: Sendable, Equatable {
     /// The intent journaled whose outcome has not come yet.
     public private(set) var inFlight: Intent?
     public private(set) var recoveries = 0
+    /// The VM state the last pause saved (base64), from its `saved` record.
+    public private(set) var savedState: String?
 
     /// Forward steps that succeeded (and were not undone by a later failure report).
     public private(set) var completed: Set<MigrationStep> = []
@@ -284,6 +286,8 @@ public struct MigrationMachine: Sendable, Equatable {
             inFlight = nil
             epoch += 1
             apply(outcome)
+        case .saved(_, let state):
+            savedState = state
         case .pointOfNoReturn:
             pastPointOfNoReturn = true
         case .observed(let observation):

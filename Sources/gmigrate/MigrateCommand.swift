@@ -435,6 +435,8 @@ struct JournalCommand: ParsableCommand {
                 if outcome.details["vm"] != nil { text += "  [source VM described]" }
                 if outcome.details["vcpu-states"] != nil { text += "  [vcpu state saved]" }
                 return text
+            case .saved(let step, let state):
+                return "saved    \(step.rawValue): the VM state (\(state.utf8.count) bytes of base64)"
             case .pointOfNoReturn:
                 return "POINT OF NO RETURN"
             case .finished(let finished):

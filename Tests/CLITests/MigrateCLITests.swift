@@ -42,7 +42,7 @@ struct MigrateCLITests {
         #expect(show.stdout.contains("finished completed"))
         let json = try gmigrate(["journal", "show", id, "--state-dir", state, "--json"])
         let document = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
-        #expect((document["entries"] as? [Any])?.count == 20, "started, 8 intents and outcomes, the point of no return, one observation, finished")
+        #expect((document["entries"] as? [Any])?.count == 21, "started, 8 intents and outcomes, the saved state, the point of no return, one observation, finished")
     }
 
     @Test func jsonSummary() throws {

@@ -350,7 +350,7 @@ struct DaemonTests {
             #expect(steps?.count == 8 && steps?.first == "prepare" && steps?.last == "retire-source")
             let journal = try gmigrate(["journal", "show", id, "--state-dir", daemon.directory + "/state", "--json"])
             let entries = ((try? JSONSerialization.jsonObject(with: Data(journal.stdout.utf8))) as? [String: Any])?["entries"] as? [Any]
-            #expect(entries?.count == 20, "\(id)'s own history: started, 8 intents and outcomes, the point of no return, one observation, finished")
+            #expect(entries?.count == 21, "\(id)'s own history: started, 8 intents and outcomes, the saved state, the point of no return, one observation, finished")
         }
     }
 

@@ -225,7 +225,11 @@ public struct SwitchOver {
     public init(_ contents: JournalContents) {
         let pause = contents.entries.outcomes.last { $0.step == .pauseSource && $0.ok && $0.direction == .forward }
         counterAtPause = pause?.details["counter"].flatMap { UInt32($0) }
-        if let text = pause?.details["vm-state"], let data = Data(base64Encoded: text),
+        let saved = contents.entries.compactMap { entry -> String? in
+            if case .saved(.pauseSource, let state) = entry.event { return state }
+            return nil
+        }.last
+        if let text = saved, let data = Data(base64Encoded: text),
             let state = try? VMState(decoding: [UInt8](data))
         {
             eaxAtPause = state.vcpus.first.map { UInt32(truncatingIfNeeded: $0.registers.rax) }
