@@ -136,3 +136,41 @@ extension Journal {
         return last
     }
 }
+
+/// The `saved` record's JSON is written directly (its base64 state is large, and on the
+/// blackout's path): it must read back as the entry, like the encoder's own JSON.
+@Suite("The saved record's JSON")
+struct SavedRecordTests {
+    @Test(arguments: [0, 1, 2, 3, 4, 100, 13_000])
+    func readsBackAsTheEntry(_ count: Int) throws {
+        var random = SplitMix64(seed: UInt64(count) + 1)
+        let bytes = (0..<count).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let time = Date().timeIntervalSince1970 + Double(count) / 7
+        let entry = JournalEntry(sequence: count + 3, time: time, event: .saved(step: .pauseSource, state: Data(bytes).base64EncodedString()))
+        let fast = try #require(MigrationJournal.savedStatePayload(entry))
+        #expect(try JSONDecoder().decode(JournalEntry.self, from: fast) == entry)
+        // The encoder's JSON and this one hold the same object.
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let reference = try JSONSerialization.jsonObject(with: try encoder.encode(entry)) as? NSDictionary
+        #expect(try JSONSerialization.jsonObject(with: fast) as? NSDictionary == reference)
+    }
+
+    @Test func anythingElseTakesTheEncoder() {
+        #expect(MigrationJournal.savedStatePayload(JournalEntry(sequence: 1, time: 1, event: .pointOfNoReturn)) == nil)
+        // Not base64: a quote would need escaping.
+        #expect(MigrationJournal.savedStatePayload(JournalEntry(sequence: 1, time: 1, event: .saved(step: .pauseSource, state: "a\"b"))) == nil)
+    }
+
+    @Test func aJournalWithASavedRecordReadsBack() throws {
+        let directory = temporaryDirectory("jsaved")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let journal = try Journal(stateDirectory: directory).create(id: "20261201T000000-x-0000000000000002")
+        let state = Data((0..<5000).map { UInt8(truncatingIfNeeded: $0 &* 31) }).base64EncodedString()
+        try journal.append(.saved(step: .pauseSource, state: state), durable: false)
+        try journal.append(.pointOfNoReturn)
+        let contents = try Journal.read(path: journal.path)
+        #expect(contents.corruption == nil)
+        #expect(contents.entries.map(\.event) == [.saved(step: .pauseSource, state: state), .pointOfNoReturn])
+    }
+}
