@@ -529,7 +529,8 @@ final class TinyVMM: HandoffHandler {
     /// The socket a pause or stage-state may carry (the state's way between the two VMMs).
     private func stateChannel(_ descriptors: [Int32]) throws -> Int32? {
         guard let first = descriptors.first else { return nil }
-        guard descriptors.count == 1, HandoffConnection.kind(of: first).hasPrefix("socket:") else {
+        var status = stat()
+        guard descriptors.count == 1, fstat(first, &status) == 0, status.st_mode & S_IFMT == S_IFSOCK else {
             let kinds = descriptors.map(HandoffConnection.kind(of:))
             for descriptor in descriptors { close(descriptor) }
             throw EndpointError("expected at most one socket, received [\(kinds.joined(separator: ", "))] (closed)")
