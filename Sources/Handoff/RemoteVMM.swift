@@ -298,19 +298,19 @@ public final class RemoteVMM: VMMEndpoint {
             Glibc.close(ends[0])
             Glibc.close(ends[1])
         }
+        // The source first: it takes the longest (stopping, saving), and the target only waits.
+        let pausing: Sent
+        do { pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]]) } catch { throw .source(error) }
         var stage = HandoffMessage(type: "stage-state", id: 0)
         stage.timeoutMilliseconds = Int(clamping: target.timeout.nanoseconds / 1_000_000)
         let staging: Sent
-        do { staging = try target.send(stage, descriptors: [ends[1]]) } catch { throw .target(error) }
-        let pausing: Sent
         do {
-            pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]])
+            staging = try target.send(stage, descriptors: [ends[1]])
         } catch {
-            // The target hears the end of the socket (closed here) and answers that no state came.
-            Glibc.close(ends[0])
-            ends[0] = -1
-            _ = try? target.reply(to: staging)
-            throw .source(error)
+            // The source sends its state into a socket no one reads (its send is bounded; the
+            // socket's buffer holds a state), and answers; the rollback resumes it.
+            _ = try? reply(to: pausing)
+            throw .target(error)
         }
         // Both sent: the coordinator's ends are closed, so that each VMM sees the other's end only.
         Glibc.close(ends[0])

@@ -211,6 +211,9 @@ final class TinyVMM: HandoffHandler {
     /// The state stage-state set into the vcpus, for a restore that does not carry it again.
     private var staged: VMState?
 
+    /// A target with a staged state polls for the restore that follows inside the blackout.
+    var pollForNextRequest: Duration { staged != nil && !vmm.isRunning ? .milliseconds(20) : .zero }
+
     var phase: Phase {
         if vmm.vmHandle == nil { return .empty }
         if paused { return .paused }
