@@ -90,6 +90,8 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     public var attachment: Int?
     /// stage-state by socket: how long the target waits for the source's state.
     public var timeoutMilliseconds: Int?
+    /// pause by socket and stage-state (replies): `BYTES:CRC32C` of the state sent / received.
+    public var stateDigest: String?
 
     public init(type: String, id: Int) {
         self.type = type

@@ -259,6 +259,14 @@ public final class RemoteVMM: VMMEndpoint {
         try pausedState(try request(HandoffMessage(type: "pause", id: 0)).0)
     }
 
+    public func savedState() throws(EndpointError) -> VMState {
+        // The guest's counter this VMM reports now is in memory the target shares, and runs
+        // on: what it said at its pause stays.
+        let counter = lastCounter
+        defer { lastCounter = counter }
+        return try pause()
+    }
+
     /// The state a pause reply brings: its attachment, or base64 in `state`.
     private func pausedState(_ reply: HandoffMessage) throws(EndpointError) -> VMState {
         let bytes: [UInt8]
@@ -278,17 +286,19 @@ public final class RemoteVMM: VMMEndpoint {
         }
     }
 
-    /// Two VMM processes: the target is asked to stage the state that comes on one end of a
-    /// socket pair, then the source to pause and send its state on the other end (and to the
-    /// coordinator, for the journal); both work at once, and both replies are read whatever
-    /// happens, so that neither connection is left with a reply due.
-    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState {
+    /// Two VMM processes: the source is asked to pause and send its state on one end of a
+    /// socket pair, the target to stage the state that comes on the other end; both work at
+    /// once, and both replies are read whatever happens, so that neither connection is left
+    /// with a reply due. Each answers the digest of the state it sent or received, and the two
+    /// must be the same. The coordinator does not get the state itself here (a later `pause`
+    /// answers it, once the blackout is over).
+    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
         guard let target = target as? RemoteVMM else {
             let state: VMState
             do { state = try pause() } catch { throw .source(error) }
             whileStaging(state)
             do { try target.stage(state) } catch { throw .target(error) }
-            return state
+            return StagedPause(state: state, digest: VMState.digest(state.encoded))
         }
         var ends: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
@@ -316,15 +326,21 @@ public final class RemoteVMM: VMMEndpoint {
         Glibc.close(ends[0])
         Glibc.close(ends[1])
         ends = [-1, -1]
-        let paused = Result { () throws(EndpointError) -> VMState in try pausedState(try reply(to: pausing).0) }
-        if case .success(let state) = paused { whileStaging(state) }
-        let staged = Result { () throws(EndpointError) in _ = try target.reply(to: staging, spin: RemoteVMM.blackoutSpin) }
+        let paused = Result { () throws(EndpointError) -> String in
+            let (reply, _) = try reply(to: pausing)
+            guard let digest = reply.stateDigest else { throw EndpointError("\(role) VMM: pause: no state digest in the reply") }
+            return digest
+        }
+        let staged = Result { () throws(EndpointError) -> String? in try target.reply(to: staging, spin: RemoteVMM.blackoutSpin).0.stateDigest }
         switch (paused, staged) {
         case (.failure(let error), _): throw .source(error)
         case (.success, .failure(let error)): throw .target(error)
-        case (.success(let state), .success):
-            target.stagedState = state
-            return state
+        case (.success(let sent), .success(let received)):
+            guard received == sent else {
+                throw .target(EndpointError("\(target.role) VMM: stage-state: the state it received (\(received ?? "no digest")) is not the one the source sent (\(sent))"))
+            }
+            target.stagedState = nil
+            return StagedPause(state: nil, digest: sent)
         }
     }
 
@@ -413,6 +429,12 @@ public final class RemoteVMM: VMMEndpoint {
 
     /// How long the coordinator polls for a reply inside the blackout before it sleeps.
     static let blackoutSpin: Duration = .milliseconds(10)
+
+    public func restoreStaged() throws(EndpointError) {
+        let sent = try send(HandoffMessage(type: "restore", id: 0))
+        let (reply, _) = try reply(to: sent, spin: RemoteVMM.blackoutSpin)
+        if counterAtRestore == nil { counterAtRestore = reply.counter }
+    }
 
     /// The state the VMM staged last.
     fileprivate(set) var stagedState: VMState?

@@ -94,14 +94,36 @@ public enum PauseError: Error, Equatable, Sendable {
     case target(EndpointError)
 }
 
+/// What `pause(stagingIn:)` established: the state, when it passed through the coordinator,
+/// and its digest either way (when it went VMM to VMM, both VMMs answer the digest of what
+/// they sent and received, and the coordinator compares them).
+public struct StagedPause: Sendable, Equatable {
+    public var state: VMState?
+    public var digest: String
+
+    public init(state: VMState?, digest: String) {
+        self.state = state
+        self.digest = digest
+    }
+}
+
+extension VMState {
+    /// `BYTES:CRC32C` of an encoded state: what the source sent and the target received.
+    public static func digest(_ encoded: [UInt8]) -> String {
+        "\(encoded.count):" + String(CRC32C.update(0, encoded), radix: 16)
+    }
+}
+
 extension VMMEndpoint {
+    public func savedState() throws(EndpointError) -> VMState { try pause() }
+
     /// Through the coordinator: the source's state comes here, then goes to the target.
-    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState {
+    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
         let state: VMState
         do { state = try pause() } catch { throw .source(error) }
         whileStaging(state)
         do { try target.stage(state) } catch { throw .target(error) }
-        return state
+        return StagedPause(state: state, digest: VMState.digest(state.encoded))
     }
 }
 
@@ -162,8 +184,12 @@ public protocol VMMEndpoint: AnyObject {
     /// coordinator waits for both. `whileStaging` is given the state as soon as the source has
     /// answered, while the target may still work (the coordinator journals it then). Returns
     /// the state.
-    func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> VMState
+    func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause
     func resume() throws(EndpointError)
+    /// The state a paused VMM saved, asked again (read-only: what the VMM last said of its
+    /// guest is kept): the coordinator journals a state that went VMM to VMM this way, after
+    /// the blackout.
+    func savedState() throws(EndpointError) -> VMState
     /// Closes the VM; its memory lives on through the target's files. Idempotent: a VMM that is
     /// already gone is retired. Returns a note for the journal (nil when nothing is worth saying).
     func retire() throws(EndpointError) -> String?
@@ -195,6 +221,10 @@ public protocol VMMEndpoint: AnyObject {
     /// Runs every vcpu with `state`: a state `stage` set already is not set again; another one
     /// is checked, set and read back first. Idempotent: a VMM whose guest runs answers ok.
     func restore(_ state: VMState) throws(EndpointError)
+    /// Runs every vcpu with the state `stage` set (the coordinator does not hold it when it
+    /// went VMM to VMM). Idempotent: a VMM whose guest runs answers ok; one with nothing
+    /// staged fails.
+    func restoreStaged() throws(EndpointError)
     /// Undo of createVM, receiveMemory and bind: closes everything the target holds. Idempotent:
     /// a VMM that is already gone is destroyed.
     func destroy() throws(EndpointError)

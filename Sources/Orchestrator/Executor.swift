@@ -307,6 +307,7 @@ public final class MigrationExecutor {
         }
         try append(.outcome(outcome), to: &machine)
         report(StepReport(outcome))
+
         if outcome.ok, direction == .forward, let errno = faults.hit(.after(step)) {
             let failure = JournalEntry.Outcome(
                 step: step, direction: .forward, ok: false, durationNanoseconds: 0, errno: errno.rawValue,
@@ -314,6 +315,19 @@ public final class MigrationExecutor {
             try append(.outcome(failure), to: &machine)
             report(StepReport(failure))
         }
+    }
+
+    /// Before the source retires, a state that went VMM to VMM in the blackout: the paused
+    /// source answers it again, and it is journaled if it is the one the target staged (the
+    /// same digest). In whichever run retires the source (after a crash too). A source that
+    /// cannot answer leaves the journal without it: the target runs it, nothing waits on it.
+    private func journalSavedState(_ machine: MigrationMachine, source: any VMMEndpoint) throws(JournalError) {
+        guard machine.savedState == nil, let digest = machine.details[.pauseSource]?["state-digest"],
+            let state = try? source.savedState()
+        else { return }
+        let encoded = state.encoded
+        guard VMState.digest(encoded) == digest else { return }
+        try journalNow(.saved(step: .pauseSource, state: Data(encoded).base64EncodedString()))
     }
 
     /// A target's refusal of the saved state, as the journal says it.
@@ -412,7 +426,8 @@ public final class MigrationExecutor {
         case .pauseSource:
             let source = try source(timeout: timeout)
             let target = try target(timeout: timeout)
-            var state: VMState
+            var state: VMState?
+            var digest: String
             var details: [String: String]
             // The target stages the state (checks it, sets it, reads it back) while the source
             // can still take the guest back: a refusal rolls back.
@@ -428,17 +443,19 @@ public final class MigrationExecutor {
             }
             if let alteration = faults.alteration(at: .state) {
                 // A state altered on purpose passes through here, between the two.
-                state = try source.pause()
+                let altered = try source.pause().altered(by: alteration)
                 vmmTimings.merge(source.lastTimings) { _, b in b }
-                state = state.altered(by: alteration)
                 details = source.guestDetails.merging(["altered": "injected fault state=alter:\(alteration)"]) { _, b in b }
-                journalState(state)
+                journalState(altered)
                 if let journalError { throw EndpointError("journaling the saved state: \(journalError.message)") }
-                do { try target.stage(state) } catch { throw MigrationExecutor.refusal(error) }
+                do { try target.stage(altered) } catch { throw MigrationExecutor.refusal(error) }
+                state = altered
+                digest = VMState.digest(altered.encoded)
             } else {
                 defer { if let journalError { pendingJournalError = journalError } }
+                let staged: StagedPause
                 do {
-                    state = try source.pause(stagingIn: target, whileStaging: journalState)
+                    staged = try source.pause(stagingIn: target, whileStaging: journalState)
                 } catch {
                     switch error {
                     case .source(let error): throw error
@@ -447,14 +464,19 @@ public final class MigrationExecutor {
                 }
                 vmmTimings.merge(source.lastTimings) { _, b in b }
                 details = source.guestDetails
+                state = staged.state
+                digest = staged.digest
             }
             for (part, nanoseconds) in target.lastTimings { vmmTimings["stage-" + part] = nanoseconds }
             vmmTimings["pause-and-stage"] = (clock.now - staging).nanoseconds
             pausedState = state
-            return details.merging([
-                "vcpus": "\(state.vcpus.count)", "state-bytes": "\(state.encoded.count)",
-                "sections": (state.vm.map(\.name) + (state.vcpus.first?.sections.map(\.name) ?? [])).joined(separator: ","),
-            ]) { _, b in b }
+            // A state that went VMM to VMM is journaled before the source retires.
+            details["state-digest"] = digest
+            if let state {
+                details["vcpus"] = "\(state.vcpus.count)"
+                details["sections"] = (state.vm.map(\.name) + (state.vcpus.first?.sections.map(\.name) ?? [])).joined(separator: ",")
+            }
+            return details
         case .copyMemory:
             let description = try description(machine)
             let source = try describedSource(description, timeout: timeout)
@@ -484,22 +506,22 @@ public final class MigrationExecutor {
             try target(timeout: timeout).moveEncryptionContext(from: handle)
             return [:]
         case .resumeTarget:
-            // The state this run paused with; after a crash, the one the journal holds.
-            let state: VMState
-            if let pausedState {
-                state = pausedState
-            } else {
-                // Its `saved` record; a journal of an older gmigrate kept it in the pause's outcome.
-                guard let text = machine.savedState ?? machine.details[.pauseSource]?["vm-state"], let data = Data(base64Encoded: text) else {
-                    throw EndpointError("the journal holds no saved VM state")
-                }
+            // The state this run paused with; after a crash, the one the journal holds (its
+            // `saved` record; a journal of an older gmigrate kept it in the pause's outcome);
+            // else the one the target staged, which went to it straight from the source.
+            var state: VMState? = pausedState
+            if state == nil, let text = machine.savedState ?? machine.details[.pauseSource]?["vm-state"] {
+                guard let data = Data(base64Encoded: text) else { throw EndpointError("the journal's saved VM state is not base64") }
                 do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }
             }
             let target = try target(timeout: timeout)
-            try target.restore(state)
+            if let state { try target.restore(state) } else { try target.restoreStaged() }
             vmmTimings.merge(target.lastTimings) { _, b in b }
             return target.guestDetails
         case .retireSource:
+            if let source = try? source(timeout: timeout) {
+                do throws(JournalError) { try journalSavedState(machine, source: source) } catch { pendingJournalError = error }
+            }
             do {
                 let note = try source(timeout: timeout).retire()
                 return note.map { ["note": $0] } ?? [:]

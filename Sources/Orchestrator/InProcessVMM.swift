@@ -466,6 +466,12 @@ public final class InProcessVMM: VMMEndpoint {
     /// again; otherwise the state is checked, set and read back here.
     public func restore(_ state: VMState) throws(EndpointError) { try restore(state, verify: true) }
 
+    public func restoreStaged() throws(EndpointError) {
+        if isRunning { return }
+        guard let loaded else { throw EndpointError("\(role): no staged state to run") }
+        try restore(loaded, verify: true)
+    }
+
     /// `verify: false` is the bare floor `tools/bench-blackout` measures against: the same sets,
     /// no check, no read-back.
     public func restore(_ state: VMState, verify: Bool) throws(EndpointError) {

@@ -308,14 +308,18 @@ final class TinyVMM: HandoffHandler {
                 let saved = clock.now
                 let encoded = state.encoded
                 if let channel {
+                    // The state goes to the target only; the coordinator gets its digest (and
+                    // the state itself from a later pause, which answers the saved state).
                     defer { close(channel) }
                     do {
                         try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
                     } catch {
                         log.say("pause: the state could not be sent to the target: \(error.message)")
                     }
+                    reply.stateDigest = VMState.digest(encoded)
+                } else {
+                    replyAttachment = encoded
                 }
-                replyAttachment = encoded
                 reply.timings = [
                     "stop": (stopped - began).nanoseconds, "save": (saved - stopped).nanoseconds, "send": (clock.now - saved).nanoseconds,
                 ]
@@ -415,9 +419,11 @@ final class TinyVMM: HandoffHandler {
                         throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
                     }
                     do { state = try VMState(decoding: bytes) } catch { throw EndpointError("stage-state: \(error.message)") }
+                    reply.stateDigest = VMState.digest(bytes)
                 } else {
                     guard let given = try requestState(request, attachment) else { throw EndpointError("stage-state needs state") }
                     state = given
+                    reply.stateDigest = attachment.map(VMState.digest)
                 }
                 let received = clock.now
                 staged = nil
