@@ -326,6 +326,9 @@ public final class RemoteVMM: VMMEndpoint {
         Glibc.close(ends[0])
         Glibc.close(ends[1])
         ends = [-1, -1]
+        // Both replies polled for at once: a coordinator asleep on the source's is woken late
+        // (up to a millisecond here) while the two VMMs keep both CPUs busy.
+        HandoffConnection.spin([pausing.connection, staging.connection], upTo: RemoteVMM.blackoutSpin)
         let paused = Result { () throws(EndpointError) -> String in
             let (reply, _) = try reply(to: pausing)
             guard let digest = reply.stateDigest else { throw EndpointError("\(role) VMM: pause: no state digest in the reply") }
