@@ -19,10 +19,14 @@ public protocol HandoffHandler: AnyObject {
     /// whose staged state waits for `restore` inside the blackout polls, so that it is not
     /// woken late (tens to hundreds of microseconds on this machine kind).
     var pollForNextRequest: Duration { get }
+    /// Work a request left for after its reply is sent (a target's read-back of the state it
+    /// staged, while the coordinator journals).
+    func afterReply()
 }
 
 extension HandoffHandler {
     public var pollForNextRequest: Duration { .zero }
+    public func afterReply() {}
 
     /// A handler that takes no attachment: a request that carries one is answered without it.
     public func handle(_ request: HandoffMessage, descriptors: [Int32], attachment: [UInt8]?) -> (HandoffMessage, [Int32], [UInt8]?) {
@@ -117,8 +121,10 @@ public final class HandoffServer {
                 try connection.send(reply, descriptors: replyDescriptors, attachment: replyAttachment)
             } catch {
                 log("the reply to \(request.type) could not be sent: \(error.message)")
+                handler.afterReply()
                 return
             }
+            handler.afterReply()
         }
     }
 }

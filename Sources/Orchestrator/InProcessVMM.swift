@@ -33,6 +33,8 @@ public final class InProcessVMM: VMMEndpoint {
     private var saved: VMState? = nil
     /// The state `stage` set into the vcpus (read back equal), which have not run since.
     private var loaded: VMState? = nil
+    /// A state `stage(_:readBack: false)` set and has not read back yet (`verifyStaged`).
+    private var unverified: VMState? = nil
     /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
     /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
     /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
@@ -452,14 +454,42 @@ public final class InProcessVMM: VMMEndpoint {
     /// Checks `state` (`checkState`), sets it into the VM and its vcpus, and reads it back: a
     /// section that differs from what was saved fails it, naming it. The vcpus do not run: the
     /// restore that follows the point of no return runs them without setting anything again.
-    public func stage(_ state: VMState) throws(EndpointError) {
+    public func stage(_ state: VMState) throws(EndpointError) { try stage(state, readBack: true) }
+
+    /// `readBack: false`: the state is checked and set, and read back later by `verifyStaged`
+    /// (which `restore` calls if nothing did before): a VMM answers the coordinator first and
+    /// reads back while the coordinator journals, and no vcpu runs before the read-back.
+    public func stage(_ state: VMState, readBack: Bool) throws(EndpointError) {
         guard !isRunning else { throw EndpointError("\(role): the VM runs; a state is staged only in a VM that does not") }
         let clock = ContinuousClock()
         let began = clock.now
         try checkState(state)
         let checked = clock.now - began
-        try load(state, verify: true)
+        try load(state, verify: readBack)
         lastTimings["check"] = checked.nanoseconds
+        if !readBack {
+            loaded = nil
+            unverified = state
+        }
+    }
+
+    /// Reads back the state `stage(_:readBack: false)` set and compares it with what was
+    /// saved: a difference fails it, naming the section and field, and the state is not run.
+    public func verifyStaged() throws(EndpointError) {
+        guard let state = unverified, let vm else { return }
+        unverified = nil
+        let clock = ContinuousClock()
+        let began = clock.now
+        do {
+            let back = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
+            if let difference = VMState.difference(restored: back, saved: state) {
+                throw EndpointError("\(role): the restored state read back differs: \(difference)")
+            }
+        } catch {
+            throw EndpointError.from(error)
+        }
+        lastTimings = ["read-back": (clock.now - began).nanoseconds]
+        loaded = state
     }
 
     /// Restores a saved state into this VM and runs it: what `stage` set already is not set
@@ -468,8 +498,8 @@ public final class InProcessVMM: VMMEndpoint {
 
     public func restoreStaged() throws(EndpointError) {
         if isRunning { return }
-        guard let loaded else { throw EndpointError("\(role): no staged state to run") }
-        try restore(loaded, verify: true)
+        guard let staged = unverified ?? loaded else { throw EndpointError("\(role): no staged state to run") }
+        try restore(staged, verify: true)
     }
 
     /// `verify: false` is the bare floor `tools/bench-blackout` measures against: the same sets,
@@ -477,6 +507,7 @@ public final class InProcessVMM: VMMEndpoint {
     public func restore(_ state: VMState, verify: Bool) throws(EndpointError) {
         if isRunning { return }
         guard vm != nil else { throw EndpointError("\(role): no VM to restore into") }
+        if unverified == state { try verifyStaged() }
         if loaded != state {
             if verify { try checkState(state) }
             try load(state, verify: verify)
@@ -493,6 +524,7 @@ public final class InProcessVMM: VMMEndpoint {
     private func load(_ state: VMState, verify: Bool) throws(EndpointError) {
         guard let vm else { throw EndpointError("\(role): no VM to restore into") }
         loaded = nil
+        unverified = nil
         let clock = ContinuousClock()
         let began = clock.now
         var set = began
@@ -550,6 +582,7 @@ public final class InProcessVMM: VMMEndpoint {
         vm = nil
         saved = nil
         loaded = nil
+        unverified = nil
         hasReceivedEncryptionContext = false
     }
 

@@ -211,6 +211,25 @@ final class TinyVMM: HandoffHandler {
     /// The state stage-state set into the vcpus, for a restore that does not carry it again.
     private var staged: VMState?
 
+    /// Why the read-back of the staged state failed (restore then answers it), and how long it took.
+    private var stagingFailure: String?
+    private var readBack: Int64?
+
+    /// The read-back of a state stage-state set, once its reply is sent.
+    func afterReply() {
+        guard staged != nil, stagingFailure == nil, readBack == nil, !vmm.isRunning else { return }
+        let clock = ContinuousClock()
+        let began = clock.now
+        do {
+            try vmm.verifyStaged()
+            readBack = (clock.now - began).nanoseconds
+            log.say("the staged state read back equal")
+        } catch {
+            stagingFailure = error.message
+            log.say("the staged state: \(error.message)")
+        }
+    }
+
     /// A target with a staged state polls for the restore that follows inside the blackout.
     var pollForNextRequest: Duration { staged != nil && !vmm.isRunning ? .milliseconds(20) : .zero }
 
@@ -427,11 +446,15 @@ final class TinyVMM: HandoffHandler {
                 }
                 let received = clock.now
                 staged = nil
-                try vmm.stage(state)
+                stagingFailure = nil
+                readBack = nil
+                // Checked and set now; read back once the reply is sent (`afterReply`), while
+                // the coordinator journals. No vcpu runs before the read-back says equal.
+                try vmm.stage(state, readBack: false)
                 staged = state
                 prepareGuest()
                 reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }
-                log.say("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal")
+                log.say("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
             case "restore" where vmm.isRunning:
                 // Idempotent: a VMM whose guest runs has restored already (a repeated
                 // resume-target after a crash or a lost reply).
@@ -451,6 +474,7 @@ final class TinyVMM: HandoffHandler {
                     throw EndpointError("restore needs state (or a state stage-state set)")
                 }
                 let wasStaged = staged == state
+                if wasStaged, let stagingFailure { throw EndpointError(stagingFailure) }
                 let clock = ContinuousClock()
                 let began = clock.now
                 try vmm.restore(state)
@@ -459,6 +483,7 @@ final class TinyVMM: HandoffHandler {
                 reply.counter = counter
                 startGuest()
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
+                if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
                 log.say(wasStaged ? "restore: the staged state; the guest runs"
                     : "restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
