@@ -326,9 +326,9 @@ public final class RemoteVMM: VMMEndpoint {
         Glibc.close(ends[0])
         Glibc.close(ends[1])
         ends = [-1, -1]
-        // Both replies polled for at once: a coordinator asleep on the source's is woken late
-        // (up to a millisecond here) while the two VMMs keep both CPUs busy.
-        HandoffConnection.spin([pausing.connection, staging.connection], upTo: RemoteVMM.blackoutSpin)
+        // The coordinator sleeps on the source's reply (polling for both at once was slower
+        // here: with two CPUs, a polling coordinator takes one from the two VMMs), then polls
+        // for the target's, which comes last.
         let paused = Result { () throws(EndpointError) -> String in
             let (reply, _) = try reply(to: pausing)
             guard let digest = reply.stateDigest else { throw EndpointError("\(role) VMM: pause: no state digest in the reply") }

@@ -152,25 +152,6 @@ public final class HandoffConnection: @unchecked Sendable {
         }
     }
 
-    /// `spin(upTo:)` over several connections: returns once every one can be read, or when
-    /// `duration` has passed.
-    public static func spin(_ connections: [HandoffConnection], upTo duration: Duration) {
-        let clock = ContinuousClock()
-        let deadline = clock.now + duration
-        var descriptors = connections.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
-        var ready = Array(repeating: false, count: descriptors.count)
-        while clock.now < deadline {
-            if poll(&descriptors, nfds_t(descriptors.count), 0) > 0 {
-                for (index, descriptor) in descriptors.enumerated() where descriptor.revents != 0 { ready[index] = true }
-                if !ready.contains(false) { return }
-                descriptors = descriptors.enumerated().filter { !ready[$0.offset] }.map(\.element)
-                ready = Array(repeating: false, count: descriptors.count)
-                if descriptors.isEmpty { return }
-            }
-            sched_yield()
-        }
-    }
-
     /// Receives one message and the descriptors that came with it (now owned by the caller).
     /// On any error every received descriptor is closed. A message with an attachment is
     /// refused here: its receiver takes `receiveAttached()`.

@@ -215,8 +215,18 @@ final class TinyVMM: HandoffHandler {
     private var stagingFailure: String?
     private var readBack: Int64?
 
-    /// The read-back of a state stage-state set, once its reply is sent.
+    /// Log lines of the blackout's requests, written once the reply is sent (`afterReply`): the
+    /// coordinator waits on the reply, and on this machine kind the CPUs are all busy then.
+    private var pendingLog: [String] = []
+    private func later(_ line: @autoclosure () -> String) { pendingLog.append(line()) }
+
+    /// The read-back of a state stage-state set, once its reply is sent; then the log lines
+    /// the reply waited for.
     func afterReply() {
+        defer {
+            for line in pendingLog { log.say(line) }
+            pendingLog.removeAll()
+        }
         guard staged != nil, stagingFailure == nil, readBack == nil, !vmm.isRunning else { return }
         let clock = ContinuousClock()
         let began = clock.now
@@ -330,12 +340,12 @@ final class TinyVMM: HandoffHandler {
                     // The state goes to the target only; the coordinator gets its digest (and
                     // the state itself from a later pause, which answers the saved state).
                     defer { close(channel) }
+                    reply.stateDigest = VMState.digest(encoded)
                     do {
                         try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
                     } catch {
-                        log.say("pause: the state could not be sent to the target: \(error.message)")
+                        later("pause: the state could not be sent to the target: \(error.message)")
                     }
-                    reply.stateDigest = VMState.digest(encoded)
                 } else {
                     replyAttachment = encoded
                 }
@@ -344,8 +354,8 @@ final class TinyVMM: HandoffHandler {
                 ]
                 reply.running = false
                 reply.counter = counter
-                log.say("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
-                log.say("paused; counter \(reply.counter.map(String.init) ?? "-")\(channel == nil ? "" : "; the state went to the target")")
+                later("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
+                later("paused; counter \(reply.counter.map(String.init) ?? "-")\(channel == nil ? "" : "; the state went to the target")")
             case "resume":
                 try expectNone(descriptors)
                 try vmm.resume()
@@ -454,7 +464,7 @@ final class TinyVMM: HandoffHandler {
                 staged = state
                 prepareGuest()
                 reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }
-                log.say("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
+                later("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
             case "restore" where vmm.isRunning:
                 // Idempotent: a VMM whose guest runs has restored already (a repeated
                 // resume-target after a crash or a lost reply).
@@ -485,7 +495,7 @@ final class TinyVMM: HandoffHandler {
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
-                log.say(wasStaged ? "restore: the staged state; the guest runs"
+                later(wasStaged ? "restore: the staged state; the guest runs"
                     : "restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
             case "destroy":
                 try expectNone(descriptors)
