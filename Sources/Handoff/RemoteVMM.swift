@@ -317,8 +317,10 @@ public final class RemoteVMM: VMMEndpoint {
         do {
             staging = try target.send(stage, descriptors: [ends[1]])
         } catch {
-            // The source sends its state into a socket no one reads (its send is bounded; the
-            // socket's buffer holds a state), and answers; the rollback resumes it.
+            // The source's send ends at once (the other end is closed here), and it answers;
+            // the rollback resumes it.
+            Glibc.close(ends[1])
+            ends[1] = -1
             _ = try? reply(to: pausing)
             throw .target(error)
         }

@@ -126,18 +126,8 @@ public final class MigrationJournal: @unchecked Sendable {
         }
     }
 
-    /// Appends one event and returns only once it is on stable storage (`fdatasync`), with
-    /// every record written before it.
-    ///
-    /// With `durable: false` the record is written (to the page cache: a process that dies
-    /// after this call leaves it for `gmigrate recover`) but not synced; the next durable append,
-    /// or `sync()`, makes it durable. The blackout writes this way (docs/orchestrator.md says
-    /// why that changes no outcome).
-    /// - Throws: `.finished` after the `finished` record (a finished journal stays finished),
-    ///   `.io` when the record cannot be written.
     /// The JSON of a `saved` record, written directly: its state is tens of KiB of base64, which
-    /// JSONEncoder scans character by character (150 µs here, while the target stages the
-    /// state on the blackout's path). The same JSON the encoder writes, without escaping a
+    /// JSONEncoder scans character by character (150 µs here). The same JSON the encoder writes, without escaping a
     /// character base64 does not have; the pair assertion in `append` decodes it back (debug
     /// builds), and a test compares it with the encoder's. Nil for any other record.
     public static func savedStatePayload(_ entry: JournalEntry) -> Data? {
@@ -152,6 +142,15 @@ public final class MigrationJournal: @unchecked Sendable {
         return Data(text.utf8)
     }
 
+    /// Appends one event and returns only once it is on stable storage (`fdatasync`), with
+    /// every record written before it.
+    ///
+    /// With `durable: false` the record is written (to the page cache: a process that dies
+    /// after this call leaves it for `gmigrate recover`) but not synced; the next durable append,
+    /// or `sync()`, makes it durable. The blackout writes this way (docs/orchestrator.md says
+    /// why that changes no outcome).
+    /// - Throws: `.finished` after the `finished` record (a finished journal stays finished),
+    ///   `.io` when the record cannot be written.
     @discardableResult
     public func append(_ event: JournalEntry.Event, durable: Bool = true) throws(JournalError) -> JournalEntry {
         lock.lock()

@@ -135,8 +135,6 @@ public final class MigrationExecutor {
     /// Records journaled during a step's effect, for the machine before the step's outcome.
     private var pendingEvents: [JournalEntry.Event] = []
     private var pendingJournalError: JournalError?
-    /// Journal writes made while a VMM worked on the blackout's path (not on it themselves).
-    private var overlappedJournalTime: Duration = .zero
 
     public init(
         journal: MigrationJournal, provider: any EndpointProvider, faults: FaultInjector, armed: [String] = [],
@@ -207,7 +205,7 @@ public final class MigrationExecutor {
     private func journalNow(_ event: JournalEntry.Event) throws(JournalError) {
         let before = clock.now
         try journal.append(event, durable: !(pauseRequested != nil && blackout == nil))
-        overlappedJournalTime += clock.now - before
+        if pauseRequested != nil && blackout == nil { journalTimeInBlackout += clock.now - before }
         pendingEvents.append(event)
     }
 
@@ -247,11 +245,14 @@ public final class MigrationExecutor {
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
             pausedState = nil
-            overlappedJournalTime = .zero
             blackout = nil
             blackoutParts = [:]
             vmmTimings = [:]
             journalTimeInBlackout = .zero
+        }
+        if step == .retireSource, direction == .forward {
+            // The state that went VMM to VMM, journaled before the source goes.
+            try journalSavedState(&machine, timeout: timeout)
         }
         var result: Result<[String: String], EndpointError>
         if direction == .forward, let errno = faults.hit(.before(step)) {
@@ -300,7 +301,6 @@ public final class MigrationExecutor {
                 // The guest runs again in the target: the blackout ends here.
                 blackout = clock.now - pauseRequested
                 blackoutParts["journal"] = journalTimeInBlackout.nanoseconds
-                blackoutParts["journal-while-staging"] = overlappedJournalTime.nanoseconds
                 // Within pause-source and resume-target, what the VMMs did themselves.
                 for (part, nanoseconds) in vmmTimings { blackoutParts["vmm." + part] = nanoseconds }
             }
@@ -321,13 +321,13 @@ public final class MigrationExecutor {
     /// source answers it again, and it is journaled if it is the one the target staged (the
     /// same digest). In whichever run retires the source (after a crash too). A source that
     /// cannot answer leaves the journal without it: the target runs it, nothing waits on it.
-    private func journalSavedState(_ machine: MigrationMachine, source: any VMMEndpoint) throws(JournalError) {
+    private func journalSavedState(_ machine: inout MigrationMachine, timeout: Duration) throws(JournalError) {
         guard machine.savedState == nil, let digest = machine.details[.pauseSource]?["state-digest"],
-            let state = try? source.savedState()
+            let source = try? source(timeout: timeout), let state = try? source.savedState()
         else { return }
         let encoded = state.encoded
         guard VMState.digest(encoded) == digest else { return }
-        try journalNow(.saved(step: .pauseSource, state: Data(encoded).base64EncodedString()))
+        try append(.saved(step: .pauseSource, state: Data(encoded).base64EncodedString()), to: &machine)
     }
 
     /// A target's refusal of the saved state, as the journal says it.
@@ -336,7 +336,9 @@ public final class MigrationExecutor {
     }
 
     /// The forward steps whose effect happens in the target VMM.
-    static let targetSteps: Set<MigrationStep> = [.handOverMemory, .bindMemslots, .verifyBindings, .copyMemory, .moveEncryptionContext, .resumeTarget]
+    static let targetSteps: Set<MigrationStep> = [
+        .handOverMemory, .bindMemslots, .verifyBindings, .pauseSource, .copyMemory, .moveEncryptionContext, .resumeTarget,
+    ]
 
     private func report(_ report: StepReport) {
         reports.append(report)
@@ -519,9 +521,6 @@ public final class MigrationExecutor {
             vmmTimings.merge(target.lastTimings) { _, b in b }
             return target.guestDetails
         case .retireSource:
-            if let source = try? source(timeout: timeout) {
-                do throws(JournalError) { try journalSavedState(machine, source: source) } catch { pendingJournalError = error }
-            }
             do {
                 let note = try source(timeout: timeout).retire()
                 return note.map { ["note": $0] } ?? [:]

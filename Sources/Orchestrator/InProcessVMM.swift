@@ -20,6 +20,9 @@ public final class InProcessVMM: VMMEndpoint {
     public let process: String
 
     private var type: VMType = .default
+    /// Whether the VM has an encryption context (its point of no return comes before the move,
+    /// which ends the source VM).
+    public var isConfidential: Bool { type.hasEncryptionContext }
     private var vm: Owned<VirtualMachine>?
     private var vcpus: [Owned<VCPU>] = []
     private var files: [String: Owned<GuestMemfd>] = [:]

@@ -66,7 +66,8 @@ struct PlanNode {
     /// Reads libyaml's events into nodes.
     private struct Composer {
         let parser: UnsafeMutablePointer<yaml_parser_t>
-        var anchors: [String: (node: PlanNode, count: Int)] = [:]
+        /// Each anchored node, its size in nodes and its height in levels: an alias adds both.
+        var anchors: [String: (node: PlanNode, count: Int, height: Int)] = [:]
         var nodes = 0
 
         init() {
@@ -82,7 +83,8 @@ struct PlanNode {
         }
 
         enum Event {
-            case streamStart, streamEnd, documentStart, documentEnd, sequenceEnd, mappingEnd
+            case streamStart, streamEnd, documentEnd, sequenceEnd, mappingEnd
+            case documentStart(line: Int, column: Int)
             case alias(String, line: Int, column: Int)
             case scalar(String, anchor: String?, line: Int, column: Int)
             case sequenceStart(anchor: String?, line: Int, column: Int)
@@ -120,7 +122,7 @@ struct PlanNode {
             switch event.type {
             case YAML_STREAM_START_EVENT: return .streamStart
             case YAML_STREAM_END_EVENT: return .streamEnd
-            case YAML_DOCUMENT_START_EVENT: return .documentStart
+            case YAML_DOCUMENT_START_EVENT: return .documentStart(line: line, column: column)
             case YAML_DOCUMENT_END_EVENT: return .documentEnd
             case YAML_SEQUENCE_END_EVENT: return .sequenceEnd
             case YAML_MAPPING_END_EVENT: return .mappingEnd
@@ -147,12 +149,12 @@ struct PlanNode {
             case .documentStart: break
             default: throw SyntaxError(message: "the YAML stream has no document")
             }
-            let root = try node(try next(), depth: 0)
+            let root = try node(try next(), depth: 0).node
             guard case .documentEnd = try next() else { throw SyntaxError(message: "the YAML document does not end") }
             switch try next() {
             case .streamEnd: return root
-            case .documentStart:
-                throw SyntaxError(message: "expected a single document in the stream, but found another document")
+            case .documentStart(let line, let column):
+                throw SyntaxError(message: "expected a single document in the stream, but found another document", line: line, column: column)
             default:
                 throw SyntaxError(message: "the YAML stream does not end")
             }
@@ -165,52 +167,63 @@ struct PlanNode {
             }
         }
 
-        private mutating func register(_ anchor: String?, _ node: PlanNode, count: Int) {
-            if let anchor { anchors[anchor] = (node, count) }
+        private mutating func register(_ anchor: String?, _ node: PlanNode, count: Int, height: Int) {
+            if let anchor { anchors[anchor] = (node, count, height) }
         }
 
-        /// One node and, for a collection, everything in it (an anchor remembers its size in
-        /// nodes, which each alias of it adds again).
-        private mutating func node(_ event: Event, depth: Int) throws(SyntaxError) -> PlanNode {
+        private static func tooDeep(line: Int, column: Int) -> SyntaxError {
+            SyntaxError(message: "nested deeper than \(PlanNode.maxDepth) levels", line: line, column: column)
+        }
+
+        /// One node and, for a collection, everything in it, with its height in levels (an
+        /// anchor remembers its size in nodes and its height, which each alias of it adds again:
+        /// aliases cannot build a tree deeper or larger than the bounds).
+        private mutating func node(_ event: Event, depth: Int) throws(SyntaxError) -> (node: PlanNode, height: Int) {
             let before = nodes
             switch event {
             case .scalar(let value, let anchor, let line, let column):
                 try count(1, line: line, column: column)
                 let node = PlanNode(content: .scalar(value), line: line, column: column)
-                register(anchor, node, count: 1)
-                return node
+                register(anchor, node, count: 1, height: 1)
+                return (node, 1)
             case .alias(let name, let line, let column):
-                guard let (node, size) = anchors[name] else {
+                guard let (node, size, height) = anchors[name] else {
                     throw SyntaxError(message: "found undefined alias '\(name)'", line: line, column: column)
                 }
+                guard depth + height <= PlanNode.maxDepth else { throw Composer.tooDeep(line: line, column: column) }
                 try count(size, line: line, column: column)
-                return node
+                return (node, height)
             case .sequenceStart(let anchor, let line, let column):
-                guard depth < PlanNode.maxDepth else { throw SyntaxError(message: "nested deeper than \(PlanNode.maxDepth) levels", line: line, column: column) }
+                guard depth < PlanNode.maxDepth else { throw Composer.tooDeep(line: line, column: column) }
                 try count(1, line: line, column: column)
                 var items: [PlanNode] = []
+                var height = 1
                 while true {
                     let event = try next()
                     if case .sequenceEnd = event { break }
-                    items.append(try node(event, depth: depth + 1))
+                    let item = try node(event, depth: depth + 1)
+                    items.append(item.node)
+                    height = max(height, item.height + 1)
                 }
                 let node = PlanNode(content: .sequence(items), line: line, column: column)
-                register(anchor, node, count: nodes - before)
-                return node
+                register(anchor, node, count: nodes - before, height: height)
+                return (node, height)
             case .mappingStart(let anchor, let line, let column):
-                guard depth < PlanNode.maxDepth else { throw SyntaxError(message: "nested deeper than \(PlanNode.maxDepth) levels", line: line, column: column) }
+                guard depth < PlanNode.maxDepth else { throw Composer.tooDeep(line: line, column: column) }
                 try count(1, line: line, column: column)
                 var pairs: [(key: PlanNode, value: PlanNode)] = []
+                var height = 1
                 while true {
                     let event = try next()
                     if case .mappingEnd = event { break }
                     let key = try node(event, depth: depth + 1)
                     let value = try node(try next(), depth: depth + 1)
-                    pairs.append((key, value))
+                    pairs.append((key.node, value.node))
+                    height = max(height, key.height + 1, value.height + 1)
                 }
                 let node = PlanNode(content: .mapping(pairs), line: line, column: column)
-                register(anchor, node, count: nodes - before)
-                return node
+                register(anchor, node, count: nodes - before, height: height)
+                return (node, height)
             default:
                 throw SyntaxError(message: "an unexpected YAML event")
             }

@@ -459,8 +459,11 @@ final class TinyVMM: HandoffHandler {
                 stagingFailure = nil
                 readBack = nil
                 // Checked and set now; read back once the reply is sent (`afterReply`), while
-                // the coordinator journals. No vcpu runs before the read-back says equal.
-                try vmm.stage(state, readBack: false)
+                // the coordinator journals. No vcpu runs before the read-back says equal, and a
+                // difference still rolls back: the target never ran, the source is whole. Not
+                // so for a confidential VM: past its point of no return the move of the
+                // encryption context ends the source VM, so its state is read back first.
+                try vmm.stage(state, readBack: vmm.isConfidential)
                 staged = state
                 prepareGuest()
                 reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }

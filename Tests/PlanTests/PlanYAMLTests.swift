@@ -52,10 +52,28 @@ struct PlanYAMLTests {
         #expect(report.diagnostics.first?.line == 1)
     }
 
-    @Test func twoDocumentsAreRefused() throws {
-        let report = PlanLoader.load(text: try Self.demo() + "\n---\napiVersion: gmigrate/v1\n", file: "two.yaml")
+    @Test func twoDocumentsAreRefusedAtTheSecond() throws {
+        let demo = try Self.demo()
+        let report = PlanLoader.load(text: demo + "\n---\napiVersion: gmigrate/v1\n", file: "two.yaml")
         #expect(!report.parsed)
         #expect(report.diagnostics.first?.message.contains("single document") == true)
+        let lines = demo.split(separator: "\n", omittingEmptySubsequences: false).count
+        #expect(report.diagnostics.first?.line == lines + 1, "the line of the second document's ---")
+    }
+
+    /// Aliases cannot build a deeper tree than the text may: each anchored node's height counts
+    /// again where an alias of it stands.
+    @Test func aliasesCannotNestDeeperThanTheBound() {
+        // Ten levels, anchored; each next anchor holds the previous alias ten levels down.
+        var text = "a0: &a0 " + String(repeating: "[", count: 10) + "x" + String(repeating: "]", count: 10) + "\n"
+        for level in 1...10 {
+            text += "a\(level): &a\(level) " + String(repeating: "[", count: 10) + "*a\(level - 1)" + String(repeating: "]", count: 10) + "\n"
+        }
+        let report = PlanLoader.load(text: text, file: "deep-aliases.yaml")
+        #expect(!report.parsed)
+        #expect(report.diagnostics.first?.message.contains("nested deeper than 64") == true, "\(report.diagnostics)")
+        // a5 holds 6 x 10 levels under its key: the alias of a5 inside a6 crosses 64.
+        #expect(report.diagnostics.first?.line == 7, "\(report.diagnostics)")
     }
 
     @Test func anEmptyFileIsSaidToBeEmpty() {
@@ -70,9 +88,9 @@ struct PlanYAMLTests {
     /// every other rule still runs on the rest.
     @Test func duplicatesAndOtherProblemsAreReportedTogether() throws {
         let text = try Self.demo()
-            .replacingOccurrences(of: "  strategy: auto", with: "  strategy: auto\n  strategy: link")
+            .replacingOccurrences(of: "  strategy: auto", with: "  strategy: auto\n  strategy: sideways")
             .replacingOccurrences(of: "vcpus: 1", with: "vcpus: 0")
-        #expect(text.contains("strategy: link") && text.contains("vcpus: 0"))
+        #expect(text.contains("strategy: sideways") && text.contains("vcpus: 0"))
         let report = PlanLoader.load(text: text, file: "both.yaml")
         #expect(report.parsed && !report.valid)
         let codes = Set(report.diagnostics.map(\.code))
@@ -80,8 +98,8 @@ struct PlanYAMLTests {
         let duplicate = try #require(report.diagnostics.first { $0.code == "duplicate-field" })
         let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
         let line = try #require(duplicate.line)
-        #expect(lines[line - 1].contains("strategy: link"), "the second occurrence is the one reported")
-        // The first value is the one read.
-        #expect(report.diagnostics.allSatisfy { $0.path != "spec.strategy" || $0.code == "duplicate-field" })
+        #expect(lines[line - 1].contains("strategy: sideways"), "the second occurrence is the one reported")
+        // The first value is the one read: the second, not a strategy, would be an invalid value.
+        #expect(report.diagnostics.allSatisfy { $0.path != "spec.strategy" || $0.code == "duplicate-field" }, "\(report.diagnostics)")
     }
 }

@@ -1,0 +1,62 @@
+import Foundation
+import GmigrateTestKit
+import GmigrateTestSupport
+import Kernel
+import Orchestrator
+import Plans
+import Testing
+
+/// A staged state is read back before any vcpu runs it, also when the read-back comes after
+/// the stage's answer (`stage(_:readBack: false)`, as tinyvmm does for a default VM).
+@Suite("Staging the state")
+struct StagingTests {
+    /// A source VM on the model, paused, and an empty target VM whose kernel sets the vcpus'
+    /// state as `faults` say.
+    static func pair(_ faults: [String]) throws -> (state: VMState, target: InProcessVMM) {
+        let plan = try loadPlan("demo.yaml")
+        let host = ModelHost()
+        let source = InProcessVMM(role: "source", backend: KernelModel(host: host, process: "staging/source"))
+        try source.createSource(plan.vm)
+        let state = try source.pause()
+        let injector = FaultInjector(try faults.map { try FaultSpec(parsing: $0) })
+        let target = InProcessVMM(role: "target", backend: FaultInjectingBackend(KernelModel(host: host, process: "staging/target"), faults: injector))
+        _ = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
+        return (state, target)
+    }
+
+    @Test func aStateThatReadsBackWrongIsNeverRun() throws {
+        let (state, target) = try Self.pair(["kernel:set-vcpu-state=alter:xsave*"])
+        // Checked and set: the answer comes before the read-back.
+        try target.stage(state, readBack: false)
+        #expect(!target.isRunning)
+        // The restore reads back first, and refuses.
+        #expect {
+            try target.restore(state)
+        } throws: { error in
+            (error as? EndpointError)?.message.contains("read back differs: vcpu 0: section fpu") == true
+        }
+        #expect(!target.isRunning, "no vcpu runs a state that read back different")
+        #expect(throws: EndpointError.self) { try target.restoreStaged() }
+        #expect(!target.isRunning)
+    }
+
+    @Test func theReadBackAfterTheAnswerFindsTheDifference() throws {
+        let (state, target) = try Self.pair(["kernel:set-vcpu-state=alter:xsave*"])
+        try target.stage(state, readBack: false)
+        #expect(throws: EndpointError.self) { try target.verifyStaged() }
+        #expect(!target.isRunning)
+    }
+
+    @Test func aStateThatReadsBackEqualRuns() throws {
+        let (state, target) = try Self.pair([])
+        try target.stage(state, readBack: false)
+        try target.verifyStaged()
+        try target.restoreStaged()
+        #expect(target.isRunning)
+        // A restore of a state staged and not yet read back reads it back itself, then runs it.
+        let (again, other) = try Self.pair([])
+        try other.stage(again, readBack: false)
+        try other.restore(again)
+        #expect(other.isRunning)
+    }
+}
