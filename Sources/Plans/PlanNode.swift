@@ -183,9 +183,10 @@ struct PlanNode {
             switch event {
             case .scalar(let value, let anchor, let line, let column):
                 try count(1, line: line, column: column)
+                // A scalar adds no level: only collections are held to the bound, written or aliased.
                 let node = PlanNode(content: .scalar(value), line: line, column: column)
-                register(anchor, node, count: 1, height: 1)
-                return (node, 1)
+                register(anchor, node, count: 1, height: 0)
+                return (node, 0)
             case .alias(let name, let line, let column):
                 guard let (node, size, height) = anchors[name] else {
                     throw SyntaxError(message: "found undefined alias '\(name)'", line: line, column: column)

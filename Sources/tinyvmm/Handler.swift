@@ -214,6 +214,8 @@ final class TinyVMM: HandoffHandler {
     /// Why the read-back of the staged state failed (restore then answers it), and how long it took.
     private var stagingFailure: String?
     private var readBack: Int64?
+    /// Whether the staged state still waits for its read-back (`afterReply`).
+    private var readBackPending = false
 
     /// Log lines of the blackout's requests, written once the reply is sent (`afterReply`): the
     /// coordinator waits on the reply, and on this machine kind the CPUs are all busy then.
@@ -227,7 +229,8 @@ final class TinyVMM: HandoffHandler {
             for line in pendingLog { log.say(line) }
             pendingLog.removeAll()
         }
-        guard staged != nil, stagingFailure == nil, readBack == nil, !vmm.isRunning else { return }
+        guard readBackPending, staged != nil, !vmm.isRunning else { return }
+        readBackPending = false
         let clock = ContinuousClock()
         let began = clock.now
         do {
@@ -458,6 +461,7 @@ final class TinyVMM: HandoffHandler {
                 staged = nil
                 stagingFailure = nil
                 readBack = nil
+                readBackPending = false
                 // Checked and set now; read back once the reply is sent (`afterReply`), while
                 // the coordinator journals. No vcpu runs before the read-back says equal, and a
                 // difference still rolls back: the target never ran, the source is whole. Not
@@ -465,6 +469,7 @@ final class TinyVMM: HandoffHandler {
                 // encryption context ends the source VM, so its state is read back first.
                 try vmm.stage(state, readBack: vmm.isConfidential)
                 staged = state
+                readBackPending = !vmm.isConfidential
                 prepareGuest()
                 reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }
                 later("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")

@@ -76,6 +76,20 @@ struct PlanYAMLTests {
         #expect(report.diagnostics.first?.line == 7, "\(report.diagnostics)")
     }
 
+    /// An alias adds exactly the levels its node has: the same text written out and aliased is
+    /// accepted or refused alike, at the bound.
+    @Test func anAliasAtTheBoundIsTakenLikeItsText() {
+        // 63 levels of lists under the key, then `[x]` (a 64th level) written out or aliased.
+        let open = String(repeating: "[", count: 62)
+        let close = String(repeating: "]", count: 62)
+        let written = PlanLoader.load(text: "k: \(open)[x]\(close)\n", file: "written.yaml")
+        let aliased = PlanLoader.load(text: "a: &a [x]\nk: \(open)*a\(close)\n", file: "aliased.yaml")
+        #expect(written.diagnostics.first?.message.contains("nested deeper") != true, "\(written.diagnostics)")
+        #expect(aliased.diagnostics.first?.message.contains("nested deeper") != true, "\(aliased.diagnostics)")
+        let deeper = PlanLoader.load(text: "a: &a [[x]]\nk: \(open)*a\(close)\n", file: "deeper.yaml")
+        #expect(deeper.diagnostics.first?.message.contains("nested deeper than 64") == true, "\(deeper.diagnostics)")
+    }
+
     @Test func anEmptyFileIsSaidToBeEmpty() {
         for text in ["", "# only a comment\n"] {
             let report = PlanLoader.load(text: text, file: "empty.yaml")
