@@ -293,13 +293,7 @@ public final class RemoteVMM: VMMEndpoint {
     /// must be the same. The coordinator does not get the state itself here (a later `pause`
     /// answers it, once the blackout is over).
     public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
-        guard let target = target as? RemoteVMM else {
-            let state: VMState
-            do { state = try pause() } catch { throw .source(error) }
-            whileStaging(state)
-            do { try target.stage(state) } catch { throw .target(error) }
-            return StagedPause(state: state, digest: VMState.digest(state.encoded))
-        }
+        guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target, whileStaging: whileStaging) }
         var ends: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
             throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))

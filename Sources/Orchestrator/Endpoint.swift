@@ -117,8 +117,12 @@ extension VMState {
 extension VMMEndpoint {
     public func savedState() throws(EndpointError) -> VMState { try pause() }
 
-    /// Through the coordinator: the source's state comes here, then goes to the target.
     public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
+        try pauseThenStage(in: target, whileStaging: whileStaging)
+    }
+
+    /// Through the coordinator: the source's state comes here, then goes to the target.
+    public func pauseThenStage(in target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
         let state: VMState
         do { state = try pause() } catch { throw .source(error) }
         whileStaging(state)

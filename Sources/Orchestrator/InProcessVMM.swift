@@ -484,15 +484,21 @@ public final class InProcessVMM: VMMEndpoint {
         let clock = ContinuousClock()
         let began = clock.now
         do {
-            let back = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
-            if let difference = VMState.difference(restored: back, saved: state) {
-                throw EndpointError("\(role): the restored state read back differs: \(difference)")
-            }
+            try readBack(state, vm: vm.value.handle)
         } catch {
             throw EndpointError.from(error)
         }
         lastTimings = ["read-back": (clock.now - began).nanoseconds]
         loaded = state
+    }
+
+    /// Reads the VM's and every vcpu's state back and compares it with `state`: a difference
+    /// fails, naming the section and field.
+    private func readBack(_ state: VMState, vm: KernelHandle) throws {
+        let back = VMState(vm: try backend.vmState(vm), vcpus: try vcpus.map { try $0.value.state() })
+        if let difference = VMState.difference(restored: back, saved: state) {
+            throw EndpointError("\(role): the restored state read back differs: \(difference)")
+        }
     }
 
     /// Restores a saved state into this VM and runs it: what `stage` set already is not set
@@ -536,12 +542,7 @@ public final class InProcessVMM: VMMEndpoint {
             for (vcpu, vcpuState) in zip(vcpus, state.vcpus) { try vcpu.value.setState(vcpuState) }
             try backend.setVMState(vm.value.handle, state.vm.filter { $0.name == "clock" })
             set = clock.now
-            if verify {
-                let back = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
-                if let difference = VMState.difference(restored: back, saved: state) {
-                    throw EndpointError("\(role): the restored state read back differs: \(difference)")
-                }
-            }
+            if verify { try readBack(state, vm: vm.value.handle) }
         } catch {
             throw EndpointError.from(error)
         }

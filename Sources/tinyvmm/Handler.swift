@@ -357,7 +357,7 @@ final class TinyVMM: HandoffHandler {
                 ]
                 reply.running = false
                 reply.counter = counter
-                later("saved sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
+                later("saved sections: \(TinyVMM.sections(state))")
                 later("paused; counter \(reply.counter.map(String.init) ?? "-")\(channel == nil ? "" : "; the state went to the target")")
             case "resume":
                 try expectNone(descriptors)
@@ -472,7 +472,7 @@ final class TinyVMM: HandoffHandler {
                 readBackPending = !vmm.isConfidential
                 prepareGuest()
                 reply.timings = vmm.lastTimings.merging(["receive": (received - began).nanoseconds, "stage": (clock.now - received).nanoseconds]) { _, b in b }
-                later("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]")
+                later("staged the state: \(state.vcpus.count) vcpus, every section known; restored sections: \(TinyVMM.sections(state))")
             case "restore" where vmm.isRunning:
                 // Idempotent: a VMM whose guest runs has restored already (a repeated
                 // resume-target after a crash or a lost reply).
@@ -504,7 +504,7 @@ final class TinyVMM: HandoffHandler {
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
                 later(wasStaged ? "restore: the staged state; the guest runs"
-                    : "restored sections: VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]; read back equal; the guest runs")
+                    : "restored sections: \(TinyVMM.sections(state)); read back equal; the guest runs")
             case "destroy":
                 try expectNone(descriptors)
                 closeTaps()
@@ -557,6 +557,11 @@ final class TinyVMM: HandoffHandler {
         }
         reply.fired = newlyFired()
         return (reply, [], reply.type == "ok" ? replyAttachment : nil)
+    }
+
+    /// A state's sections for the log: `VM [...], each of N vcpus [...]`.
+    static func sections(_ state: VMState) -> String {
+        "VM [\(state.vm.map(\.name).joined(separator: " "))], each of \(state.vcpus.count) vcpus [\(state.vcpus.first?.sections.map(\.name).joined(separator: " ") ?? "")]"
     }
 
     /// The armed faults that fired since the last reply said so.

@@ -193,15 +193,7 @@ struct GuestStateTests {
     @Test("the long-mode guest's embedded bytes match longmode.S")
     func guestImageMatchesSource() throws {
         try requireTools(["as", "ld"])
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: repositoryRoot + "/tools/build-guests")
-        process.arguments = ["--check"]
-        let err = Pipe()
-        process.standardError = err
-        process.standardOutput = Pipe()
-        try process.run()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        #expect(process.terminationStatus == 0, "\(message)")
+        let check = try run(repositoryRoot + "/tools/build-guests", ["--check"])
+        #expect(check.status == 0, "\(check.stderr)")
     }
 }

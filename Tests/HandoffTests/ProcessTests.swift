@@ -332,16 +332,9 @@ struct HandoffDecoderTests {
     @Test("malformed frames and unexpected descriptors", arguments: 0..<hostile.count)
     func hostileInput(_ index: Int) throws {
         let (what, bytes, descriptorCount) = Self.hostile[index]
-        let directory = temporaryDirectory("gmigrate-hostile")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let socket = directory + "/vmm.sock"
-        let vmm = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host.json", name: "hostile",
-            logFile: directory + "/vmm.log", plan: nil)
-        defer {
-            (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
-            vmm.waitUntilExit()
-        }
+        let fixture = try VMMUnderTest("hostile", source: false)
+        defer { fixture.stop() }
+        let (socket, vmm) = (fixture.socket, fixture.process)
         let before = openDescriptors(vmm.processIdentifier)
         let fd = try rawConnection(socket)
         var pipes: [Int32] = []
@@ -417,16 +410,9 @@ struct HandoffPeerTests {
 
     /// SO_PEERCRED: a VMM running as another uid than the plan expects is refused.
     @Test func credentialsAreChecked() throws {
-        let directory = temporaryDirectory("gmigrate-cred")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let socket = directory + "/vmm.sock"
-        let vmm = try ProcessRun.spawnVMMForTests(
-            tinyvmm: try executable("tinyvmm"), socket: socket, backend: "model:" + directory + "/host.json", name: "cred",
-            logFile: directory + "/vmm.log", plan: nil)
-        defer {
-            (try? RemoteVMM(role: "test", socketPath: socket, timeout: .seconds(2)))?.shutdown()
-            vmm.waitUntilExit()
-        }
+        let fixture = try VMMUnderTest("cred", source: false)
+        defer { fixture.stop() }
+        let (socket, vmm) = (fixture.socket, fixture.process)
         #expect {
             _ = try RemoteVMM(role: "target", socketPath: socket, timeout: .seconds(2), expectedUID: 4242)
         } throws: { error in
