@@ -292,8 +292,8 @@ public final class RemoteVMM: VMMEndpoint {
     /// with a reply due. Each answers the digest of the state it sent or received, and the two
     /// must be the same. The coordinator does not get the state itself here (a later `pause`
     /// answers it, once the blackout is over).
-    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
-        guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target, whileStaging: whileStaging) }
+    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause {
+        guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target) }
         var ends: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
             throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))

@@ -117,15 +117,12 @@ extension VMState {
 extension VMMEndpoint {
     public func savedState() throws(EndpointError) -> VMState { try pause() }
 
-    public func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
-        try pauseThenStage(in: target, whileStaging: whileStaging)
-    }
+    public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause { try pauseThenStage(in: target) }
 
     /// Through the coordinator: the source's state comes here, then goes to the target.
-    public func pauseThenStage(in target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause {
+    public func pauseThenStage(in target: any VMMEndpoint) throws(PauseError) -> StagedPause {
         let state: VMState
         do { state = try pause() } catch { throw .source(error) }
-        whileStaging(state)
         do { try target.stage(state) } catch { throw .target(error) }
         return StagedPause(state: state, digest: VMState.digest(state.encoded))
     }
@@ -185,10 +182,9 @@ public protocol VMMEndpoint: AnyObject {
     func pause() throws(EndpointError) -> VMState
     /// Pauses this VMM (the source) and stages its state in `target` (`stage`), the state going
     /// the shortest way between them: two VMM processes pass it over a socket pair while the
-    /// coordinator waits for both. `whileStaging` is given the state as soon as the source has
-    /// answered, while the target may still work (the coordinator journals it then). Returns
-    /// the state.
-    func pause(stagingIn target: any VMMEndpoint, whileStaging: (VMState) -> Void) throws(PauseError) -> StagedPause
+    /// coordinator waits for both. Returns the state's digest, and the state itself when it
+    /// passed through the coordinator.
+    func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause
     func resume() throws(EndpointError)
     /// The state a paused VMM saved, asked again (read-only: what the VMM last said of its
     /// guest is kept): the coordinator journals a state that went VMM to VMM this way, after

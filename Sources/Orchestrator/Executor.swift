@@ -132,9 +132,6 @@ public final class MigrationExecutor {
     private var checkedCancel = false
     /// The state the source paused with in this run (the journal has it too, for a later run).
     private var pausedState: VMState?
-    /// Records journaled during a step's effect, for the machine before the step's outcome.
-    private var pendingEvents: [JournalEntry.Event] = []
-    private var pendingJournalError: JournalError?
 
     public init(
         journal: MigrationJournal, provider: any EndpointProvider, faults: FaultInjector, armed: [String] = [],
@@ -200,15 +197,6 @@ public final class MigrationExecutor {
         return nil
     }
 
-    /// Journals a record in the middle of a step's effect (the state the source saved, while
-    /// the target still works); the machine is told of it before the step's outcome.
-    private func journalNow(_ event: JournalEntry.Event) throws(JournalError) {
-        let before = clock.now
-        try journal.append(event, durable: !(pauseRequested != nil && blackout == nil))
-        if pauseRequested != nil && blackout == nil { journalTimeInBlackout += clock.now - before }
-        pendingEvents.append(event)
-    }
-
     private func append(_ event: JournalEntry.Event, to machine: inout MigrationMachine) throws(JournalError) {
         let before = clock.now
         // Inside the blackout (the pause requested, the target not yet seen running, going
@@ -271,15 +259,6 @@ public final class MigrationExecutor {
             } catch {
                 result = .failure(error)
             }
-            for event in pendingEvents {
-                machine.apply(event)
-                observer(event)
-            }
-            pendingEvents = []
-            if let error = pendingJournalError {
-                pendingJournalError = nil
-                throw error
-            }
         }
         let duration = clock.now - began
         if case .success = result, direction == .forward, duration > timeout {
@@ -317,14 +296,15 @@ public final class MigrationExecutor {
         }
     }
 
-    /// Before the source retires, a state that went VMM to VMM in the blackout: the paused
-    /// source answers it again, and it is journaled if it is the one the target staged (the
-    /// same digest). In whichever run retires the source (after a crash too). A source that
-    /// cannot answer leaves the journal without it: the target runs it, nothing waits on it.
+    /// Before the source retires, the state the target staged is journaled (the `saved`
+    /// record), outside the blackout: the one this run paused with, or, when it went VMM to VMM
+    /// or the run began after a crash, the one the paused source answers again; either only if
+    /// its digest is the one the pause recorded. In whichever run retires the source. A source
+    /// that cannot answer leaves the journal without it: the target runs it, nothing waits on it.
     private func journalSavedState(_ machine: inout MigrationMachine, timeout: Duration) throws(JournalError) {
-        guard machine.savedState == nil, let digest = machine.details[.pauseSource]?["state-digest"],
-            let source = try? source(timeout: timeout), let state = try? source.savedState()
-        else { return }
+        guard machine.savedState == nil, let digest = machine.details[.pauseSource]?["state-digest"] else { return }
+        let kept = pausedState.flatMap { VMState.digest($0.encoded) == digest ? $0 : nil }
+        guard let state = kept ?? (try? source(timeout: timeout).savedState()) else { return }
         let encoded = state.encoded
         guard VMState.digest(encoded) == digest else { return }
         try append(.saved(step: .pauseSource, state: Data(encoded).base64EncodedString()), to: &machine)
@@ -434,30 +414,18 @@ public final class MigrationExecutor {
             // The target stages the state (checks it, sets it, reads it back) while the source
             // can still take the guest back: a refusal rolls back.
             let staging = clock.now
-            // The state is journaled as soon as the source answers, while the target stages it.
-            var journalError: JournalError?
-            func journalState(_ state: VMState) {
-                do throws(JournalError) {
-                    try journalNow(.saved(step: .pauseSource, state: Data(state.encoded).base64EncodedString()))
-                } catch {
-                    journalError = error
-                }
-            }
             if let alteration = faults.alteration(at: .state) {
                 // A state altered on purpose passes through here, between the two.
                 let altered = try source.pause().altered(by: alteration)
                 vmmTimings.merge(source.lastTimings) { _, b in b }
                 details = source.guestDetails.merging(["altered": "injected fault state=alter:\(alteration)"]) { _, b in b }
-                journalState(altered)
-                if let journalError { throw EndpointError("journaling the saved state: \(journalError.message)") }
                 do { try target.stage(altered) } catch { throw MigrationExecutor.refusal(error) }
                 state = altered
                 digest = VMState.digest(altered.encoded)
             } else {
-                defer { if let journalError { pendingJournalError = journalError } }
                 let staged: StagedPause
                 do {
-                    staged = try source.pause(stagingIn: target, whileStaging: journalState)
+                    staged = try source.pause(stagingIn: target)
                 } catch {
                     switch error {
                     case .source(let error): throw error
@@ -472,7 +440,7 @@ public final class MigrationExecutor {
             for (part, nanoseconds) in target.lastTimings { vmmTimings["stage-" + part] = nanoseconds }
             vmmTimings["pause-and-stage"] = (clock.now - staging).nanoseconds
             pausedState = state
-            // A state that went VMM to VMM is journaled before the source retires.
+            // The state itself is journaled before the source retires.
             details["state-digest"] = digest
             if let state {
                 details["vcpus"] = "\(state.vcpus.count)"
