@@ -347,7 +347,9 @@ final class TinyVMM: HandoffHandler {
                     do {
                         try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
                     } catch {
-                        later("pause: the state could not be sent to the target: \(error.message)")
+                        // Paused, but the pause asked of it did not happen whole: an error (the
+                        // rollback's resume is taken, since the VMM counts as paused).
+                        throw EndpointError("pause: the state could not be sent to the target: \(error.message)", errno: error.errno)
                     }
                 } else {
                     replyAttachment = encoded
@@ -500,6 +502,9 @@ final class TinyVMM: HandoffHandler {
                 // The counter before the guest runs here: the coordinator checks it is the source's at its pause.
                 reply.counter = counter
                 startGuest()
+                // Running means each vcpu thread is at KVM_RUN, not only let go: the blackout the
+                // coordinator measures ends at this reply.
+                for thread in threads { _ = thread.waitEntered() }
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
