@@ -92,6 +92,10 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     public var timeoutMilliseconds: Int?
     /// pause by socket and stage-state (replies): `BYTES:CRC32C` of the state sent / received.
     public var stateDigest: String?
+    /// restore (reply): when the last vcpu thread entered KVM_RUN, CLOCK_MONOTONIC nanoseconds
+    /// (`MonotonicClock`): where the blackout ends as the guest sees it, whatever the reply's
+    /// own way to the coordinator takes.
+    public var runningSince: UInt64?
 
     public init(type: String, id: Int) {
         self.type = type

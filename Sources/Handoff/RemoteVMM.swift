@@ -101,6 +101,7 @@ public final class RemoteVMM: VMMEndpoint {
     public var guestDetails: [String: String] { lastCounter.map { ["counter": "\($0)"] } ?? [:] }
 
     public private(set) var lastTimings: [String: Int64] = [:]
+    public private(set) var guestRunningSince: UInt64?
 
     public func setTimeout(_ timeout: Duration) {
         self.timeout = timeout
@@ -198,6 +199,7 @@ public final class RemoteVMM: VMMEndpoint {
         if let running = reply.running { isRunning = running }
         if let counter = reply.counter { lastCounter = counter }
         lastTimings = reply.timings ?? [:]
+        guestRunningSince = reply.runningSince
         return (reply, received)
     }
 
@@ -422,7 +424,9 @@ public final class RemoteVMM: VMMEndpoint {
         // The VMM has the state it staged set already: the restore inside the blackout only
         // runs the vcpus.
         let sent = try send(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
-        let (reply, _) = try reply(to: sent, spin: RemoteVMM.blackoutSpin)
+        // Not polled for: the blackout ends where the target says its vcpus entered KVM_RUN, and
+        // a polling coordinator would only take a CPU from them.
+        let (reply, _) = try reply(to: sent)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
@@ -431,7 +435,7 @@ public final class RemoteVMM: VMMEndpoint {
 
     public func restoreStaged() throws(EndpointError) {
         let sent = try send(HandoffMessage(type: "restore", id: 0))
-        let (reply, _) = try reply(to: sent, spin: RemoteVMM.blackoutSpin)
+        let (reply, _) = try reply(to: sent)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 

@@ -167,6 +167,10 @@ public protocol VMMEndpoint: AnyObject {
     /// How long the VMM's own parts of its last request took, as it measured them (nanoseconds):
     /// pause's `stop` and `save`, restore's `restore` and `resume`. The blackout's parts.
     var lastTimings: [String: Int64] { get }
+    /// When the guest began to run in this VMM, by its last answer: the instant its last vcpu
+    /// thread entered KVM_RUN, on `MonotonicClock` (nil when the VMM did not say; the
+    /// coordinator then takes the instant the answer came).
+    var guestRunningSince: UInt64? { get }
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription

@@ -124,6 +124,10 @@ public final class MigrationExecutor {
 
     private var reports: [StepReport] = []
     private var pauseRequested: ContinuousClock.Instant?
+    /// The same instant on `MonotonicClock`, set against the target's own "running since".
+    private var pauseRequestedAt: UInt64 = 0
+    /// What the target reported at its restore: when its last vcpu entered KVM_RUN.
+    private var targetRunningSince: UInt64?
     private var blackout: Duration?
     private var blackoutParts: [String: Int64] = [:]
     private var journalTimeInBlackout: Duration = .zero
@@ -232,6 +236,8 @@ public final class MigrationExecutor {
         let began = clock.now
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
+            pauseRequestedAt = MonotonicClock.nanoseconds
+            targetRunningSince = nil
             pausedState = nil
             blackout = nil
             blackoutParts = [:]
@@ -277,8 +283,15 @@ public final class MigrationExecutor {
         if pauseRequested != nil && blackout == nil && direction == .forward {
             blackoutParts[step.rawValue] = duration.nanoseconds
             if step == .resumeTarget, outcome.ok, let pauseRequested {
-                // The guest runs again in the target: the blackout ends here.
-                blackout = clock.now - pauseRequested
+                // The guest runs again in the target: the blackout ends where its last vcpu
+                // entered KVM_RUN, as the target saw it (the reply's way here is no part of
+                // what the guest sees), if it says so within this step; else here.
+                let heard = clock.now - pauseRequested
+                blackout = heard
+                if let since = targetRunningSince, since >= pauseRequestedAt, since <= MonotonicClock.nanoseconds {
+                    blackout = .nanoseconds(Int64(clamping: since - pauseRequestedAt))
+                    blackoutParts["heard"] = heard.nanoseconds
+                }
                 blackoutParts["journal"] = journalTimeInBlackout.nanoseconds
                 // Within pause-source and resume-target, what the VMMs did themselves.
                 for (part, nanoseconds) in vmmTimings { blackoutParts["vmm." + part] = nanoseconds }
@@ -487,6 +500,7 @@ public final class MigrationExecutor {
             let target = try target(timeout: timeout)
             if let state { try target.restore(state) } else { try target.restoreStaged() }
             vmmTimings.merge(target.lastTimings) { _, b in b }
+            targetRunningSince = target.guestRunningSince
             return target.guestDetails
         case .retireSource:
             do {

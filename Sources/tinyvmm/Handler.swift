@@ -20,6 +20,8 @@ final class TinyVMM: HandoffHandler {
     let log: Log
     let vmm: InProcessVMM
     private(set) var threads: [VCPUThread] = []
+    /// The gate a target's waiting vcpu threads pass together (nil once open, or with no waiting threads).
+    private var gate: VCPUGate?
     /// Violations the guest reported on its port, in this VMM.
     private let violations = ViolationLog()
     private(set) var exitRequested = false
@@ -82,14 +84,23 @@ final class TinyVMM: HandoffHandler {
             taps.append((VMDescription.NIC(name: nic.name, queues: count), queues))
             log.say("opened tap \(nic.name) with \(count) queue\(count == 1 ? "" : "s")")
         }
+        rehearse()
         log.say("created a \(spec.type.name) VM: \(spec.vcpus) vcpus, \(spec.guestMemfds.count) gmem files, \(spec.memslots.count) memslots; the guest runs")
         startGuest()
+    }
+
+    /// Saving and staging gone through once before any vcpu of this VM runs
+    /// (`InProcessVMM.rehearseStaging`), so that the blackout pays no first-time costs. Not
+    /// needed for the migration: a failure is only logged.
+    private func rehearse() {
+        do { try vmm.rehearseStaging() } catch { log.say("\(error.message); the blackout may be longer") }
     }
 
     /// Runs every vcpu on a thread of its own: the threads `prepareGuest` made, or new ones.
     func startGuest() {
         if !threads.isEmpty {
-            for thread in threads { thread.open() }
+            gate?.open()
+            gate = nil
             return
         }
         makeThreads(gated: false)
@@ -122,7 +133,8 @@ final class TinyVMM: HandoffHandler {
                 log.say("guest violation: \(text)")
             }
         }
-        for thread in threads { thread.start(gated: gated) }
+        gate = gated ? VCPUGate() : nil
+        for thread in threads { thread.start(gate: gate) }
     }
 
     /// Stops every vcpu: all are asked at once (immediate_exit and a signal), then each is
@@ -135,6 +147,7 @@ final class TinyVMM: HandoffHandler {
         for thread in threads { thread.requestStop() }
         for thread in threads { thread.waitStopped() }
         threads = []
+        gate = nil
         return clock.now - began
     }
 
@@ -343,9 +356,11 @@ final class TinyVMM: HandoffHandler {
                     // The state goes to the target only; the coordinator gets its digest (and
                     // the state itself from a later pause, which answers the saved state).
                     defer { close(channel) }
-                    reply.stateDigest = VMState.digest(encoded)
                     do {
                         try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
+                        // Once sent: the target needs the state first, the coordinator waits
+                        // for the target's reply longer than for this one.
+                        reply.stateDigest = VMState.digest(encoded)
                     } catch {
                         // Paused, but the pause asked of it did not happen whole: an error (the
                         // rollback's resume is taken, since the VMM counts as paused).
@@ -416,6 +431,7 @@ final class TinyVMM: HandoffHandler {
                 try expectNone(descriptors)
                 guard let slots = request.slots, let strategy = request.strategy else { throw EndpointError("bind needs slots and strategy") }
                 try vmm.bind(slots, strategy: strategy)
+                rehearse()
                 // The vcpu threads wait from now on, so that none is created inside the blackout.
                 prepareGuest()
                 log.say("bound \(slots.count) memslots; the vcpu threads wait")
@@ -502,9 +518,10 @@ final class TinyVMM: HandoffHandler {
                 // The counter before the guest runs here: the coordinator checks it is the source's at its pause.
                 reply.counter = counter
                 startGuest()
-                // Running means each vcpu thread is at KVM_RUN, not only let go: the blackout the
-                // coordinator measures ends at this reply.
+                // Running means each vcpu thread is at KVM_RUN, not only let go; the blackout the
+                // coordinator measures ends when the last one entered it.
                 for thread in threads { _ = thread.waitEntered() }
+                reply.runningSince = threads.compactMap(\.enteredMonotonic).max()
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns

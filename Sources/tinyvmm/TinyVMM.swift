@@ -142,6 +142,37 @@ struct Log: Sendable {
     }
 }
 
+/// Where a target's vcpu threads wait before their first KVM_RUN, all on one condition: opening
+/// it wakes every thread with one call, so the thread that opens it is not preempted by the
+/// first vcpu before it has let the others go.
+final class VCPUGate: @unchecked Sendable {
+    // @unchecked: `state` is only touched under `condition`.
+    private let condition = NSCondition()
+    private var state = State.closed
+    enum State { case closed, open, cancelled }
+
+    /// Waits while closed; whether the gate opened (false: cancelled, the thread leaves).
+    func pass() -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        while state == .closed { condition.wait() }
+        return state == .open
+    }
+
+    var isClosed: Bool { condition.withLock { state == .closed } }
+
+    func open() { settle(.open) }
+    func cancel() { settle(.cancelled) }
+
+    private func settle(_ new: State) {
+        condition.withLock {
+            guard state == .closed else { return }
+            state = new
+            condition.broadcast()
+        }
+    }
+}
+
 /// Runs one vcpu on its own thread until asked to stop.
 final class VCPUThread: @unchecked Sendable {
     // @unchecked: the mutable fields are only touched under `condition`.
@@ -154,9 +185,9 @@ final class VCPUThread: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopRequested = false
     private var running = false
-    /// Started, but waiting before its first KVM_RUN until `open` (a target's threads exist
-    /// before the pause, so that none is created inside the blackout).
-    private var gated = false
+    /// Started, but waiting before its first KVM_RUN until the gate opens (a target's threads
+    /// exist before the pause, so that none is created inside the blackout).
+    private var gate: VCPUGate?
     private var threadID: UInt = 0
     private var reported: UInt32?
     static let kickSignal = SIGUSR1
@@ -171,6 +202,8 @@ final class VCPUThread: @unchecked Sendable {
 
     /// When the thread was about to enter KVM_RUN for the first time since `start`.
     private var entered: ContinuousClock.Instant?
+    /// The same instant on `MonotonicClock`, for another process.
+    private var enteredAt: UInt64?
 
     /// Waits until the thread is about to enter KVM_RUN; when it was.
     func waitEntered() -> ContinuousClock.Instant {
@@ -180,18 +213,22 @@ final class VCPUThread: @unchecked Sendable {
         return entered ?? ContinuousClock.now
     }
 
+    /// When the thread entered KVM_RUN since `start`, on `MonotonicClock` (nil: not yet).
+    var enteredMonotonic: UInt64? { condition.withLock { enteredAt } }
+
     var lastReported: UInt32? { condition.withLock { reported } }
     /// Whether the thread runs the guest (a gated thread does not yet).
-    var isRunning: Bool { condition.withLock { running && !gated } }
+    var isRunning: Bool { condition.withLock { running } && !(gate?.isClosed ?? false) }
 
     private var linux: LinuxKVM? { (kernel as? LinuxKVM) ?? ((kernel as? FaultInjectingBackend)?.inner as? LinuxKVM) }
 
-    func start(gated: Bool = false) {
+    func start(gate: VCPUGate? = nil) {
         condition.withLock {
             stopRequested = false
             running = true
-            self.gated = gated
+            self.gate = gate
             entered = nil
+            enteredAt = nil
         }
         linux?.requestImmediateExit(vcpu, false)
         let thread = Thread { [self] in loop() }
@@ -205,8 +242,17 @@ final class VCPUThread: @unchecked Sendable {
         _ = ckvm_unblock_signal(VCPUThread.kickSignal)
         condition.withLock {
             threadID = UInt(ckvm_thread_self())
-            while gated && !stopRequested { condition.wait() }
+        }
+        if let gate = condition.withLock({ self.gate }), !gate.pass() || condition.withLock({ stopRequested }) {
+            condition.withLock {
+                running = false
+                condition.broadcast()
+            }
+            return
+        }
+        condition.withLock {
             entered = ContinuousClock.now
+            enteredAt = MonotonicClock.nanoseconds
             condition.broadcast()
         }
         var lastExitWasIO = false
@@ -255,20 +301,13 @@ final class VCPUThread: @unchecked Sendable {
         }
     }
 
-    /// Lets a gated thread enter KVM_RUN.
-    func open() {
-        condition.withLock {
-            gated = false
-            condition.broadcast()
-        }
-    }
-
     /// Asks the vcpu to stop: immediate_exit, then a signal if it is in KVM_RUN (a gated thread
     /// leaves without running).
     func requestStop() {
         condition.withLock {
             guard running else { return }
             stopRequested = true
+            gate?.cancel()
             condition.broadcast()
             linux?.requestImmediateExit(vcpu, true)
             if threadID != 0 { _ = ckvm_kick_thread(threadID, VCPUThread.kickSignal) }

@@ -59,4 +59,26 @@ struct StagingTests {
         try other.restore(again)
         #expect(other.isRunning)
     }
+
+    /// A target rehearses a staging with its own state before the pause (tinyvmm does at bind):
+    /// its VM's state is what it was, and a `kernel:*` fault armed for the migration is still
+    /// armed for the staging that follows.
+    @Test("a rehearsal changes nothing and leaves armed faults to the migration", arguments: Backend.allCases)
+    func aRehearsalChangesNothing(_ backend: Backend) throws {
+        let plan = try loadPlan("demo.yaml")
+        let kernel = try backend.make()
+        let injector = FaultInjector([try FaultSpec(parsing: "kernel:set-vcpu-state=errno:EIO")])
+        let target = InProcessVMM(role: "target", backend: FaultInjectingBackend(kernel, faults: injector))
+        _ = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
+        let vm = try #require(target.vmHandle)
+        func own() throws -> VMState { VMState(vm: try kernel.vmState(vm), vcpus: try target.vcpuHandles.map { try kernel.vcpuState($0) }) }
+        let before = try own()
+        try target.rehearseStaging()
+        let after = try own()
+        #expect(VMState.difference(restored: after, saved: before) == nil)
+        #expect(!target.isRunning)
+        #expect(target.firedFaults.isEmpty, "the rehearsal fired \(target.firedFaults)")
+        #expect(throws: EndpointError.self) { try target.stage(before) }
+        #expect(target.firedFaults.map(\.point.description) == ["kernel:set-vcpu-state"])
+    }
 }
