@@ -198,6 +198,7 @@ final class TinyVMM: HandoffHandler {
     }
 
     func shutdown() {
+        writeLaterLines()
         closeTaps()
         stopGuest()
         try? vmm.destroy()
@@ -232,15 +233,22 @@ final class TinyVMM: HandoffHandler {
 
     /// Log lines of the blackout's requests, written once the reply is sent (`afterReply`): the
     /// coordinator waits on the reply, and on this machine kind the CPUs are all busy then.
-    private var pendingLog: [String] = []
-    private func later(_ line: @autoclosure () -> String) { pendingLog.append(line()) }
+    private var pendingLog: [() -> String] = []
+    /// A log line made and written after the reply (its text too is made then).
+    private func later(_ line: @escaping @autoclosure () -> String) { pendingLog.append(line) }
+
+    private func writeLaterLines() {
+        for line in pendingLog { log.say(line()) }
+        pendingLog.removeAll()
+    }
 
     /// The read-back of a state stage-state set, once its reply is sent; then the log lines
-    /// the reply waited for.
+    /// the reply waited for, unless the staged state now waits for its restore: inside the
+    /// blackout nothing but the read-back comes before the restore, and the lines wait for the
+    /// next reply (or the VMM's end).
     func afterReply() {
         defer {
-            for line in pendingLog { log.say(line) }
-            pendingLog.removeAll()
+            if !(staged != nil && !vmm.isRunning && stagingFailure == nil && !exitRequested) { writeLaterLines() }
         }
         guard readBackPending, staged != nil, !vmm.isRunning else { return }
         readBackPending = false
@@ -249,10 +257,10 @@ final class TinyVMM: HandoffHandler {
         do {
             try vmm.verifyStaged()
             readBack = (clock.now - began).nanoseconds
-            log.say("the staged state read back equal")
+            later("the staged state read back equal")
         } catch {
             stagingFailure = error.message
-            log.say("the staged state: \(error.message)")
+            later("the staged state: \(error.message)")
         }
     }
 

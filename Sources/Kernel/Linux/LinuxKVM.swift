@@ -445,13 +445,7 @@ public final class LinuxKVM: KernelBackend {
             sections.append(.init(name: "sregs", bytes: try get(fd, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
         }
         // CPUID as set (none before KVM_SET_CPUID2: then there is nothing to carry).
-        var cpuid = [UInt8](repeating: 0, count: 8 + 256 * Int(CKVM_SIZEOF_CPUID_ENTRY2))
-        var cpuidSection: StateSection? = nil
-        cpuid.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(256), as: UInt32.self) }
-        if cpuid.withUnsafeMutableBytes({ Syscalls.ioctl(fd, CKVM_GET_CPUID2, $0.baseAddress) }) == 0 {
-            let count = Int(cpuid.loadLE(UInt32.self, at: 0))
-            if count > 0 { cpuidSection = .init(name: "cpuid", bytes: Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))])) }
-        }
+        let cpuidSection = currentCPUID(fd).map { StateSection(name: "cpuid", bytes: $0) }
         // Like QEMU, a KVM paravirtual MSR moves only where the vcpu's CPUID offers its feature:
         // KVM refuses to set one the guest was not offered (MSR_KVM_ASYNC_PF_INT, say).
         let features = MSRList.paravirtualFeatures(CPUIDEntry.list(cpuidSection?.bytes ?? []))
@@ -477,6 +471,15 @@ public final class LinuxKVM: KernelBackend {
         return VCPUState(sections: sections)
     }
 
+    /// The vcpu's CPUID entries as KVM holds them (KVM_GET_CPUID2); nil before any were set.
+    private func currentCPUID(_ fd: Int32) -> [UInt8]? {
+        var cpuid = [UInt8](repeating: 0, count: 8 + 256 * Int(CKVM_SIZEOF_CPUID_ENTRY2))
+        cpuid.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(256), as: UInt32.self) }
+        guard cpuid.withUnsafeMutableBytes({ Syscalls.ioctl(fd, CKVM_GET_CPUID2, $0.baseAddress) }) == 0 else { return nil }
+        let count = min(256, Int(cpuid.loadLE(UInt32.self, at: 0)))
+        return count > 0 ? Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))]) : nil
+    }
+
     /// KVM_VCPU_TSC_OFFSET, where the kernel has the attribute.
     private func tscOffset(_ vcpu: KernelHandle) -> UInt64? {
         var value: UInt64 = 0
@@ -492,14 +495,23 @@ public final class LinuxKVM: KernelBackend {
     }
 
     /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
-    /// writes are checked against it), the TSC frequency, sregs2, events (the SMM flag), regs,
+    /// writes are checked against it; not set again where the vcpu holds it), the TSC frequency, sregs2, events (the SMM flag), regs,
     /// xsave, xcrs, MSRs but the TSC deadline, events
     /// again, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline (restoring the
     /// LAPIC resets the deadline timer), debug registers, and last the TSC offset (which decides
     /// the guest TSC whatever the TSC MSR wrote).
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
-        if let cpuid = newState["cpuid"] { try setCPUID(vcpu, CPUIDEntry.list(cpuid)) }
+        if let cpuid = newState["cpuid"] {
+            // KVM_SET_CPUID2 is the costliest call of a restore here (0.07-0.15 ms a vcpu: KVM
+            // recomputes the vcpu's CPU model). A vcpu that holds these entries already, but for
+            // the bits KVM rewrites itself from the sregs and MSRs set below, keeps them, as
+            // QEMU's destination does (its migration stream carries no CPUID); the read-back
+            // compares what KVM then holds, runtime bits included.
+            let wanted = CPUIDEntry.list(cpuid)
+            let held = currentCPUID(fd).map(CPUIDEntry.list)
+            if held.map(CPUIDEntry.withoutRuntimeBits) != CPUIDEntry.withoutRuntimeBits(wanted) { try setCPUID(vcpu, wanted) }
+        }
         if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
             let current = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
             if current != Int32(bitPattern: khz) {
