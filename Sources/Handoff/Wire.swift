@@ -272,10 +272,33 @@ public enum StateChannel {
             throw HandoffError(.malformed, "a state of \(bytes.count) bytes (at most \(HandoffMessage.maxAttachmentBytes))")
         }
         HandoffConnection(borrowing: fd).setTimeout(timeout)
-        let frame = magic + [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)] + bytes
+        let header = magic + [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
+        // Header and state in one call, without copying the state into a frame first.
         var sent = 0
-        while sent < frame.count {
-            let result = frame.withUnsafeBytes { buffer in Glibc.send(fd, buffer.baseAddress! + sent, frame.count - sent, Int32(MSG_NOSIGNAL)) }
+        let total = header.count + bytes.count
+        while sent < total {
+            let result = header.withUnsafeBytes { head in
+                bytes.withUnsafeBytes { body in
+                    var parts = [
+                        iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress), iov_len: head.count),
+                        iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count),
+                    ]
+                    // Skip what went already.
+                    var skip = sent
+                    for index in parts.indices {
+                        let taken = min(skip, parts[index].iov_len)
+                        parts[index].iov_base = parts[index].iov_base.map { $0 + taken }
+                        parts[index].iov_len -= taken
+                        skip -= taken
+                    }
+                    return parts.withUnsafeMutableBufferPointer { vector in
+                        var message = msghdr()
+                        message.msg_iov = vector.baseAddress
+                        message.msg_iovlen = vector.count
+                        return Glibc.sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
+                    }
+                }
+            }
             if result < 0 {
                 if errno == EINTR { continue }
                 throw HandoffConnection.ioError("sending the state")
