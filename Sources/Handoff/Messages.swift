@@ -96,6 +96,8 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// (`MonotonicClock`): where the blackout ends as the guest sees it, whatever the reply's
     /// own way to the coordinator takes.
     public var runningSince: UInt64?
+    /// pause (reply): when every vcpu thread had stopped, on the same clock.
+    public var stoppedAt: UInt64?
 
     public init(type: String, id: Int) {
         self.type = type

@@ -102,6 +102,7 @@ public final class RemoteVMM: VMMEndpoint {
 
     public private(set) var lastTimings: [String: Int64] = [:]
     public private(set) var guestRunningSince: UInt64?
+    public private(set) var guestStoppedAt: UInt64?
 
     public func setTimeout(_ timeout: Duration) {
         self.timeout = timeout
@@ -200,6 +201,7 @@ public final class RemoteVMM: VMMEndpoint {
         if let counter = reply.counter { lastCounter = counter }
         lastTimings = reply.timings ?? [:]
         guestRunningSince = reply.runningSince
+        guestStoppedAt = reply.stoppedAt
         return (reply, received)
     }
 

@@ -171,6 +171,8 @@ public protocol VMMEndpoint: AnyObject {
     /// thread entered KVM_RUN, on `MonotonicClock` (nil when the VMM did not say; the
     /// coordinator then takes the instant the answer came).
     var guestRunningSince: UInt64? { get }
+    /// When every vcpu of this VMM had stopped, by its last answer (a pause), on `MonotonicClock`.
+    var guestStoppedAt: UInt64? { get }
 
     // As a source.
     func describe() throws(EndpointError) -> VMDescription

@@ -446,6 +446,10 @@ public final class MigrationExecutor {
                     }
                 }
                 vmmTimings.merge(source.lastTimings) { _, b in b }
+                if let stopped = source.guestStoppedAt, stopped >= pauseRequestedAt {
+                    // From the pause request to every vcpu stopped: what stopping costs the guest.
+                    vmmTimings["paused"] = Int64(clamping: stopped - pauseRequestedAt)
+                }
                 details = source.guestDetails
                 state = staged.state
                 digest = staged.digest

@@ -76,6 +76,7 @@ public final class InProcessVMM: VMMEndpoint {
     public private(set) var lastTimings: [String: Int64] = [:]
     /// An in-process VMM runs no vcpu threads of its own: the coordinator's instant stands.
     public var guestRunningSince: UInt64? { nil }
+    public var guestStoppedAt: UInt64? { nil }
 
     /// Read past the fault points: a report of the guest, not one of the migration's kernel calls.
     public var guestDetails: [String: String] {

@@ -351,6 +351,7 @@ final class TinyVMM: HandoffHandler {
                 // the coordinator's rollback must be able to resume it.
                 paused = true
                 let stopped = clock.now
+                reply.stoppedAt = MonotonicClock.nanoseconds
                 let state: VMState
                 do {
                     state = try vmm.pause()

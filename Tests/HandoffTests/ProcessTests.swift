@@ -48,6 +48,9 @@ struct ProcessTests {
         #expect(heard >= blackout)
         #expect(heard >= (parts["pause-source"] ?? 0) + (parts["resume-target"] ?? 0) + (parts["copy-memory"] ?? 0))
         #expect(blackout > (parts["pause-source"] ?? 0) + (parts["copy-memory"] ?? 0))
+        // The source says when its vcpus had stopped: after the request, before it answered.
+        let paused = try #require(parts["vmm.paused"], "the source said when its vcpus stopped: \(parts)")
+        #expect(paused > 0 && paused <= (parts["pause-source"] ?? 0))
         // The source process retired its VM and exited.
         #expect(waitUntil { !isAlive(fixture.source.processIdentifier) })
         #expect(fixture.source.terminationStatus == 0)
