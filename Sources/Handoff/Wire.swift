@@ -279,17 +279,10 @@ public enum StateChannel {
         while sent < total {
             let result = header.withUnsafeBytes { head in
                 bytes.withUnsafeBytes { body in
-                    var parts = [
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress), iov_len: head.count),
-                        iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count),
-                    ]
-                    // Skip what went already.
-                    var skip = sent
-                    for index in parts.indices {
-                        let taken = min(skip, parts[index].iov_len)
-                        parts[index].iov_base = parts[index].iov_base.map { $0 + taken }
-                        parts[index].iov_len -= taken
-                        skip -= taken
+                    let bases = [head.baseAddress, body.baseAddress]
+                    // What did not go yet (a send may stop short: a timeout, a signal).
+                    var parts = unsent([head.count, body.count], after: sent).map { left in
+                        iovec(iov_base: UnsafeMutableRawPointer(mutating: bases[left.part]).map { $0 + left.offset }, iov_len: left.count)
                     }
                     return parts.withUnsafeMutableBufferPointer { vector in
                         var message = msghdr()
@@ -305,6 +298,19 @@ public enum StateChannel {
             }
             sent += result
         }
+    }
+
+    /// What is left of consecutive parts of `lengths` bytes once `sent` bytes of them went:
+    /// each unfinished part's index, the offset to go on from, and the bytes left of it.
+    public static func unsent(_ lengths: [Int], after sent: Int) -> [(part: Int, offset: Int, count: Int)] {
+        var skip = max(0, sent)
+        var left: [(part: Int, offset: Int, count: Int)] = []
+        for (index, length) in lengths.enumerated() {
+            let taken = min(skip, length)
+            skip -= taken
+            if length > taken { left.append((index, taken, length - taken)) }
+        }
+        return left
     }
 
     /// Receives the state; bounded by `timeout`. A peer that closes its end first sent none.

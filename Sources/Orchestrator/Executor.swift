@@ -128,6 +128,8 @@ public final class MigrationExecutor {
     private var pauseRequestedAt: UInt64 = 0
     /// What the target reported at its restore: when its last vcpu entered KVM_RUN.
     private var targetRunningSince: UInt64?
+    /// When the restore was asked, on `MonotonicClock`: the target's instant must come after.
+    private var restoreRequestedAt: UInt64 = 0
     private var blackout: Duration?
     private var blackoutParts: [String: Int64] = [:]
     private var journalTimeInBlackout: Duration = .zero
@@ -288,7 +290,7 @@ public final class MigrationExecutor {
                 // what the guest sees), if it says so within this step; else here.
                 let heard = clock.now - pauseRequested
                 blackout = heard
-                if let since = targetRunningSince, since >= pauseRequestedAt, since <= MonotonicClock.nanoseconds {
+                if let since = targetRunningSince, since >= max(pauseRequestedAt, restoreRequestedAt), since <= MonotonicClock.nanoseconds {
                     blackout = .nanoseconds(Int64(clamping: since - pauseRequestedAt))
                     blackoutParts["heard"] = heard.nanoseconds
                 }
@@ -502,6 +504,7 @@ public final class MigrationExecutor {
                 do { state = try VMState(decoding: [UInt8](data)) } catch { throw EndpointError("the saved VM state: \(error.message)") }
             }
             let target = try target(timeout: timeout)
+            restoreRequestedAt = MonotonicClock.nanoseconds
             if let state { try target.restore(state) } else { try target.restoreStaged() }
             vmmTimings.merge(target.lastTimings) { _, b in b }
             targetRunningSince = target.guestRunningSince

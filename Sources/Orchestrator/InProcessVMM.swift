@@ -488,8 +488,12 @@ public final class InProcessVMM: VMMEndpoint {
     /// first-time costs (lazy runtime setup, first-touch page faults), which came to several
     /// hundred microseconds of a blackout on this nested host. Armed `kernel:*` faults are not
     /// consumed: they are for the migration's own calls.
-    public func rehearseStaging() throws(EndpointError) {
-        guard let vm, !isRunning, loaded == nil, unverified == nil else { return }
+    ///
+    /// A target is rehearsed while its VM does not run; a source only where the caller vouches
+    /// that none of its vcpus ran yet (`vcpusNeverRan`: tinyvmm, before it starts the guest's
+    /// threads). A VM with an encryption context is not: its state is the guest's own.
+    public func rehearseStaging(vcpusNeverRan: Bool = false) throws(EndpointError) {
+        guard let vm, !isRunning || vcpusNeverRan, loaded == nil, unverified == nil, !type.hasEncryptionContext else { return }
         let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
         do {
             let own = VMState(vm: try kernel.vmState(vm.value.handle), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })

@@ -84,7 +84,7 @@ final class TinyVMM: HandoffHandler {
             taps.append((VMDescription.NIC(name: nic.name, queues: count), queues))
             log.say("opened tap \(nic.name) with \(count) queue\(count == 1 ? "" : "s")")
         }
-        rehearse()
+        rehearse(vcpusNeverRan: true)
         log.say("created a \(spec.type.name) VM: \(spec.vcpus) vcpus, \(spec.guestMemfds.count) gmem files, \(spec.memslots.count) memslots; the guest runs")
         startGuest()
     }
@@ -92,8 +92,8 @@ final class TinyVMM: HandoffHandler {
     /// Saving and staging gone through once before any vcpu of this VM runs
     /// (`InProcessVMM.rehearseStaging`), so that the blackout pays no first-time costs. Not
     /// needed for the migration: a failure is only logged.
-    private func rehearse() {
-        do { try vmm.rehearseStaging() } catch { log.say("\(error.message); the blackout may be longer") }
+    private func rehearse(vcpusNeverRan: Bool = false) {
+        do { try vmm.rehearseStaging(vcpusNeverRan: vcpusNeverRan) } catch { log.say("\(error.message); the blackout may be longer") }
     }
 
     /// Runs every vcpu on a thread of its own: the threads `prepareGuest` made, or new ones.
@@ -222,6 +222,8 @@ final class TinyVMM: HandoffHandler {
     }
 
     private var paused = false
+    /// When the vcpus stopped for the pause in force (a repeated pause answers the same).
+    private var stoppedAt: UInt64?
     /// The state stage-state set into the vcpus, for a restore that does not carry it again.
     private var staged: VMState?
 
@@ -349,9 +351,10 @@ final class TinyVMM: HandoffHandler {
                 stopGuest()
                 // Once its vcpus are stopped the VMM is paused, even if saving the state fails:
                 // the coordinator's rollback must be able to resume it.
+                if !paused { stoppedAt = MonotonicClock.nanoseconds }
                 paused = true
                 let stopped = clock.now
-                reply.stoppedAt = MonotonicClock.nanoseconds
+                reply.stoppedAt = stoppedAt
                 let state: VMState
                 do {
                     state = try vmm.pause()
@@ -534,6 +537,9 @@ final class TinyVMM: HandoffHandler {
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
+                // The staging is over: this VMM runs the guest now (and may be the next hop's source).
+                staged = nil
+                readBack = nil
                 later(wasStaged ? "restore: the staged state; the guest runs"
                     : "restored sections: \(TinyVMM.sections(state)); read back equal; the guest runs")
             case "destroy":

@@ -218,7 +218,10 @@ final class VCPUThread: @unchecked Sendable {
 
     var lastReported: UInt32? { condition.withLock { reported } }
     /// Whether the thread runs the guest (a gated thread does not yet).
-    var isRunning: Bool { condition.withLock { running } && !(gate?.isClosed ?? false) }
+    var isRunning: Bool {
+        let (running, gate) = condition.withLock { (self.running, self.gate) }
+        return running && !(gate?.isClosed ?? false)
+    }
 
     private var linux: LinuxKVM? { (kernel as? LinuxKVM) ?? ((kernel as? FaultInjectingBackend)?.inner as? LinuxKVM) }
 

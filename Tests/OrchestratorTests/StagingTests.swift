@@ -76,9 +76,34 @@ struct StagingTests {
         try target.rehearseStaging()
         let after = try own()
         #expect(VMState.difference(restored: after, saved: before) == nil)
+        // What the comparison leaves out, because time moves it: the guest's clock did not go
+        // back, and the TSC offset (the guest's TSC) is the one it had.
+        func clock(_ state: VMState) -> UInt64? { state.vm.first { $0.name == "clock" }.map { $0.bytes.loadLE(UInt64.self, at: 0) } }
+        func offsets(_ state: VMState) -> [[UInt8]?] { state.vcpus.map { $0["tsc-offset"] } }
+        if backend == .linux {
+            let (was, now) = (try #require(clock(before)), try #require(clock(after)))
+            #expect(now >= was, "the kvmclock went back from \(was) to \(now)")
+            #expect(offsets(before).allSatisfy { $0 != nil })
+        }
+        #expect(offsets(after) == offsets(before))
         #expect(!target.isRunning)
         #expect(target.firedFaults.isEmpty, "the rehearsal fired \(target.firedFaults)")
         #expect(throws: EndpointError.self) { try target.stage(before) }
         #expect(target.firedFaults.map(\.point.description) == ["kernel:set-vcpu-state"])
+    }
+
+    /// A source is rehearsed only where its VMM vouches that none of its vcpus ran yet; a VM
+    /// that runs keeps its state to itself. The rehearsal takes the kernel under the fault
+    /// injector: here a second injector under it fails every set, which makes a rehearsal show.
+    @Test func aSourceIsRehearsedOnlyBeforeItsVCPUsRun() throws {
+        let plan = try loadPlan("demo.yaml")
+        let under = FaultInjector()
+        let source = InProcessVMM(role: "source", backend: FaultInjectingBackend(FaultInjectingBackend(KernelModel(), faults: under), faults: FaultInjector()))
+        try source.createSource(plan.vm)
+        under.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=errno:EIO*")])
+        try source.rehearseStaging()
+        #expect(under.fired.isEmpty, "a running source was rehearsed")
+        #expect(throws: EndpointError.self) { try source.rehearseStaging(vcpusNeverRan: true) }
+        #expect(!under.fired.isEmpty)
     }
 }
