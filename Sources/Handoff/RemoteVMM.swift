@@ -89,6 +89,8 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     private func closeHeld() {
+        for descriptor in preparedChannel ?? [] { Glibc.close(descriptor) }
+        preparedChannel = nil
         guard !isModel else { return }
         for descriptor in memory.values { Glibc.close(descriptor) }
         for descriptor in taps { Glibc.close(descriptor) }
@@ -299,7 +301,10 @@ public final class RemoteVMM: VMMEndpoint {
     public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause {
         guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target) }
         var ends: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+        if let prepared = preparedChannel {
+            ends = prepared
+            preparedChannel = nil
+        } else if socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) != 0 {
             throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
         }
         defer {
@@ -350,6 +355,16 @@ public final class RemoteVMM: VMMEndpoint {
             target.stagedState = nil
             return StagedPause(state: nil, digest: sent)
         }
+    }
+
+    /// The socket pair of the next `pause(stagingIn:)`, made before the pause is requested.
+    private var preparedChannel: [Int32]?
+
+    public func preparePause(stagingIn target: any VMMEndpoint) {
+        guard preparedChannel == nil, target is RemoteVMM else { return }
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else { return }
+        preparedChannel = ends
     }
 
     public func resume() throws(EndpointError) {

@@ -118,6 +118,7 @@ extension VMMEndpoint {
     public func savedState() throws(EndpointError) -> VMState { try pause() }
 
     public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause { try pauseThenStage(in: target) }
+    public func preparePause(stagingIn target: any VMMEndpoint) {}
 
     /// Through the coordinator: the source's state comes here, then goes to the target.
     public func pauseThenStage(in target: any VMMEndpoint) throws(PauseError) -> StagedPause {
@@ -191,6 +192,10 @@ public protocol VMMEndpoint: AnyObject {
     /// coordinator waits for both. Returns the state's digest, and the state itself when it
     /// passed through the coordinator.
     func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause
+    /// Makes, before the pause is requested, what `pause(stagingIn:)` will need (two VMM
+    /// processes: the socket pair), so that the blackout does not hold it. Optional: a pause
+    /// without it makes its own.
+    func preparePause(stagingIn target: any VMMEndpoint)
     func resume() throws(EndpointError)
     /// The state a paused VMM saved, asked again (read-only: what the VMM last said of its
     /// guest is kept): the coordinator journals a state that went VMM to VMM this way, after

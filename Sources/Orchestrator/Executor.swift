@@ -235,6 +235,10 @@ public final class MigrationExecutor {
     private func perform(_ step: MigrationStep, _ direction: JournalEntry.Direction, _ machine: inout MigrationMachine) throws(JournalError) {
         guard let plan = machine.started?.plan, let strategy = machine.started?.strategy else { return }
         let timeout = MigrationExecutor.timeout(for: step, plan: plan, strategy: strategy)
+        if step == .pauseSource, direction == .forward, let target = provider.existingTarget(), let source = try? provider.source() {
+            // Before the pause is requested: nothing of it is the guest's blackout.
+            source.preparePause(stagingIn: target)
+        }
         let began = clock.now
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
