@@ -73,6 +73,9 @@ public protocol KernelBackend: AnyObject, Sendable {
     /// The VM's own state sections (irqchips, PIT, clock).
     func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection]
 
+    /// The VM's sections named in `names` only (a read-back reads what it compares, no more).
+    func vmState(_ vm: KernelHandle, only names: Set<String>) throws(KernelError) -> [StateSection]
+
     /// Restores the VM's own sections; the clock last.
     func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError)
 
@@ -112,6 +115,10 @@ public protocol KernelBackend: AnyObject, Sendable {
 }
 
 extension KernelBackend {
+    public func vmState(_ vm: KernelHandle, only names: Set<String>) throws(KernelError) -> [StateSection] {
+        try vmState(vm).filter { names.contains($0.name) }
+    }
+
     /// `KVM_CREATE_VM`: a VM of `type`, owned by the caller.
     public func createVirtualMachine(type: VMType = .default) throws(KernelError) -> VirtualMachine {
         VirtualMachine(backend: self, handle: try createVM(type: type), type: type)

@@ -202,6 +202,10 @@ public final class FaultInjectingBackend: KernelBackend {
         try check(.getVMState)
         return try inner.vmState(vm)
     }
+    public func vmState(_ vm: KernelHandle, only names: Set<String>) throws(KernelError) -> [StateSection] {
+        try check(.getVMState)
+        return try inner.vmState(vm, only: names)
+    }
     public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
         try check(.setVMState)
         let alteration = faults.alteration(at: .kernel(.setVMState)) { VMState.alter(sections, by: $0) != sections }

@@ -529,7 +529,8 @@ public final class InProcessVMM: VMMEndpoint {
     /// fails, naming the section and field.
     private func readBack(_ state: VMState, vm: KernelHandle, kernel: (any KernelBackend)? = nil) throws {
         let kernel = kernel ?? backend
-        let back = VMState(vm: try kernel.vmState(vm), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })
+        let compared = Set(state.vm.map(\.name)).subtracting(VMState.uncomparedVMSections)
+        let back = VMState(vm: try kernel.vmState(vm, only: compared), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })
         if let difference = VMState.difference(restored: back, saved: state) {
             throw EndpointError("\(role): the restored state read back differs: \(difference)")
         }

@@ -576,9 +576,13 @@ public final class LinuxKVM: KernelBackend {
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
+        try vmState(vm, only: ["pic-master", "pic-slave", "ioapic", "pit2", "clock"])
+    }
+
+    public func vmState(_ vm: KernelHandle, only names: Set<String>) throws(KernelError) -> [StateSection] {
         var sections: [StateSection] = []
         if state.withLock({ $0.irqchips.contains(vm.raw) }) {
-            for (name, chip) in [("pic-master", CKVM_IRQCHIP_PIC_MASTER), ("pic-slave", CKVM_IRQCHIP_PIC_SLAVE), ("ioapic", CKVM_IRQCHIP_IOAPIC)] {
+            for (name, chip) in [("pic-master", CKVM_IRQCHIP_PIC_MASTER), ("pic-slave", CKVM_IRQCHIP_PIC_SLAVE), ("ioapic", CKVM_IRQCHIP_IOAPIC)] where names.contains(name) {
                 var bytes = [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_IRQCHIP))
                 bytes.withUnsafeMutableBytes { $0.storeBytes(of: chip, as: UInt32.self) }
                 guard bytes.withUnsafeMutableBytes({ Syscalls.ioctl(vm.raw, CKVM_GET_IRQCHIP, $0.baseAddress) }) == 0 else {
@@ -586,9 +590,13 @@ public final class LinuxKVM: KernelBackend {
                 }
                 sections.append(.init(name: name, bytes: bytes))
             }
-            sections.append(.init(name: "pit2", bytes: try get(vm.raw, CKVM_GET_PIT2, size: Int(CKVM_SIZEOF_PIT_STATE2), operation: .getVMState)))
+            if names.contains("pit2") {
+                sections.append(.init(name: "pit2", bytes: try get(vm.raw, CKVM_GET_PIT2, size: Int(CKVM_SIZEOF_PIT_STATE2), operation: .getVMState)))
+            }
         }
-        sections.append(.init(name: "clock", bytes: try get(vm.raw, CKVM_GET_CLOCK, size: Int(CKVM_SIZEOF_CLOCK_DATA), operation: .getVMState)))
+        if names.contains("clock") {
+            sections.append(.init(name: "clock", bytes: try get(vm.raw, CKVM_GET_CLOCK, size: Int(CKVM_SIZEOF_CLOCK_DATA), operation: .getVMState)))
+        }
         return sections
     }
 
