@@ -168,8 +168,7 @@ public struct JournalEntry: Sendable, Codable, Equatable {
         /// Written after the effect, success or failure.
         case outcome(Outcome)
         /// The VM state a step saved (pause-source: the source's, `VMState`'s binary format in
-        /// base64), journaled as soon as the source answers, while the target still stages it:
-        /// before the step's outcome, and off the blackout's path.
+        /// base64), journaled once the blackout is over, before the source retires.
         case saved(step: MigrationStep, state: String)
         /// From here on the migration only rolls forward.
         case pointOfNoReturn

@@ -137,6 +137,34 @@ extension Journal {
     }
 }
 
+/// The intents and the point of no return are written directly too (on the blackout's path
+/// between the target's stage and its restore): each reads back as its entry, and holds what
+/// the encoder's JSON holds.
+@Suite("The blackout's small records' JSON")
+struct DirectRecordTests {
+    @Test func intentsAndThePointOfNoReturnReadBackAsTheEncoderWritesThem() throws {
+        var events: [JournalEntry.Event] = [.pointOfNoReturn]
+        for step in MigrationStep.allCases {
+            for direction in [JournalEntry.Direction.forward, .undo] { events.append(.intent(step: step, direction: direction)) }
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        for (index, event) in events.enumerated() {
+            let entry = JournalEntry(sequence: index + 1, time: Date().timeIntervalSince1970 + Double(index) / 3, event: event)
+            let direct = try #require(MigrationJournal.directPayload(entry))
+            #expect(try JSONDecoder().decode(JournalEntry.self, from: direct) == entry)
+            let reference = try JSONSerialization.jsonObject(with: try encoder.encode(entry)) as? NSDictionary
+            #expect(try JSONSerialization.jsonObject(with: direct) as? NSDictionary == reference, "\(String(decoding: direct, as: UTF8.self))")
+        }
+    }
+
+    @Test func anOutcomeTakesTheEncoder() {
+        let outcome = JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: true, durationNanoseconds: 1, details: ["a\"b": "c"])
+        #expect(MigrationJournal.directPayload(JournalEntry(sequence: 1, time: 1, event: .outcome(outcome))) == nil)
+        #expect(MigrationJournal.directPayload(JournalEntry(sequence: 1, time: .nan, event: .pointOfNoReturn)) == nil)
+    }
+}
+
 /// The `saved` record's JSON is written directly (its base64 state is large, and on the
 /// blackout's path): it must read back as the entry, like the encoder's own JSON.
 @Suite("The saved record's JSON")
