@@ -300,12 +300,15 @@ public final class RemoteVMM: VMMEndpoint {
     /// answers it, once the blackout is over).
     public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause {
         guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target) }
-        var ends: [Int32] = [-1, -1]
+        var ends: [Int32]
         if let prepared = preparedChannel {
             ends = prepared
             preparedChannel = nil
-        } else if socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) != 0 {
-            throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
+        } else {
+            guard let made = RemoteVMM.stateChannel() else {
+                throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
+            }
+            ends = made
         }
         defer {
             Glibc.close(ends[0])
@@ -362,9 +365,13 @@ public final class RemoteVMM: VMMEndpoint {
 
     public func preparePause(stagingIn target: any VMMEndpoint) {
         guard preparedChannel == nil, target is RemoteVMM else { return }
+        preparedChannel = RemoteVMM.stateChannel()
+    }
+
+    /// A socket pair for the state channel (nil, errno set, if none can be made).
+    private static func stateChannel() -> [Int32]? {
         var ends: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else { return }
-        preparedChannel = ends
+        return socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 ? ends : nil
     }
 
     public func resume() throws(EndpointError) {
@@ -445,10 +452,9 @@ public final class RemoteVMM: VMMEndpoint {
     public func restore(_ state: VMState) throws(EndpointError) {
         // The VMM has the state it staged set already: the restore inside the blackout only
         // runs the vcpus.
-        let sent = try send(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
         // Not polled for: the blackout ends where the target says its vcpus entered KVM_RUN, and
         // a polling coordinator would only take a CPU from them.
-        let (reply, _) = try reply(to: sent)
+        let (reply, _) = try request(HandoffMessage(type: "restore", id: 0), attachment: stagedState == state ? nil : state.encoded)
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 
@@ -456,8 +462,7 @@ public final class RemoteVMM: VMMEndpoint {
     static let blackoutSpin: Duration = .milliseconds(10)
 
     public func restoreStaged() throws(EndpointError) {
-        let sent = try send(HandoffMessage(type: "restore", id: 0))
-        let (reply, _) = try reply(to: sent)
+        let (reply, _) = try request(HandoffMessage(type: "restore", id: 0))
         if counterAtRestore == nil { counterAtRestore = reply.counter }
     }
 

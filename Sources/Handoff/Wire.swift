@@ -329,7 +329,9 @@ public enum StateChannel {
         var bytes = [UInt8](repeating: 0, count: count)
         var received = 0
         while received < count {
-            let result = bytes.withUnsafeMutableBytes { buffer in Glibc.recv(fd, buffer.baseAddress! + received, count - received, 0) }
+            let result = bytes.withUnsafeMutableBytes { buffer in
+                buffer.baseAddress.map { Glibc.recv(fd, $0 + received, count - received, 0) } ?? 0
+            }
             if result < 0 {
                 if errno == EINTR { continue }
                 throw HandoffConnection.ioError("receiving the state")

@@ -131,14 +131,17 @@ public final class MigrationJournal: @unchecked Sendable {
     /// no return hold only names from fixed sets, so no character needs escaping; JSONEncoder
     /// took 10-20 µs for each. Nil for any other record (the encoder writes it).
     public static func directPayload(_ entry: JournalEntry) -> Data? {
-        guard entry.time.isFinite else { return nil }
-        let event: String
         switch entry.event {
-        case .saved: return savedStatePayload(entry)
-        case .intent(let step, let direction): event = #"{"intent":{"direction":""# + direction.rawValue + #"","step":""# + step.rawValue + #""}}"#
-        case .pointOfNoReturn: event = #"{"pointOfNoReturn":{}}"#
-        default: return nil
+        case .saved: savedStatePayload(entry)
+        case .intent(let step, let direction): record(entry, event: #"{"intent":{"direction":""# + direction.rawValue + #"","step":""# + step.rawValue + #""}}"#)
+        case .pointOfNoReturn: record(entry, event: #"{"pointOfNoReturn":{}}"#)
+        default: nil
         }
+    }
+
+    /// An entry's JSON around its event's (keys sorted, as the encoder writes them).
+    private static func record(_ entry: JournalEntry, event: String) -> Data? {
+        guard entry.time.isFinite else { return nil }
         return Data((#"{"event":"# + event + #","sequence":"# + String(entry.sequence) + #","time":"# + "\(entry.time)" + "}").utf8)
     }
 
@@ -148,14 +151,9 @@ public final class MigrationJournal: @unchecked Sendable {
     /// builds), and a test compares it with the encoder's. Nil for any other record.
     public static func savedStatePayload(_ entry: JournalEntry) -> Data? {
         guard case .saved(let step, let state) = entry.event,
-            state.utf8.allSatisfy({ $0 == UInt8(ascii: "+") || $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "=") || (0x30...0x39).contains($0) || (0x41...0x5a).contains($0) || (0x61...0x7a).contains($0) }),
-            entry.time.isFinite
+            state.utf8.allSatisfy({ $0 == UInt8(ascii: "+") || $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "=") || (0x30...0x39).contains($0) || (0x41...0x5a).contains($0) || (0x61...0x7a).contains($0) })
         else { return nil }
-        var text = #"{"event":{"saved":{"state":""#
-        text.reserveCapacity(state.utf8.count + 128)
-        text += state
-        text += #"","step":""# + step.rawValue + #""}},"sequence":"# + String(entry.sequence) + #","time":"# + "\(entry.time)" + "}"
-        return Data(text.utf8)
+        return record(entry, event: #"{"saved":{"state":""# + state + #"","step":""# + step.rawValue + #""}}"#)
     }
 
     /// Appends one event and returns only once it is on stable storage (`fdatasync`), with

@@ -322,10 +322,8 @@ public final class MigrationExecutor {
     /// that cannot answer leaves the journal without it: the target runs it, nothing waits on it.
     private func journalSavedState(_ machine: inout MigrationMachine, timeout: Duration) throws(JournalError) {
         guard machine.savedState == nil, let digest = machine.details[.pauseSource]?["state-digest"] else { return }
-        let kept = pausedState.flatMap { VMState.digest($0.encoded) == digest ? $0 : nil }
-        guard let state = kept ?? (try? source(timeout: timeout).savedState()) else { return }
-        let encoded = state.encoded
-        guard VMState.digest(encoded) == digest else { return }
+        func matching(_ state: VMState?) -> [UInt8]? { state.map(\.encoded).flatMap { VMState.digest($0) == digest ? $0 : nil } }
+        guard let encoded = matching(pausedState) ?? matching(try? source(timeout: timeout).savedState()) else { return }
         try append(.saved(step: .pauseSource, state: Data(encoded).base64EncodedString()), to: &machine)
     }
 

@@ -166,16 +166,15 @@ final class TinyVMM: HandoffHandler {
         try other.vmm.bind(description.memslots, strategy: .share)
         var (from, to) = (self, other)
         var floors: [Int64] = []
-        let clock = ContinuousClock()
         for _ in 0..<runs {
             usleep(20_000)  // the guest runs a while between moves
-            let began = clock.now
+            let began = MonotonicClock.nanoseconds
             from.stopGuest()
             let state = try from.vmm.pause()
             try to.vmm.restore(state, verify: false)
             to.startGuest()
-            let entered = to.threads.map { $0.waitEntered() }.max() ?? clock.now
-            floors.append((entered - began).nanoseconds)
+            let entered = to.threads.map { $0.waitEntered() }.max() ?? MonotonicClock.nanoseconds
+            floors.append(Int64(clamping: entered &- began))
             (from, to) = (to, from)
         }
         // The guest ends in this VMM's VM.
@@ -387,7 +386,8 @@ final class TinyVMM: HandoffHandler {
                 reply.running = false
                 reply.counter = counter
                 later("saved sections: \(TinyVMM.sections(state))")
-                later("paused; counter \(reply.counter.map(String.init) ?? "-")\(channel == nil ? "" : "; the state went to the target")")
+                let (counter, direct) = (reply.counter, channel != nil)
+                later("paused; counter \(counter.map(String.init) ?? "-")\(direct ? "; the state went to the target" : "")")
             case "resume":
                 try expectNone(descriptors)
                 try vmm.resume()
@@ -532,8 +532,7 @@ final class TinyVMM: HandoffHandler {
                 startGuest()
                 // Running means each vcpu thread is at KVM_RUN, not only let go; the blackout the
                 // coordinator measures ends when the last one entered it.
-                for thread in threads { _ = thread.waitEntered() }
-                reply.runningSince = threads.compactMap(\.enteredMonotonic).max()
+                reply.runningSince = threads.map { $0.waitEntered() }.max()
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns

@@ -200,21 +200,17 @@ final class VCPUThread: @unchecked Sendable {
         self.onPort = onPort
     }
 
-    /// When the thread was about to enter KVM_RUN for the first time since `start`.
-    private var entered: ContinuousClock.Instant?
-    /// The same instant on `MonotonicClock`, for another process.
-    private var enteredAt: UInt64?
+    /// When the thread was about to enter KVM_RUN for the first time since `start`, on
+    /// `MonotonicClock` (another process can set it against its own instants).
+    private var entered: UInt64?
 
-    /// Waits until the thread is about to enter KVM_RUN; when it was.
-    func waitEntered() -> ContinuousClock.Instant {
+    /// Waits until the thread is about to enter KVM_RUN; when it was (`MonotonicClock`).
+    func waitEntered() -> UInt64 {
         condition.lock()
         defer { condition.unlock() }
         while entered == nil { condition.wait() }
-        return entered ?? ContinuousClock.now
+        return entered ?? MonotonicClock.nanoseconds
     }
-
-    /// When the thread entered KVM_RUN since `start`, on `MonotonicClock` (nil: not yet).
-    var enteredMonotonic: UInt64? { condition.withLock { enteredAt } }
 
     var lastReported: UInt32? { condition.withLock { reported } }
     /// Whether the thread runs the guest (a gated thread does not yet).
@@ -231,7 +227,6 @@ final class VCPUThread: @unchecked Sendable {
             running = true
             self.gate = gate
             entered = nil
-            enteredAt = nil
         }
         linux?.requestImmediateExit(vcpu, false)
         let thread = Thread { [self] in loop() }
@@ -254,8 +249,7 @@ final class VCPUThread: @unchecked Sendable {
             return
         }
         condition.withLock {
-            entered = ContinuousClock.now
-            enteredAt = MonotonicClock.nanoseconds
+            entered = MonotonicClock.nanoseconds
             condition.broadcast()
         }
         var lastExitWasIO = false
