@@ -89,8 +89,7 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     private func closeHeld() {
-        for descriptor in preparedChannel ?? [] { Glibc.close(descriptor) }
-        preparedChannel = nil
+        abandonPreparedPause()
         guard !isModel else { return }
         for descriptor in memory.values { Glibc.close(descriptor) }
         for descriptor in taps { Glibc.close(descriptor) }
@@ -297,13 +296,17 @@ public final class RemoteVMM: VMMEndpoint {
     /// once, and both replies are read whatever happens, so that neither connection is left
     /// with a reply due. Each answers the digest of the state it sent or received, and the two
     /// must be the same. The coordinator does not get the state itself here (a later `pause`
-    /// answers it, once the blackout is over).
+    /// answers it, once the blackout is over). The target waits for the state from
+    /// `preparePause` on, where that came first; otherwise it is asked here, before the source.
     public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause {
         guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target) }
+        if let prepared, prepared.target !== target { abandonPreparedPause() }
         var ends: [Int32]
-        if let prepared = preparedChannel {
-            ends = prepared
-            preparedChannel = nil
+        var prestaged: Sent?
+        if let prepared {
+            ends = prepared.ends
+            prestaged = prepared.staging
+            self.prepared = nil
         } else {
             guard let made = RemoteVMM.stateChannel() else {
                 throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
@@ -311,33 +314,31 @@ public final class RemoteVMM: VMMEndpoint {
             ends = made
         }
         defer {
-            Glibc.close(ends[0])
-            Glibc.close(ends[1])
+            if ends[0] >= 0 { Glibc.close(ends[0]) }
+            if ends[1] >= 0 { Glibc.close(ends[1]) }
         }
         // The target first, then the source: the source, woken by its pause, may take this
         // CPU from the coordinator for hundreds of microseconds here, and a stage-state sent
-        // after it would wait that long while the state sat in the socket. The pause goes out
-        // one message later (some 0.03 ms).
-        var stage = HandoffMessage(type: "stage-state", id: 0)
-        stage.timeoutMilliseconds = Int(clamping: target.timeout.nanoseconds / 1_000_000)
+        // after it would wait that long while the state sat in the socket.
         let staging: Sent
-        do { staging = try target.send(stage, descriptors: [ends[1]]) } catch { throw .target(error) }
+        if let prestaged {
+            staging = prestaged
+        } else {
+            do { staging = try target.send(RemoteVMM.stageMessage(target), descriptors: [ends[1]]) } catch { throw .target(error) }
+        }
         let pausing: Sent
         do {
             pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]])
         } catch {
             // Not paused. The target hears the end of the socket (closed here) and answers that
             // no state came; its reply is read, so that its connection has none due.
-            Glibc.close(ends[0])
-            ends[0] = -1
-            Glibc.close(ends[1])
-            ends[1] = -1
+            for end in ends where end >= 0 { Glibc.close(end) }
+            ends = [-1, -1]
             _ = try? target.reply(to: staging)
             throw .source(error)
         }
         // Both sent: the coordinator's ends are closed, so that each VMM sees the other's end only.
-        Glibc.close(ends[0])
-        Glibc.close(ends[1])
+        for end in ends where end >= 0 { Glibc.close(end) }
         ends = [-1, -1]
         // The coordinator sleeps on the source's reply (polling for both at once was slower
         // here: with two CPUs, a polling coordinator takes one from the two VMMs), then polls
@@ -360,12 +361,50 @@ public final class RemoteVMM: VMMEndpoint {
         }
     }
 
-    /// The socket pair of the next `pause(stagingIn:)`, made before the pause is requested.
-    private var preparedChannel: [Int32]?
+    /// The stage-state of a state that comes on the state channel (the socket it carries).
+    private static func stageMessage(_ target: RemoteVMM) -> HandoffMessage {
+        var stage = HandoffMessage(type: "stage-state", id: 0)
+        stage.timeoutMilliseconds = Int(clamping: target.timeout.nanoseconds / 1_000_000)
+        return stage
+    }
 
+    /// What `preparePause` made ready for the next `pause(stagingIn:)`: the state channel's
+    /// socket pair (the coordinator's copy of the target's end is closed once the target has
+    /// it), and the stage-state the target already waits in, its reply not read yet (nil where
+    /// it could not be sent: `pause(stagingIn:)` then sends it, and answers its failure).
+    private struct PreparedPause {
+        var target: RemoteVMM
+        var ends: [Int32]
+        var staging: Sent?
+    }
+
+    private var prepared: PreparedPause?
+
+    /// Before the pause is requested, so that the blackout holds neither: makes the state
+    /// channel's socket pair, and asks the target to stage the state that will come on it.
+    /// The target waits for it (up to its timeout); the caller requests the pause next
+    /// (`pause(stagingIn:)`), and nothing else may go to the target before.
     public func preparePause(stagingIn target: any VMMEndpoint) {
-        guard preparedChannel == nil, target is RemoteVMM else { return }
-        preparedChannel = RemoteVMM.stateChannel()
+        guard let target = target as? RemoteVMM else { return }
+        abandonPreparedPause()
+        guard var ends = RemoteVMM.stateChannel() else { return }
+        var staging: Sent?
+        if let sent = try? target.send(RemoteVMM.stageMessage(target), descriptors: [ends[1]]) {
+            staging = sent
+            Glibc.close(ends[1])
+            ends[1] = -1
+        }
+        prepared = PreparedPause(target: target, ends: ends, staging: staging)
+    }
+
+    /// A prepared pause that will not be requested: the target hears the channel close (its
+    /// source end closed here) and answers that no state came; that reply is read, so that
+    /// the target's connection has none due.
+    private func abandonPreparedPause() {
+        guard let prepared else { return }
+        self.prepared = nil
+        for end in prepared.ends where end >= 0 { Glibc.close(end) }
+        if let staging = prepared.staging { _ = try? prepared.target.reply(to: staging) }
     }
 
     /// A socket pair for the state channel (nil, errno set, if none can be made).

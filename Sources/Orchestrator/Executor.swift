@@ -235,10 +235,6 @@ public final class MigrationExecutor {
     private func perform(_ step: MigrationStep, _ direction: JournalEntry.Direction, _ machine: inout MigrationMachine) throws(JournalError) {
         guard let plan = machine.started?.plan, let strategy = machine.started?.strategy else { return }
         let timeout = MigrationExecutor.timeout(for: step, plan: plan, strategy: strategy)
-        if step == .pauseSource, direction == .forward, let target = provider.existingTarget(), let source = try? provider.source() {
-            // Before the pause is requested: nothing of it is the guest's blackout.
-            source.preparePause(stagingIn: target)
-        }
         let began = clock.now
         if step == .pauseSource && direction == .forward {
             pauseRequested = began
@@ -441,6 +437,11 @@ public final class MigrationExecutor {
                 digest = VMState.digest(altered.encoded)
             } else {
                 let staged: StagedPause
+                // What the pause needs besides the pause itself (the state channel, the target
+                // waiting on it) is made before it is requested: the guest sees none of it.
+                source.preparePause(stagingIn: target)
+                pauseRequested = clock.now
+                pauseRequestedAt = MonotonicClock.nanoseconds
                 do {
                     staged = try source.pause(stagingIn: target)
                 } catch {
