@@ -121,9 +121,7 @@ public final class HandoffConnection: @unchecked Sendable {
         guard (attachment?.count ?? 0) <= HandoffMessage.maxAttachmentBytes else {
             throw HandoffError(.malformed, "a \(message.type) attachment of \(attachment?.count ?? 0) bytes (at most \(HandoffMessage.maxAttachmentBytes))")
         }
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = .sortedKeys
-        guard let payload = try? encoder.encode(message), payload.count <= HandoffConnection.maxPayloadBytes else {
+        guard let payload = message.scalarJSON() ?? HandoffConnection.foundationJSON(message), payload.count <= HandoffConnection.maxPayloadBytes else {
             throw HandoffError(.malformed, "a \(message.type) message does not fit in a frame")
         }
         var frame = HandoffConnection.magic
@@ -137,6 +135,13 @@ public final class HandoffConnection: @unchecked Sendable {
             }
         }
         guard result == 0 else { throw HandoffConnection.ioError("sending \(message.type)") }
+    }
+
+    /// A message's JSON through JSONEncoder (keys sorted): what `scalarJSON` declines.
+    static func foundationJSON(_ message: HandoffMessage) -> [UInt8]? {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        return (try? encoder.encode(message)).map { [UInt8]($0) }
     }
 
     /// Polls (without sleeping) until something can be read or `duration` has passed: inside the
@@ -178,7 +183,7 @@ public final class HandoffConnection: @unchecked Sendable {
                 throw HandoffError(.malformed, "a frame of \(length) bytes (at most \(HandoffConnection.maxPayloadBytes))")
             }
             let payload = try read(count: length, into: &descriptors)
-            guard let message = try? JSONDecoder().decode(HandoffMessage.self, from: Data(payload)) else {
+            guard let message = HandoffMessage(scalarJSON: payload) ?? (try? JSONDecoder().decode(HandoffMessage.self, from: Data(payload))) else {
                 throw HandoffError(.malformed, "a frame whose JSON is not a handoff message")
             }
             guard HandoffMessage.knownTypes.contains(message.type) else {
