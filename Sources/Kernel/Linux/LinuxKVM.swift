@@ -30,6 +30,15 @@ public final class LinuxKVM: KernelBackend {
         var irqchips: Set<Int32> = []
         /// What this host's KVM offers for the vcpu state, read once.
         var stateSupport: StateSupport?
+        /// What each vcpu holds that only calls through this instance change, so that a
+        /// restore or a save inside the blackout need not ask KVM again (each vcpu ioctl costs
+        /// 5-10 µs on this nested host): the CPUID entries KVM_SET_CPUID2 took (KVM adds only
+        /// its runtime bits), and the TSC frequency as KVM_GET_TSC_KHZ answered or
+        /// KVM_SET_TSC_KHZ set it. Dropped when the vcpu's descriptor closes.
+        var vcpuCPUID: [Int32: [CPUIDEntry]] = [:]
+        var vcpuTSCKhz: [Int32: UInt32] = [:]
+        /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
+        var tscOffsetAttribute: Bool?
     }
 
     /// The vcpu state this host's KVM saves and restores, probed once.
@@ -361,6 +370,7 @@ public final class LinuxKVM: KernelBackend {
         buffer += CPUIDEntry.bytes(entries)
         let result = buffer.withUnsafeMutableBytes { Syscalls.ioctl(vcpu.raw, CKVM_SET_CPUID2, $0.baseAddress) }
         guard result == 0 else { throw .failed(operation: .setCPUID, errno: .current) }
+        state.withLock { $0.vcpuCPUID[vcpu.raw] = entries }
     }
 
     private func stateSupport() -> StateSupport {
@@ -457,10 +467,8 @@ public final class LinuxKVM: KernelBackend {
         if support.debugRegisters { sections.append(.init(name: "debugregs", bytes: try get(fd, CKVM_GET_DEBUGREGS, size: Int(CKVM_SIZEOF_DEBUGREGS)))) }
         if let cpuidSection { sections.append(cpuidSection) }
         if support.tscKhz {
-            let khz = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
-            guard khz > 0 else { throw .failed(operation: .getVCPUState, errno: .current) }
             var bytes: [UInt8] = []
-            bytes.appendLE(UInt32(khz))
+            bytes.appendLE(try tscKhz(fd))
             sections.append(.init(name: "tsc-khz", bytes: bytes))
         }
         if support.vcpuAttributes, let offset = tscOffset(vcpu) {
@@ -480,7 +488,17 @@ public final class LinuxKVM: KernelBackend {
         return count > 0 ? Array(cpuid[8..<(8 + count * Int(CKVM_SIZEOF_CPUID_ENTRY2))]) : nil
     }
 
-    /// KVM_VCPU_TSC_OFFSET, where the kernel has the attribute.
+    /// The vcpu's TSC frequency: KVM_GET_TSC_KHZ once, then what it answered or what
+    /// KVM_SET_TSC_KHZ set since (nothing else changes it).
+    private func tscKhz(_ fd: Int32) throws(KernelError) -> UInt32 {
+        if let known = state.withLock({ $0.vcpuTSCKhz[fd] }) { return known }
+        let khz = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
+        guard khz > 0 else { throw .failed(operation: .getVCPUState, errno: .current) }
+        state.withLock { $0.vcpuTSCKhz[fd] = UInt32(khz) }
+        return UInt32(khz)
+    }
+
+    /// KVM_VCPU_TSC_OFFSET, where the kernel has the attribute (asked once).
     private func tscOffset(_ vcpu: KernelHandle) -> UInt64? {
         var value: UInt64 = 0
         return withUnsafeMutablePointer(to: &value) { pointer -> UInt64? in
@@ -488,18 +506,26 @@ public final class LinuxKVM: KernelBackend {
             attribute.group = CKVM_VCPU_TSC_CTRL
             attribute.attr = CKVM_VCPU_TSC_OFFSET
             attribute.addr = UInt64(UInt(bitPattern: pointer))
-            guard Syscalls.ioctl(vcpu.raw, CKVM_HAS_DEVICE_ATTR, &attribute) == 0, Syscalls.ioctl(vcpu.raw, CKVM_GET_DEVICE_ATTR, &attribute) == 0
-            else { return nil }
+            let has: Bool
+            if let known = state.withLock({ $0.tscOffsetAttribute }) {
+                has = known
+            } else {
+                has = Syscalls.ioctl(vcpu.raw, CKVM_HAS_DEVICE_ATTR, &attribute) == 0
+                state.withLock { $0.tscOffsetAttribute = has }
+            }
+            guard has, Syscalls.ioctl(vcpu.raw, CKVM_GET_DEVICE_ATTR, &attribute) == 0 else { return nil }
             return pointer.pointee
         }
     }
 
     /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
-    /// writes are checked against it; not set again where the vcpu holds it), the TSC frequency, sregs2, events (the SMM flag), regs,
-    /// xsave, xcrs, MSRs but the TSC deadline, events
-    /// again, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline (restoring the
-    /// LAPIC resets the deadline timer), debug registers, and last the TSC offset (which decides
-    /// the guest TSC whatever the TSC MSR wrote).
+    /// writes are checked against it; not set again where the vcpu holds it), the TSC frequency
+    /// (not set where the vcpu runs at it), sregs2, regs, xsave, xcrs, MSRs but the TSC
+    /// deadline, events, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline
+    /// (restoring the LAPIC resets the deadline timer), debug registers, and last the TSC offset
+    /// (which decides the guest TSC whatever the TSC MSR wrote). QEMU also sets the events
+    /// before the regs, so that the SMM flag precedes nested state; no nested state moves here,
+    /// and KVM_SET_REGS drops a pending exception set before it, so the events go once, after.
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
         if let cpuid = newState["cpuid"] {
@@ -509,12 +535,13 @@ public final class LinuxKVM: KernelBackend {
             // QEMU's destination does (its migration stream carries no CPUID); the read-back
             // compares what KVM then holds, runtime bits included.
             let wanted = CPUIDEntry.list(cpuid)
-            let held = currentCPUID(fd).map(CPUIDEntry.list)
+            let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? currentCPUID(fd).map(CPUIDEntry.list)
             if held.map(CPUIDEntry.withoutRuntimeBits) != CPUIDEntry.withoutRuntimeBits(wanted) { try setCPUID(vcpu, wanted) }
         }
         if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
-            let current = Syscalls.ioctl(fd, CKVM_GET_TSC_KHZ, value: 0)
-            if current != Int32(bitPattern: khz) {
+            let current = try tscKhz(fd)
+            if current != khz {
+                defer { state.withLock { $0.vcpuTSCKhz[fd] = nil } }  // asked again next time, whatever happened
                 guard stateSupport().tscControl, Syscalls.ioctl(fd, CKVM_SET_TSC_KHZ, value: UInt(khz)) == 0 else {
                     throw .unsupported(
                         operation: .setVCPUState,
@@ -524,7 +551,6 @@ public final class LinuxKVM: KernelBackend {
         }
         if let bytes = newState["sregs2"] { try set(fd, CKVM_SET_SREGS2, bytes, section: "sregs2") }
         if let bytes = newState["sregs"] { try set(fd, CKVM_SET_SREGS, bytes, section: "sregs") }
-        if let bytes = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, bytes, section: "events") }
         if let bytes = newState["regs"] { try set(fd, CKVM_SET_REGS, bytes, section: "regs") }
         if let bytes = newState["xsave"] { try set(fd, CKVM_SET_XSAVE, bytes, section: "xsave") }
         if let bytes = newState["fpu"] { try set(fd, CKVM_SET_FPU, bytes, section: "fpu") }
@@ -755,6 +781,8 @@ public final class LinuxKVM: KernelBackend {
             state.vmTypes[handle.raw] = nil
             state.open.remove(handle.raw)
             state.vcpuVMs[handle.raw] = nil
+            state.vcpuCPUID[handle.raw] = nil
+            state.vcpuTSCKhz[handle.raw] = nil
             state.irqchips.remove(handle.raw)
             return state.runMappings.removeValue(forKey: handle.raw)
         }
