@@ -18,10 +18,24 @@ import Glibc
 final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
     // @unchecked: `answers` is set before the server thread starts and read only by it.
     var answers: [String: (HandoffMessage) -> HandoffMessage?] = [:]
+    /// A pause's answer when it carries a state channel: these bytes go on it (and their digest
+    /// in the reply), as a source VMM sends its state.
+    var sendsStateOnChannel: [UInt8]?
     private(set) var exitRequested = false
 
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
-        for descriptor in descriptors { close(descriptor) }
+        defer { for descriptor in descriptors { close(descriptor) } }
+        if request.type == "pause", let bytes = sendsStateOnChannel, let channel = descriptors.first {
+            var reply = HandoffMessage(type: "ok", id: request.id)
+            do {
+                try StateChannel.send(bytes, on: channel, timeout: .seconds(5))
+                reply.stateDigest = VMState.digest(bytes)
+            } catch {
+                reply = HandoffMessage(type: "error", id: request.id)
+                reply.message = error.message
+            }
+            return (reply, [])
+        }
         if request.type == "hello" {
             var reply = HandoffMessage(type: "ok", id: request.id)
             reply.version = HandoffMessage.protocolVersion
@@ -144,5 +158,97 @@ struct SocketDryRunTests {
         let mismatch = try gmigrate(["migrate", other, "--dry-run"])
         #expect(mismatch.status == 4, "\(mismatch.stdout)\(mismatch.stderr)")
         #expect(mismatch.stderr.contains("2 vcpus, the plan says 3"), "\(mismatch.stderr)")
+    }
+}
+
+/// A target that stages what comes on the state channel a stage-state carries, as tinyvmm does
+/// (`StateChannel.receive`), and records what it saw.
+final class ChannelTarget: HandoffHandler, @unchecked Sendable {
+    // @unchecked: `seen` is written by the server thread and read under `lock`.
+    private let lock = NSLock()
+    private var seen: [String] = []
+    private(set) var exitRequested = false
+
+    var outcomes: [String] { lock.withLock { seen } }
+
+    func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
+        defer { for descriptor in descriptors { close(descriptor) } }
+        if request.type == "hello" {
+            var reply = HandoffMessage(type: "ok", id: request.id)
+            reply.version = HandoffMessage.protocolVersion
+            reply.backend = "linux"
+            reply.running = false
+            return (reply, [])
+        }
+        if request.type == "shutdown" { exitRequested = true }
+        guard request.type == "stage-state", let channel = descriptors.first else { return (HandoffMessage(type: "ok", id: request.id), []) }
+        do {
+            let bytes = try StateChannel.receive(on: channel, timeout: .seconds(5))
+            lock.withLock { seen.append("state of \(bytes.count) bytes") }
+            var reply = HandoffMessage(type: "ok", id: request.id)
+            reply.stateDigest = VMState.digest(bytes)
+            return (reply, [])
+        } catch {
+            lock.withLock { seen.append(error.kind == .closed ? "closed" : "\(error.message)") }
+            var reply = HandoffMessage(type: "error", id: request.id)
+            reply.message = "stage-state: no state came from the source: \(error.message)"
+            return (reply, [])
+        }
+    }
+
+    func serve(at socket: String) -> Thread {
+        let thread = Thread { [self] in try? HandoffServer(socket: socket, allowed: [0, getuid()], log: { _ in }, handler: self).serve() }
+        thread.start()
+        _ = waitUntil(5) { HandoffConnection.probe(path: socket) == 0 }
+        return thread
+    }
+}
+
+@Suite("A pause prepared before it is requested", .serialized)
+struct PreparedPauseTests {
+    /// The target is asked to stage before the pause is requested (so that the blackout holds
+    /// neither the request nor its wake-up). A prepared pause the coordinator then does not
+    /// request is abandoned: the target hears the state channel close and answers that no state
+    /// came, and that answer is read, so that the target's next request gets its own.
+    @Test func anAbandonedPauseLeavesTheTargetAnsweringItsNextRequest() throws {
+        let directory = temporaryDirectory("gmigrate-prepared")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let source = ScriptedVMM()
+        _ = source.serve(at: directory + "/source.sock")
+        let target = ChannelTarget()
+        _ = target.serve(at: directory + "/target.sock")
+        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
+        defer { sourceVMM.shutdown() }
+        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
+        defer { targetVMM.shutdown() }
+
+        sourceVMM.preparePause(stagingIn: targetVMM)
+        // The target waits on the channel; the source retires instead of pausing.
+        _ = try sourceVMM.retire()
+        #expect(target.outcomes == ["closed"])
+        let status = try targetVMM.status()
+        #expect(status.running == false, "the target's next request gets its own answer")
+    }
+
+    /// A prepared pause that is requested goes over the prepared channel: the target stages
+    /// what the source sends on it, once.
+    @Test func aRequestedPauseUsesThePreparedChannel() throws {
+        let directory = temporaryDirectory("gmigrate-prepared")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let state = VMState(vm: [StateSection(name: "clock", bytes: [1, 2, 3])], vcpus: [])
+        let source = ScriptedVMM()
+        source.sendsStateOnChannel = state.encoded
+        _ = source.serve(at: directory + "/source.sock")
+        let target = ChannelTarget()
+        _ = target.serve(at: directory + "/target.sock")
+        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
+        defer { sourceVMM.shutdown() }
+        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
+        defer { targetVMM.shutdown() }
+
+        sourceVMM.preparePause(stagingIn: targetVMM)
+        let staged = try sourceVMM.pause(stagingIn: targetVMM)
+        #expect(staged.digest == VMState.digest(state.encoded))
+        #expect(target.outcomes == ["state of \(state.encoded.count) bytes"])
     }
 }
