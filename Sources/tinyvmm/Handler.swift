@@ -243,13 +243,19 @@ final class TinyVMM: HandoffHandler {
         pendingLog.removeAll()
     }
 
+    /// A source paused with its state sent straight to the target: the blackout goes on in the
+    /// target and the coordinator, which share this machine's CPUs with this VMM, so its log
+    /// lines wait for the next request (or the VMM's end).
+    private var pausedForTarget = false
+
     /// The read-back of a state stage-state set, once its reply is sent; then the log lines
-    /// the reply waited for, unless the staged state now waits for its restore: inside the
-    /// blackout nothing but the read-back comes before the restore, and the lines wait for the
-    /// next reply (or the VMM's end).
+    /// the reply waited for, unless the staged state now waits for its restore or the state
+    /// went to a target (`pausedForTarget`): inside the blackout nothing but the read-back
+    /// comes before the restore, and the lines wait for the next reply (or the VMM's end).
     func afterReply() {
         defer {
-            if !(staged != nil && !vmm.isRunning && stagingFailure == nil && !exitRequested) { writeLaterLines() }
+            let blackoutGoesOn = (staged != nil && !vmm.isRunning && stagingFailure == nil) || pausedForTarget
+            if exitRequested || !blackoutGoesOn { writeLaterLines() }
         }
         guard readBackPending, staged != nil, !vmm.isRunning else { return }
         readBackPending = false
@@ -310,6 +316,8 @@ final class TinyVMM: HandoffHandler {
 
     func handle(_ request: HandoffMessage, descriptors: [Int32], attachment: [UInt8]?) -> (HandoffMessage, [Int32], [UInt8]?) {
         var replyAttachment: [UInt8]? = nil
+        // The blackout is over for a source once the coordinator asks anything again.
+        pausedForTarget = false
         var reply = HandoffMessage(type: "ok", id: request.id)
         do {
             let phase = self.phase
@@ -385,6 +393,7 @@ final class TinyVMM: HandoffHandler {
                 ]
                 reply.running = false
                 reply.counter = counter
+                pausedForTarget = channel != nil
                 later("saved sections: \(TinyVMM.sections(state))")
                 let (counter, direct) = (reply.counter, channel != nil)
                 later("paused; counter \(counter.map(String.init) ?? "-")\(direct ? "; the state went to the target" : "")")
