@@ -17,7 +17,9 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// back before the point of no return, and `restore` only runs the vcpus. A `pause` may
     /// carry a socket on which the source sends its state straight to the target, whose
     /// `stage-state` carries the socket's other end (`timeoutMilliseconds` bounds its wait).
-    public static let protocolVersion = 5
+    /// 6: a `pause` may be armed: a second socket, on which the source says it is ready and
+    /// pauses when the coordinator's byte comes (`PauseTrigger`).
+    public static let protocolVersion = 6
 
     /// The largest attachment a frame may carry (a VM state is tens of KiB).
     public static let maxAttachmentBytes = 64 << 20

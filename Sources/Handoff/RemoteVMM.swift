@@ -138,6 +138,9 @@ public final class RemoteVMM: VMMEndpoint {
 
     /// Sends a request (the first half of `request`): two VMMs can then work on theirs at once.
     func send(_ message: HandoffMessage, descriptors: [Int32] = [], attachment: [UInt8]? = nil) throws(EndpointError) -> Sent {
+        // A prepared pause holds this connection's next reply: anything else asked first
+        // abandons it (its reply read), so that each request gets its own.
+        abandonPreparedPause()
         var message = message
         message.id = nextID
         nextID += 1
@@ -303,10 +306,17 @@ public final class RemoteVMM: VMMEndpoint {
         if let prepared, prepared.target !== target { abandonPreparedPause() }
         var ends: [Int32]
         var prestaged: Sent?
+        var prepaused: Sent?
         if let prepared {
             ends = prepared.ends
             prestaged = prepared.staging
+            prepaused = prepared.pausing
             self.prepared = nil
+            if let trigger = prepared.trigger {
+                // The pause is requested: the source, armed and polling, stops its guest now.
+                if prepared.armed { PauseTrigger.fire(trigger) }
+                Glibc.close(trigger)
+            }
         } else {
             guard let made = RemoteVMM.stateChannel() else {
                 throw .source(EndpointError("\(role) VMM: pause: socketpair: \(Errno.current.name)", errno: .current))
@@ -328,7 +338,11 @@ public final class RemoteVMM: VMMEndpoint {
         }
         let pausing: Sent
         do {
-            pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]])
+            if let prepaused {
+                pausing = prepaused
+            } else {
+                pausing = try send(HandoffMessage(type: "pause", id: 0), descriptors: [ends[0]])
+            }
         } catch {
             // Not paused. The target hears the end of the socket (closed here) and answers that
             // no state came; its reply is read, so that its connection has none due.
@@ -369,21 +383,28 @@ public final class RemoteVMM: VMMEndpoint {
     }
 
     /// What `preparePause` made ready for the next `pause(stagingIn:)`: the state channel's
-    /// socket pair (the coordinator's copy of the target's end is closed once the target has
-    /// it), and the stage-state the target already waits in, its reply not read yet (nil where
-    /// it could not be sent: `pause(stagingIn:)` then sends it, and answers its failure).
+    /// socket pair (the coordinator's copy of an end is closed once its VMM has it), the
+    /// stage-state the target already waits in and the armed pause the source waits in, their
+    /// replies not read yet (nil where one could not be sent: `pause(stagingIn:)` then sends
+    /// it, and answers its failure), and the coordinator's end of the pause's trigger, which
+    /// fires only if the source said it was ready (`armed`).
     private struct PreparedPause {
         var target: RemoteVMM
         var ends: [Int32]
         var staging: Sent?
+        var pausing: Sent?
+        var trigger: Int32?
+        var armed = false
     }
 
     private var prepared: PreparedPause?
 
-    /// Before the pause is requested, so that the blackout holds neither: makes the state
-    /// channel's socket pair, and asks the target to stage the state that will come on it.
-    /// The target waits for it (up to its timeout); the caller requests the pause next
-    /// (`pause(stagingIn:)`), and nothing else may go to the target before.
+    /// Before the pause is requested, so that the blackout holds none of it: makes the state
+    /// channel's socket pair, asks the target to stage the state that will come on it (it
+    /// waits, up to its timeout), and sends the source its pause armed with a trigger
+    /// (`PauseTrigger`), waiting until the source says it is ready. The caller requests the
+    /// pause next (`pause(stagingIn:)`, which fires the trigger), and nothing else may go to
+    /// either VMM before.
     public func preparePause(stagingIn target: any VMMEndpoint) {
         guard let target = target as? RemoteVMM else { return }
         abandonPreparedPause()
@@ -394,16 +415,37 @@ public final class RemoteVMM: VMMEndpoint {
             Glibc.close(ends[1])
             ends[1] = -1
         }
-        prepared = PreparedPause(target: target, ends: ends, staging: staging)
+        var ready = PreparedPause(target: target, ends: ends, staging: staging)
+        // The pause itself, armed: the source readies itself now, and stops its guest when
+        // the trigger fires. Only once the target waits (else the plain pause, later).
+        if staging != nil, let trigger = RemoteVMM.stateChannel() {
+            var pause = HandoffMessage(type: "pause", id: 0)
+            pause.timeoutMilliseconds = Int(clamping: timeout.nanoseconds / 1_000_000)
+            if let sent = try? send(pause, descriptors: [ends[0], trigger[1]]) {
+                ready.pausing = sent
+                ready.trigger = trigger[0]
+                ready.armed = PauseTrigger.waitReady(trigger[0], timeout: timeout)
+                Glibc.close(ends[0])
+                ready.ends[0] = -1
+            } else {
+                Glibc.close(trigger[0])
+            }
+            Glibc.close(trigger[1])
+        }
+        prepared = ready
     }
 
-    /// A prepared pause that will not be requested: the target hears the channel close (its
-    /// source end closed here) and answers that no state came; that reply is read, so that
-    /// the target's connection has none due.
+    /// A prepared pause that will not be requested: the source hears its trigger close unfired
+    /// and answers that no pause was requested (its guest runs on), the target hears the
+    /// channel close and answers that no state came; both replies are read, so that neither
+    /// connection has one due.
     private func abandonPreparedPause() {
         guard let prepared else { return }
         self.prepared = nil
         for end in prepared.ends where end >= 0 { Glibc.close(end) }
+        // The source hears its trigger close unfired: no pause; it answers so, its guest running.
+        if let trigger = prepared.trigger { Glibc.close(trigger) }
+        if let pausing = prepared.pausing { _ = try? reply(to: pausing) }
         if let staging = prepared.staging { _ = try? prepared.target.reply(to: staging) }
     }
 

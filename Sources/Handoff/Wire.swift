@@ -347,3 +347,52 @@ public enum StateChannel {
         return bytes
     }
 }
+
+/// The trigger of an armed pause (protocol 6): a socket pair between the coordinator and the
+/// source VMM. The pause request, state channel and all, goes to the source before the
+/// blackout; the source says it is ready with one byte, and waits, polling, for one byte back:
+/// that byte is the pause request as the guest sees it. So the blackout holds neither the
+/// request's message nor the source's wake-up. A trigger closed without a byte means the pause
+/// is not requested after all: the source answers that, and its guest runs on.
+public enum PauseTrigger {
+    static let ready: UInt8 = 0x52  // "R"
+    static let go: UInt8 = 0x47  // "G"
+
+    /// The source: says it is ready, then waits for the go, polling for `spin` before it
+    /// sleeps, `timeout` at most. False where the trigger closed or the time ran out.
+    public static func armed(_ fd: Int32, spin: Duration, timeout: Duration) -> Bool {
+        var byte = ready
+        guard Glibc.send(fd, &byte, 1, Int32(MSG_NOSIGNAL)) == 1 else { return false }
+        let clock = ContinuousClock()
+        let spinUntil = clock.now + spin
+        let deadline = clock.now + timeout
+        var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let now = clock.now
+            guard now < deadline else { return false }
+            let wait: Int32 = now < spinUntil ? 0 : Int32(clamping: (deadline - now).nanoseconds / 1_000_000 + 1)
+            let result = poll(&descriptor, 1, wait)
+            if result > 0 { break }
+            if result < 0 && errno != EINTR { return false }
+        }
+        return Glibc.recv(fd, &byte, 1, 0) == 1 && byte == go
+    }
+
+    /// The coordinator: waits for the source's ready byte, `timeout` at most.
+    public static func waitReady(_ fd: Int32, timeout: Duration) -> Bool {
+        var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let milliseconds = Int32(clamping: timeout.nanoseconds / 1_000_000)
+        var result: Int32
+        repeat { result = poll(&descriptor, 1, milliseconds) } while result < 0 && errno == EINTR
+        guard result > 0 else { return false }
+        var byte: UInt8 = 0
+        return Glibc.recv(fd, &byte, 1, 0) == 1 && byte == ready
+    }
+
+    /// The coordinator: requests the pause.
+    @discardableResult
+    public static func fire(_ fd: Int32) -> Bool {
+        var byte = go
+        return Glibc.send(fd, &byte, 1, Int32(MSG_NOSIGNAL)) == 1
+    }
+}

@@ -351,8 +351,18 @@ final class TinyVMM: HandoffHandler {
                 // The descriptors stay open here: SCM_RIGHTS gives the peer its own.
                 if isModel { reply.handles = handles } else { return (reply, handles + tapQueues, nil) }
             case "pause":
-                // An optional socket: the state goes straight to the target on it as well.
-                let channel = try stateChannel(descriptors)
+                // An optional socket: the state goes straight to the target on it. A second
+                // one arms the pause: it happens when the coordinator's byte comes on it.
+                let channel = try stateChannel(Array(descriptors.prefix(1)), others: Array(descriptors.dropFirst(1)))
+                if let trigger = descriptors.dropFirst().first {
+                    defer { close(trigger) }
+                    let wait = Duration.milliseconds(request.timeoutMilliseconds ?? 5_000)
+                    guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: wait) else {
+                        if let channel { close(channel) }  // the target hears that no state comes
+                        throw EndpointError(
+                            paused ? "pause: armed while paused already" : "pause: not requested: the coordinator closed the trigger; the guest runs on")
+                    }
+                }
                 let clock = ContinuousClock()
                 let began = clock.now
                 stopGuest()
@@ -629,13 +639,25 @@ final class TinyVMM: HandoffHandler {
     }
 
     /// The socket a pause or stage-state may carry (the state's way between the two VMMs).
-    private func stateChannel(_ descriptors: [Int32]) throws -> Int32? {
-        guard let first = descriptors.first else { return nil }
-        var status = stat()
-        guard descriptors.count == 1, fstat(first, &status) == 0, status.st_mode & S_IFMT == S_IFSOCK else {
-            let kinds = descriptors.map(HandoffConnection.kind(of:))
-            for descriptor in descriptors { close(descriptor) }
-            throw EndpointError("expected at most one socket, received [\(kinds.joined(separator: ", "))] (closed)")
+    /// The state channel a request carries: at most one socket, and with a pause, at most one
+    /// more (`others`: the pause's trigger). Anything else closes them all.
+    private func stateChannel(_ descriptors: [Int32], others: [Int32] = []) throws -> Int32? {
+        guard let first = descriptors.first else {
+            guard others.isEmpty else {
+                for descriptor in others { close(descriptor) }
+                throw EndpointError("a trigger without a state channel (closed)")
+            }
+            return nil
+        }
+        func isSocket(_ descriptor: Int32) -> Bool {
+            var status = stat()
+            return fstat(descriptor, &status) == 0 && status.st_mode & S_IFMT == S_IFSOCK
+        }
+        let all = descriptors + others
+        guard descriptors.count == 1, others.count <= 1, all.allSatisfy(isSocket) else {
+            let kinds = all.map(HandoffConnection.kind(of:))
+            for descriptor in all { close(descriptor) }
+            throw EndpointError("expected at most \(others.isEmpty ? "one socket" : "two sockets"), received [\(kinds.joined(separator: ", "))] (closed)")
         }
         return first
     }

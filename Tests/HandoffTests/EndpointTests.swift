@@ -25,6 +25,12 @@ final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
 
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
         defer { for descriptor in descriptors { close(descriptor) } }
+        if request.type == "pause", descriptors.count == 2, !PauseTrigger.armed(descriptors[1], spin: .zero, timeout: .seconds(5)) {
+            // An armed pause whose trigger closed unfired, as tinyvmm answers it.
+            var reply = HandoffMessage(type: "error", id: request.id)
+            reply.message = "pause: not requested"
+            return (reply, [])
+        }
         if request.type == "pause", let bytes = sendsStateOnChannel, let channel = descriptors.first {
             var reply = HandoffMessage(type: "ok", id: request.id)
             do {
@@ -223,8 +229,9 @@ struct PreparedPauseTests {
         defer { targetVMM.shutdown() }
 
         sourceVMM.preparePause(stagingIn: targetVMM)
-        // The target waits on the channel; the source retires instead of pausing.
-        _ = try sourceVMM.retire()
+        // The target waits on the channel and the source on its trigger; the source is asked
+        // something else instead of the pause.
+        _ = try sourceVMM.status()
         #expect(target.outcomes == ["closed"])
         let status = try targetVMM.status()
         #expect(status.running == false, "the target's next request gets its own answer")

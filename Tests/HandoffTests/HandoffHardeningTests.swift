@@ -139,3 +139,64 @@ struct VMMSocketHardeningTests {
         #expect(vmm.log.contains("dropping the connection"))
     }
 }
+
+/// The armed pause (protocol 6): the source readies itself and stops its guest only when the
+/// coordinator's byte comes on the trigger.
+@Suite("An armed pause", .serialized)
+struct ArmedPauseTests {
+    /// Sends an armed pause (state channel and trigger) and waits for the source's ready byte;
+    /// returns the coordinator's ends of both.
+    static func arm(_ peer: RawPeer) throws -> (channel: Int32, trigger: Int32) {
+        var channel: [Int32] = [-1, -1]
+        var trigger: [Int32] = [-1, -1]
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &channel) == 0)
+        #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &trigger) == 0)
+        var pause = HandoffMessage(type: "pause", id: 7)
+        pause.timeoutMilliseconds = 5_000
+        try peer.connection.send(pause, descriptors: [channel[1], trigger[1]])
+        close(channel[1])
+        close(trigger[1])
+        #expect(PauseTrigger.waitReady(trigger[0], timeout: .seconds(5)), "the source says it is ready")
+        return (channel[0], trigger[0])
+    }
+
+    /// Whether the guest runs and its counter goes on (asked on the test's own connection: a
+    /// VMM serves one at a time).
+    static func counts(_ peer: RawPeer) -> Bool {
+        guard let first = try? peer.ask("status"), first.running == true, let before = first.counter else { return false }
+        return waitUntil(5) { ((try? peer.ask("status"))?.counter).map { $0 > before } ?? false }
+    }
+
+    /// Not fired: the source answers that no pause was requested, sends no state (its end of
+    /// the channel closes), and its guest counts on.
+    @Test func anArmedPauseNotFiredLeavesTheGuestRunning() throws {
+        let source = try VMMUnderTest("armed-unfired", source: true)
+        defer { source.stop() }
+        let peer = try RawPeer(source.socket)
+        let (channel, trigger) = try Self.arm(peer)
+        defer { close(channel) }
+        close(trigger)
+        let (reply, _) = try peer.connection.receive()
+        #expect(reply.type == "error" && reply.message?.contains("not requested") == true, "\(reply)")
+        #expect(throws: HandoffError.self) { try StateChannel.receive(on: channel, timeout: .seconds(5)) }
+        #expect(Self.counts(peer), "the guest counts on")
+    }
+
+    /// Fired: the source pauses, sends its state on the channel, and answers its digest.
+    @Test func anArmedPauseFiredPausesAndSendsTheState() throws {
+        let source = try VMMUnderTest("armed-fired", source: true)
+        defer { source.stop() }
+        let peer = try RawPeer(source.socket)
+        let (channel, trigger) = try Self.arm(peer)
+        defer { close(channel) }
+        #expect(PauseTrigger.fire(trigger))
+        close(trigger)
+        let state = try StateChannel.receive(on: channel, timeout: .seconds(5))
+        let (reply, _) = try peer.connection.receive()
+        #expect(reply.type == "ok" && reply.running == false, "\(reply)")
+        #expect(reply.stateDigest == VMState.digest(state))
+        #expect(try peer.ask("status").running == false, "paused")
+        #expect(try peer.ask("resume").type == "ok")
+        #expect(Self.counts(peer), "the guest counts on once resumed")
+    }
+}
