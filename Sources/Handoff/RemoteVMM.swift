@@ -141,6 +141,7 @@ public final class RemoteVMM: VMMEndpoint {
         // A prepared pause holds this connection's next reply: anything else asked first
         // abandons it (its reply read), so that each request gets its own.
         abandonPreparedPause()
+        preparedBy?.abandonPreparedPause()
         var message = message
         message.id = nextID
         nextID += 1
@@ -312,6 +313,7 @@ public final class RemoteVMM: VMMEndpoint {
             prestaged = prepared.staging
             prepaused = prepared.pausing
             self.prepared = nil
+            prepared.target.preparedBy = nil
             if let trigger = prepared.trigger {
                 // The pause is requested: the source, armed and polling, stops its guest now.
                 if prepared.armed { PauseTrigger.fire(trigger) }
@@ -402,12 +404,15 @@ public final class RemoteVMM: VMMEndpoint {
     /// Before the pause is requested, so that the blackout holds none of it: makes the state
     /// channel's socket pair, asks the target to stage the state that will come on it (it
     /// waits, up to its timeout), and sends the source its pause armed with a trigger
-    /// (`PauseTrigger`), waiting until the source says it is ready. The caller requests the
-    /// pause next (`pause(stagingIn:)`, which fires the trigger), and nothing else may go to
-    /// either VMM before.
+    /// (`PauseTrigger`), waiting until the source says it is ready or refuses (its copies of
+    /// the trigger and the channel close: the target then hears that no state comes, and
+    /// `pause(stagingIn:)` answers the source's refusal). The caller requests the pause next
+    /// (`pause(stagingIn:)`, which fires the trigger); anything else asked of either VMM
+    /// first abandons it.
     public func preparePause(stagingIn target: any VMMEndpoint) {
         guard let target = target as? RemoteVMM else { return }
         abandonPreparedPause()
+        target.preparedBy?.abandonPreparedPause()
         guard var ends = RemoteVMM.stateChannel() else { return }
         var staging: Sent?
         if let sent = try? target.send(RemoteVMM.stageMessage(target), descriptors: [ends[1]]) {
@@ -421,19 +426,27 @@ public final class RemoteVMM: VMMEndpoint {
         if staging != nil, let trigger = RemoteVMM.stateChannel() {
             var pause = HandoffMessage(type: "pause", id: 0)
             pause.timeoutMilliseconds = Int(clamping: timeout.nanoseconds / 1_000_000)
-            if let sent = try? send(pause, descriptors: [ends[0], trigger[1]]) {
+            let sent = try? send(pause, descriptors: [ends[0], trigger[1]])
+            // Only the source holds its ends now: if it refuses or dies, the trigger and the
+            // channel close at once, for the wait below and for the target.
+            Glibc.close(trigger[1])
+            if let sent {
+                Glibc.close(ends[0])
+                ready.ends[0] = -1
                 ready.pausing = sent
                 ready.trigger = trigger[0]
                 ready.armed = PauseTrigger.waitReady(trigger[0], timeout: timeout)
-                Glibc.close(ends[0])
-                ready.ends[0] = -1
             } else {
                 Glibc.close(trigger[0])
             }
-            Glibc.close(trigger[1])
         }
         prepared = ready
+        target.preparedBy = self
     }
+
+    /// The source whose prepared pause waits in this VMM's stage-state (weak: the source owns
+    /// the preparation): anything else asked of this VMM abandons that first.
+    private weak var preparedBy: RemoteVMM?
 
     /// A prepared pause that will not be requested: the source hears its trigger close unfired
     /// and answers that no pause was requested (its guest runs on), the target hears the
@@ -442,6 +455,7 @@ public final class RemoteVMM: VMMEndpoint {
     private func abandonPreparedPause() {
         guard let prepared else { return }
         self.prepared = nil
+        prepared.target.preparedBy = nil
         for end in prepared.ends where end >= 0 { Glibc.close(end) }
         // The source hears its trigger close unfired: no pause; it answers so, its guest running.
         if let trigger = prepared.trigger { Glibc.close(trigger) }

@@ -192,9 +192,10 @@ public protocol VMMEndpoint: AnyObject {
     /// coordinator waits for both. Returns the state's digest, and the state itself when it
     /// passed through the coordinator.
     func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause
-    /// Makes, before the pause is requested, what `pause(stagingIn:)` will need (two VMM
-    /// processes: the socket pair), so that the blackout does not hold it. Optional: a pause
-    /// without it makes its own.
+    /// Makes ready, before the pause is requested, what `pause(stagingIn:)` will need, so that
+    /// the blackout does not hold it (two VMM processes: the state channel, the target waiting
+    /// on it, the source's pause armed). Optional: a pause without it makes its own. Anything
+    /// else asked of either VMM before the pause abandons it.
     func preparePause(stagingIn target: any VMMEndpoint)
     func resume() throws(EndpointError)
     /// The state a paused VMM saved, asked again (read-only: what the VMM last said of its

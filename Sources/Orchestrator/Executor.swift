@@ -283,7 +283,8 @@ public final class MigrationExecutor {
                 error: error.message, uncertain: error.uncertain ? true : nil)
         }
         if pauseRequested != nil && blackout == nil && direction == .forward {
-            blackoutParts[step.rawValue] = duration.nanoseconds
+            // pause-source: from the pause request (its preparation before it is no part of the blackout).
+            blackoutParts[step.rawValue] = (step == .pauseSource ? duration - ((pauseRequested ?? began) - began) : duration).nanoseconds
             if step == .resumeTarget, outcome.ok, let pauseRequested {
                 // The guest runs again in the target: the blackout ends where its last vcpu
                 // entered KVM_RUN, as the target saw it (the reply's way here is no part of
@@ -459,8 +460,11 @@ public final class MigrationExecutor {
                 state = staged.state
                 digest = staged.digest
             }
-            for (part, nanoseconds) in target.lastTimings { vmmTimings["stage-" + part] = nanoseconds }
-            vmmTimings["pause-and-stage"] = (clock.now - staging).nanoseconds
+            // A target asked to stage before the pause waited for the state from then on: its
+            // whole request (`stage`) and its wait (`receive`) are no parts of the blackout.
+            let waitedBeforeThePause: Set<String> = state == nil ? ["receive", "stage"] : []
+            for (part, nanoseconds) in target.lastTimings where !waitedBeforeThePause.contains(part) { vmmTimings["stage-" + part] = nanoseconds }
+            vmmTimings["pause-and-stage"] = (clock.now - max(staging, pauseRequested ?? staging)).nanoseconds
             pausedState = state
             // The state itself is journaled before the source retires.
             details["state-digest"] = digest

@@ -356,7 +356,7 @@ final class TinyVMM: HandoffHandler {
                 let channel = try stateChannel(Array(descriptors.prefix(1)), others: Array(descriptors.dropFirst(1)))
                 if let trigger = descriptors.dropFirst().first {
                     defer { close(trigger) }
-                    let wait = Duration.milliseconds(request.timeoutMilliseconds ?? 5_000)
+                    let wait = Duration.milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000)))
                     guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: wait) else {
                         if let channel { close(channel) }  // the target hears that no state comes
                         throw EndpointError(

@@ -25,6 +25,14 @@ final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
 
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
         defer { for descriptor in descriptors { close(descriptor) } }
+        if let answer = answers[request.type] {
+            // nil: no answer at all (the VMM stalls as if stuck in the request).
+            guard let reply = answer(request) else {
+                Thread.sleep(forTimeInterval: 1)
+                return (HandoffMessage(type: "ok", id: request.id), [])
+            }
+            return (reply, [])
+        }
         if request.type == "pause", descriptors.count == 2, !PauseTrigger.armed(descriptors[1], spin: .zero, timeout: .seconds(5)) {
             // An armed pause whose trigger closed unfired, as tinyvmm answers it.
             var reply = HandoffMessage(type: "error", id: request.id)
@@ -50,14 +58,6 @@ final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
             return (reply, [])
         }
         if request.type == "shutdown" { exitRequested = true }
-        if let answer = answers[request.type] {
-            // nil: no answer at all (the VMM stalls as if stuck in the request).
-            guard let reply = answer(request) else {
-                Thread.sleep(forTimeInterval: 1)
-                return (HandoffMessage(type: "ok", id: request.id), [])
-            }
-            return (reply, [])
-        }
         return (HandoffMessage(type: "ok", id: request.id), [])
     }
 
@@ -187,7 +187,10 @@ final class ChannelTarget: HandoffHandler, @unchecked Sendable {
             return (reply, [])
         }
         if request.type == "shutdown" { exitRequested = true }
-        guard request.type == "stage-state", let channel = descriptors.first else { return (HandoffMessage(type: "ok", id: request.id), []) }
+        guard request.type == "stage-state", let channel = descriptors.first else {
+            lock.withLock { seen.append(request.type) }
+            return (HandoffMessage(type: "ok", id: request.id), [])
+        }
         do {
             let bytes = try StateChannel.receive(on: channel, timeout: .seconds(5))
             lock.withLock { seen.append("state of \(bytes.count) bytes") }
@@ -233,8 +236,58 @@ struct PreparedPauseTests {
         // something else instead of the pause.
         _ = try sourceVMM.status()
         #expect(target.outcomes == ["closed"])
-        let status = try targetVMM.status()
-        #expect(status.running == false, "the target's next request gets its own answer")
+        // The target's next request is answered as its own (a stale stage-state reply would
+        // fail it as an answer to another request).
+        _ = try targetVMM.status()
+        #expect(target.outcomes == ["closed", "status"])
+    }
+
+    /// The same when the target is asked something first: the source's prepared pause is
+    /// abandoned before that request goes, and both VMMs answer their next requests.
+    @Test func askingTheTargetFirstAbandonsThePreparedPause() throws {
+        let directory = temporaryDirectory("gmigrate-prepared")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let source = ScriptedVMM()
+        _ = source.serve(at: directory + "/source.sock")
+        let target = ChannelTarget()
+        _ = target.serve(at: directory + "/target.sock")
+        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
+        defer { sourceVMM.shutdown() }
+        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
+        defer { targetVMM.shutdown() }
+
+        sourceVMM.preparePause(stagingIn: targetVMM)
+        _ = try targetVMM.status()
+        #expect(target.outcomes == ["closed", "status"])
+        _ = try sourceVMM.status()
+    }
+
+    /// A source that refuses the armed pause (here: any pause) closes the trigger and the
+    /// channel at once: the preparation does not wait out the timeout, the pause fails with
+    /// the source's own answer, and the target hears that no state comes.
+    @Test(.timeLimit(.minutes(1))) func aRefusedArmedPauseFailsAtOnce() throws {
+        let directory = temporaryDirectory("gmigrate-prepared")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let source = ScriptedVMM()
+        source.answers["pause"] = ScriptedVMM.error("pause is refused: this VMM is building")
+        _ = source.serve(at: directory + "/source.sock")
+        let target = ChannelTarget()
+        _ = target.serve(at: directory + "/target.sock")
+        // Timeouts beyond the test's time limit: a wait for either would fail the test.
+        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(600))
+        defer { sourceVMM.shutdown() }
+        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(600))
+        defer { targetVMM.shutdown() }
+
+        sourceVMM.preparePause(stagingIn: targetVMM)
+        do {
+            _ = try sourceVMM.pause(stagingIn: targetVMM)
+            Issue.record("a refused pause succeeded")
+        } catch {
+            guard case .source(let refusal) = error else { Issue.record("not the source's refusal: \(error)"); return }
+            #expect(refusal.message.contains("this VMM is building"), "\(refusal.message)")
+        }
+        #expect(target.outcomes == ["closed"])
     }
 
     /// A prepared pause that is requested goes over the prepared channel: the target stages

@@ -53,4 +53,36 @@ struct VMStateTests {
         #expect(part.map(\.name) == all.map(\.name).filter(wanted.contains))
         #expect(part == all.filter { wanted.contains($0.name) })
     }
+
+    /// A VM without an in-kernel irqchip has no LAPIC section: its vcpu events and MP state
+    /// are set all the same (after the MSRs, as with a LAPIC). Here the NMI mask, set in the
+    /// saved events, must read back.
+    @Test("vcpu events move in a VM without a LAPIC")
+    func eventsWithoutLAPIC() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let cpuid = try kernel.supportedCPUID()
+        let vm = try kernel.createVM(type: .default)
+        let vcpu = try kernel.createVCPU(vm: vm, id: 0)
+        defer { for handle in [vcpu, vm] { kernel.close(handle) } }
+        try kernel.setCPUID(vcpu, cpuid)
+        var saved = try kernel.vcpuState(vcpu)
+        #expect(saved["lapic"] == nil && saved["msrs"] != nil)
+        var events = try #require(saved["events"])
+        // struct kvm_vcpu_events: exception (8 bytes), interrupt (4), then nmi: injected, pending, masked.
+        #expect(events[14] == 0)
+        events[14] = 1
+        // KVM refuses some paravirtual MSRs without an in-kernel LAPIC: the MSRs here are the
+        // SYSENTER ones, enough for the section to be there.
+        let msrs = MSRList(bytes: try #require(saved["msrs"])).entries.filter { (0x174...0x176).contains($0.index) }
+        #expect(msrs.count == 3)
+        saved.sections = saved.sections.map {
+            switch $0.name {
+            case "events": StateSection(name: "events", bytes: events)
+            case "msrs": StateSection(name: "msrs", bytes: MSRList(entries: msrs).bytes)
+            default: $0
+            }
+        }
+        try kernel.setVCPUState(vcpu, saved)
+        #expect(try kernel.vcpuState(vcpu)["events"]?[14] == 1, "the NMI mask read back")
+    }
 }

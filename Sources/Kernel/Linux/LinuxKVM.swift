@@ -511,7 +511,8 @@ public final class LinuxKVM: KernelBackend {
                 has = known
             } else {
                 has = Syscalls.ioctl(vcpu.raw, CKVM_HAS_DEVICE_ATTR, &attribute) == 0
-                state.withLock { $0.tscOffsetAttribute = has }
+                // Remembered only when KVM answered: it has the attribute, or has none (ENXIO).
+                if has || Errno.current == .noSuchDeviceOrAddress { state.withLock { $0.tscOffsetAttribute = has } }
             }
             guard has, Syscalls.ioctl(vcpu.raw, CKVM_GET_DEVICE_ATTR, &attribute) == 0 else { return nil }
             return pointer.pointee
@@ -539,7 +540,8 @@ public final class LinuxKVM: KernelBackend {
             if held.map(CPUIDEntry.withoutRuntimeBits) != CPUIDEntry.withoutRuntimeBits(wanted) { try setCPUID(vcpu, wanted) }
         }
         if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
-            let current = try tscKhz(fd)
+            // Unknown (KVM_GET_TSC_KHZ failed): set it, as when it differs.
+            let current = (try? tscKhz(fd)) ?? 0
             if current != khz {
                 defer { state.withLock { $0.vcpuTSCKhz[fd] = nil } }  // asked again next time, whatever happened
                 guard stateSupport().tscControl, Syscalls.ioctl(fd, CKVM_SET_TSC_KHZ, value: UInt(khz)) == 0 else {
@@ -556,14 +558,17 @@ public final class LinuxKVM: KernelBackend {
         if let bytes = newState["fpu"] { try set(fd, CKVM_SET_FPU, bytes, section: "fpu") }
         if let bytes = newState["xcrs"] { try set(fd, CKVM_SET_XCRS, bytes, section: "xcrs") }
         let deadline: UInt32 = 0x6e0
+        func setEventsMPStateAndLAPIC() throws(KernelError) {
+            if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
+            if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
+            if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
+        }
         if let bytes = newState["msrs"] {
             let all = MSRList(bytes: bytes).entries
-            for batch in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline }] where !batch.isEmpty {
-                if batch.first?.index == deadline, let lapic = newState["lapic"] {
-                    if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
-                    if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
-                    try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic")
-                }
+            for (index, batch) in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline }].enumerated() {
+                // Between the two batches: the events, MP state and LAPIC.
+                if index == 1 { try setEventsMPStateAndLAPIC() }
+                guard !batch.isEmpty else { continue }
                 var records = MSRList(entries: batch).bytes
                 let written = msrIoctl(vcpu, CKVM_SET_MSRS, &records)
                 guard written == Int32(batch.count) else {
@@ -576,15 +581,8 @@ public final class LinuxKVM: KernelBackend {
                         detail: "section msrs: KVM_SET_MSRS refused MSR 0x\(String(refused.index, radix: 16)) = 0x\(String(refused.value, radix: 16)) (\(written) of \(batch.count) written)")
                 }
             }
-            if !all.contains(where: { $0.index == deadline }), let lapic = newState["lapic"] {
-                if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
-                if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
-                try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic")
-            }
         } else {
-            if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
-            if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
-            if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
+            try setEventsMPStateAndLAPIC()
         }
         if let bytes = newState["debugregs"] { try set(fd, CKVM_SET_DEBUGREGS, bytes, section: "debugregs") }
         if let bytes = newState["tsc-offset"] {
