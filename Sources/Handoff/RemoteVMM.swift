@@ -300,8 +300,9 @@ public final class RemoteVMM: VMMEndpoint {
     /// once, and both replies are read whatever happens, so that neither connection is left
     /// with a reply due. Each answers the digest of the state it sent or received, and the two
     /// must be the same. The coordinator does not get the state itself here (a later `pause`
-    /// answers it, once the blackout is over). The target waits for the state from
-    /// `preparePause` on, where that came first; otherwise it is asked here, before the source.
+    /// answers it, once the blackout is over). Where `preparePause` came first, the target
+    /// waits for the state since then and the source, armed there, pauses when the trigger
+    /// fires here; otherwise both are asked here, the target first.
     public func pause(stagingIn target: any VMMEndpoint) throws(PauseError) -> StagedPause {
         guard let target = target as? RemoteVMM else { return try pauseThenStage(in: target) }
         if let prepared, prepared.target !== target { abandonPreparedPause() }
