@@ -326,10 +326,12 @@ public final class RemoteVMM: VMMEndpoint {
             }
             ends = made
         }
-        defer {
-            if ends[0] >= 0 { Glibc.close(ends[0]) }
-            if ends[1] >= 0 { Glibc.close(ends[1]) }
+        /// The coordinator's copies of the channel, once its VMMs have theirs (or on failure).
+        func closeEnds() {
+            for end in ends where end >= 0 { Glibc.close(end) }
+            ends = [-1, -1]
         }
+        defer { closeEnds() }
         // The target first, then the source: the source, woken by its pause, may take this
         // CPU from the coordinator for hundreds of microseconds here, and a stage-state sent
         // after it would wait that long while the state sat in the socket.
@@ -349,14 +351,12 @@ public final class RemoteVMM: VMMEndpoint {
         } catch {
             // Not paused. The target hears the end of the socket (closed here) and answers that
             // no state came; its reply is read, so that its connection has none due.
-            for end in ends where end >= 0 { Glibc.close(end) }
-            ends = [-1, -1]
+            closeEnds()
             _ = try? target.reply(to: staging)
             throw .source(error)
         }
         // Both sent: the coordinator's ends are closed, so that each VMM sees the other's end only.
-        for end in ends where end >= 0 { Glibc.close(end) }
-        ends = [-1, -1]
+        closeEnds()
         // The coordinator sleeps on the source's reply (polling for both at once was slower
         // here: with two CPUs, a polling coordinator takes one from the two VMMs), then polls
         // for the target's, which comes last.
@@ -412,8 +412,7 @@ public final class RemoteVMM: VMMEndpoint {
     /// first abandons it.
     public func preparePause(stagingIn target: any VMMEndpoint) {
         guard let target = target as? RemoteVMM else { return }
-        abandonPreparedPause()
-        target.preparedBy?.abandonPreparedPause()
+        abandonPreparedPause()  // the target's own, if another source prepared one, goes with its send
         guard var ends = RemoteVMM.stateChannel() else { return }
         var staging: Sent?
         if let sent = try? target.send(RemoteVMM.stageMessage(target), descriptors: [ends[1]]) {

@@ -363,30 +363,29 @@ public enum PauseTrigger {
     public static func armed(_ fd: Int32, spin: Duration, timeout: Duration) -> Bool {
         var byte = ready
         guard Glibc.send(fd, &byte, 1, Int32(MSG_NOSIGNAL)) == 1 else { return false }
-        let clock = ContinuousClock()
-        let spinUntil = clock.now + spin
-        let deadline = clock.now + timeout
-        var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        while true {
-            let now = clock.now
-            guard now < deadline else { return false }
-            let wait: Int32 = now < spinUntil ? 0 : Int32(clamping: (deadline - now).nanoseconds / 1_000_000 + 1)
-            let result = poll(&descriptor, 1, wait)
-            if result > 0 { break }
-            if result < 0 && errno != EINTR { return false }
-        }
-        return Glibc.recv(fd, &byte, 1, 0) == 1 && byte == go
+        let deadline = ContinuousClock.now + timeout
+        HandoffConnection(borrowing: fd).spin(upTo: min(spin, timeout))
+        return receive(go, on: fd, by: deadline)
     }
 
     /// The coordinator: waits for the source's ready byte, `timeout` at most.
     public static func waitReady(_ fd: Int32, timeout: Duration) -> Bool {
+        receive(ready, on: fd, by: ContinuousClock.now + timeout)
+    }
+
+    /// Whether `expected` is the byte that comes on `fd` by `deadline` (false: another byte,
+    /// the peer's end closed, or the time ran out).
+    private static func receive(_ expected: UInt8, on fd: Int32, by deadline: ContinuousClock.Instant) -> Bool {
         var descriptor = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let milliseconds = Int32(clamping: timeout.nanoseconds / 1_000_000)
-        var result: Int32
-        repeat { result = poll(&descriptor, 1, milliseconds) } while result < 0 && errno == EINTR
-        guard result > 0 else { return false }
+        while true {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return false }
+            let result = poll(&descriptor, 1, Int32(clamping: left.nanoseconds / 1_000_000 + 1))
+            if result > 0 { break }
+            if result < 0 && errno != EINTR { return false }
+        }
         var byte: UInt8 = 0
-        return Glibc.recv(fd, &byte, 1, 0) == 1 && byte == ready
+        return Glibc.recv(fd, &byte, 1, 0) == 1 && byte == expected
     }
 
     /// The coordinator: requests the pause.

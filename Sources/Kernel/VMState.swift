@@ -319,10 +319,9 @@ public struct VMState: Hashable, Sendable {
     }
 
     public var encoded: [UInt8] {
-        // One allocation: a section costs at most its name, its capabilities and 8 bytes more.
-        let sections = vm + vcpus.flatMap(\.sections)
+        // One allocation, as a rule: a section's header is its name and a few bytes.
         var bytes = [UInt8]()
-        bytes.reserveCapacity(sections.reduce(10 + 2 * vcpus.count) { $0 + $1.bytes.count + $1.name.utf8.count + 2 * ($1.kind?.capabilities.count ?? 0) + 8 })
+        bytes.reserveCapacity((vm + vcpus.flatMap(\.sections)).reduce(64) { $0 + $1.bytes.count + $1.name.utf8.count + 32 })
         bytes += VMState.magic
         bytes.appendLE(VMState.version)
         bytes.appendLE(UInt16(truncatingIfNeeded: vm.count))

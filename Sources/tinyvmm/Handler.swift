@@ -353,8 +353,9 @@ final class TinyVMM: HandoffHandler {
             case "pause":
                 // An optional socket: the state goes straight to the target on it. A second
                 // one arms the pause: it happens when the coordinator's byte comes on it.
-                let channel = try stateChannel(Array(descriptors.prefix(1)), others: Array(descriptors.dropFirst(1)))
-                if let trigger = descriptors.dropFirst().first {
+                let sockets = try sockets(descriptors, atMost: 2)
+                let channel = sockets.first
+                if let trigger = sockets.dropFirst().first {
                     defer { close(trigger) }
                     let wait = Duration.milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000)))
                     guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: wait) else {
@@ -486,7 +487,7 @@ final class TinyVMM: HandoffHandler {
                 let state: VMState
                 let clock = ContinuousClock()
                 let began = clock.now
-                if let channel = try stateChannel(descriptors) {
+                if let channel = try sockets(descriptors, atMost: 1).first {
                     guard attachment == nil else {
                         close(channel)
                         throw EndpointError("stage-state: a state and a socket; one of them")
@@ -638,28 +639,20 @@ final class TinyVMM: HandoffHandler {
         }
     }
 
-    /// The socket a pause or stage-state may carry (the state's way between the two VMMs).
-    /// The state channel a request carries: at most one socket, and with a pause, at most one
-    /// more (`others`: the pause's trigger). Anything else closes them all.
-    private func stateChannel(_ descriptors: [Int32], others: [Int32] = []) throws -> Int32? {
-        guard let first = descriptors.first else {
-            guard others.isEmpty else {
-                for descriptor in others { close(descriptor) }
-                throw EndpointError("a trigger without a state channel (closed)")
-            }
-            return nil
-        }
+    /// The sockets a request may carry, in order: a stage-state's state channel, or a pause's
+    /// state channel and then its trigger. More than `count`, or anything but sockets, closes
+    /// them all.
+    private func sockets(_ descriptors: [Int32], atMost count: Int) throws -> [Int32] {
         func isSocket(_ descriptor: Int32) -> Bool {
             var status = stat()
             return fstat(descriptor, &status) == 0 && status.st_mode & S_IFMT == S_IFSOCK
         }
-        let all = descriptors + others
-        guard descriptors.count == 1, others.count <= 1, all.allSatisfy(isSocket) else {
-            let kinds = all.map(HandoffConnection.kind(of:))
-            for descriptor in all { close(descriptor) }
-            throw EndpointError("expected at most \(others.isEmpty ? "one socket" : "two sockets"), received [\(kinds.joined(separator: ", "))] (closed)")
+        guard descriptors.count <= count, descriptors.allSatisfy(isSocket) else {
+            let kinds = descriptors.map(HandoffConnection.kind(of:))
+            for descriptor in descriptors { close(descriptor) }
+            throw EndpointError("expected at most \(count == 1 ? "one socket" : "two sockets"), received [\(kinds.joined(separator: ", "))] (closed)")
         }
-        return first
+        return descriptors
     }
 
     private func expectNone(_ descriptors: [Int32]) throws {

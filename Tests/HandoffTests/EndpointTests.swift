@@ -50,13 +50,7 @@ final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
             }
             return (reply, [])
         }
-        if request.type == "hello" {
-            var reply = HandoffMessage(type: "ok", id: request.id)
-            reply.version = HandoffMessage.protocolVersion
-            reply.backend = "linux"
-            reply.running = false
-            return (reply, [])
-        }
+        if request.type == "hello" { return (helloReply(request), []) }
         if request.type == "shutdown" { exitRequested = true }
         return (HandoffMessage(type: "ok", id: request.id), [])
     }
@@ -70,6 +64,18 @@ final class ScriptedVMM: HandoffHandler, @unchecked Sendable {
         }
     }
 
+}
+
+/// A scripted VMM's answer to hello: this protocol version, on Linux, no guest running.
+func helloReply(_ request: HandoffMessage) -> HandoffMessage {
+    var reply = HandoffMessage(type: "ok", id: request.id)
+    reply.version = HandoffMessage.protocolVersion
+    reply.backend = "linux"
+    reply.running = false
+    return reply
+}
+
+extension HandoffHandler where Self: Sendable {
     /// Serves on a thread of its own; stopped by a `shutdown` request.
     func serve(at socket: String) -> Thread {
         let thread = Thread { [self] in try? HandoffServer(socket: socket, allowed: [0, getuid()], log: { _ in }, handler: self).serve() }
@@ -179,13 +185,7 @@ final class ChannelTarget: HandoffHandler, @unchecked Sendable {
 
     func handle(_ request: HandoffMessage, descriptors: [Int32]) -> (HandoffMessage, [Int32]) {
         defer { for descriptor in descriptors { close(descriptor) } }
-        if request.type == "hello" {
-            var reply = HandoffMessage(type: "ok", id: request.id)
-            reply.version = HandoffMessage.protocolVersion
-            reply.backend = "linux"
-            reply.running = false
-            return (reply, [])
-        }
+        if request.type == "hello" { return (helloReply(request), []) }
         if request.type == "shutdown" { exitRequested = true }
         guard request.type == "stage-state", let channel = descriptors.first else {
             lock.withLock { seen.append(request.type) }
@@ -204,12 +204,29 @@ final class ChannelTarget: HandoffHandler, @unchecked Sendable {
             return (reply, [])
         }
     }
+}
 
-    func serve(at socket: String) -> Thread {
-        let thread = Thread { [self] in try? HandoffServer(socket: socket, allowed: [0, getuid()], log: { _ in }, handler: self).serve() }
-        thread.start()
-        _ = waitUntil(5) { HandoffConnection.probe(path: socket) == 0 }
-        return thread
+/// A scripted source and a channel target, each served on a socket of its own, and the
+/// coordinator's endpoints to them; all shut down, and the directory removed, at the end.
+final class PreparedPair {
+    let directory = temporaryDirectory("gmigrate-prepared")
+    let source = ScriptedVMM()
+    let target = ChannelTarget()
+    let sourceVMM: RemoteVMM
+    let targetVMM: RemoteVMM
+
+    init(timeout: Duration = .seconds(5), script: (ScriptedVMM) -> Void = { _ in }) throws {
+        script(source)
+        _ = source.serve(at: directory + "/source.sock")
+        _ = target.serve(at: directory + "/target.sock")
+        sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: timeout)
+        targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: timeout)
+    }
+
+    deinit {
+        sourceVMM.shutdown()
+        targetVMM.shutdown()
+        try? FileManager.default.removeItem(atPath: directory)
     }
 }
 
@@ -220,16 +237,9 @@ struct PreparedPauseTests {
     /// request is abandoned: the target hears the state channel close and answers that no state
     /// came, and that answer is read, so that the target's next request gets its own.
     @Test func anAbandonedPauseLeavesTheTargetAnsweringItsNextRequest() throws {
-        let directory = temporaryDirectory("gmigrate-prepared")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let source = ScriptedVMM()
-        _ = source.serve(at: directory + "/source.sock")
-        let target = ChannelTarget()
-        _ = target.serve(at: directory + "/target.sock")
-        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
-        defer { sourceVMM.shutdown() }
-        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
-        defer { targetVMM.shutdown() }
+        let pair = try PreparedPair()
+        let (target, sourceVMM, targetVMM) = (pair.target, pair.sourceVMM, pair.targetVMM)
+        defer { withExtendedLifetime(pair) {} }  // shut down at the end, not after its last use
 
         sourceVMM.preparePause(stagingIn: targetVMM)
         // The target waits on the channel and the source on its trigger; the source is asked
@@ -245,16 +255,9 @@ struct PreparedPauseTests {
     /// The same when the target is asked something first: the source's prepared pause is
     /// abandoned before that request goes, and both VMMs answer their next requests.
     @Test func askingTheTargetFirstAbandonsThePreparedPause() throws {
-        let directory = temporaryDirectory("gmigrate-prepared")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let source = ScriptedVMM()
-        _ = source.serve(at: directory + "/source.sock")
-        let target = ChannelTarget()
-        _ = target.serve(at: directory + "/target.sock")
-        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
-        defer { sourceVMM.shutdown() }
-        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
-        defer { targetVMM.shutdown() }
+        let pair = try PreparedPair()
+        let (target, sourceVMM, targetVMM) = (pair.target, pair.sourceVMM, pair.targetVMM)
+        defer { withExtendedLifetime(pair) {} }  // shut down at the end, not after its last use
 
         sourceVMM.preparePause(stagingIn: targetVMM)
         _ = try targetVMM.status()
@@ -266,18 +269,10 @@ struct PreparedPauseTests {
     /// channel at once: the preparation does not wait out the timeout, the pause fails with
     /// the source's own answer, and the target hears that no state comes.
     @Test(.timeLimit(.minutes(1))) func aRefusedArmedPauseFailsAtOnce() throws {
-        let directory = temporaryDirectory("gmigrate-prepared")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
-        let source = ScriptedVMM()
-        source.answers["pause"] = ScriptedVMM.error("pause is refused: this VMM is building")
-        _ = source.serve(at: directory + "/source.sock")
-        let target = ChannelTarget()
-        _ = target.serve(at: directory + "/target.sock")
         // Timeouts beyond the test's time limit: a wait for either would fail the test.
-        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(600))
-        defer { sourceVMM.shutdown() }
-        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(600))
-        defer { targetVMM.shutdown() }
+        let pair = try PreparedPair(timeout: .seconds(600)) { $0.answers["pause"] = ScriptedVMM.error("pause is refused: this VMM is building") }
+        let (target, sourceVMM, targetVMM) = (pair.target, pair.sourceVMM, pair.targetVMM)
+        defer { withExtendedLifetime(pair) {} }  // shut down at the end, not after its last use
 
         sourceVMM.preparePause(stagingIn: targetVMM)
         do {
@@ -293,18 +288,10 @@ struct PreparedPauseTests {
     /// A prepared pause that is requested goes over the prepared channel: the target stages
     /// what the source sends on it, once.
     @Test func aRequestedPauseUsesThePreparedChannel() throws {
-        let directory = temporaryDirectory("gmigrate-prepared")
-        defer { try? FileManager.default.removeItem(atPath: directory) }
         let state = VMState(vm: [StateSection(name: "clock", bytes: [1, 2, 3])], vcpus: [])
-        let source = ScriptedVMM()
-        source.sendsStateOnChannel = state.encoded
-        _ = source.serve(at: directory + "/source.sock")
-        let target = ChannelTarget()
-        _ = target.serve(at: directory + "/target.sock")
-        let sourceVMM = try RemoteVMM(role: "source", socketPath: directory + "/source.sock", timeout: .seconds(5))
-        defer { sourceVMM.shutdown() }
-        let targetVMM = try RemoteVMM(role: "target", socketPath: directory + "/target.sock", timeout: .seconds(5))
-        defer { targetVMM.shutdown() }
+        let pair = try PreparedPair { $0.sendsStateOnChannel = state.encoded }
+        let (target, sourceVMM, targetVMM) = (pair.target, pair.sourceVMM, pair.targetVMM)
+        defer { withExtendedLifetime(pair) {} }  // shut down at the end, not after its last use
 
         sourceVMM.preparePause(stagingIn: targetVMM)
         let staged = try sourceVMM.pause(stagingIn: targetVMM)

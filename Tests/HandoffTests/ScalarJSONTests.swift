@@ -1,4 +1,5 @@
 import Foundation
+import GmigrateTestKit
 import Testing
 
 @testable import Handoff
@@ -124,7 +125,7 @@ struct ScalarJSONTests {
     /// Random damage to valid messages: wherever the fast reader still accepts the bytes,
     /// JSONDecoder accepts them too and makes the same message of them.
     @Test func damagedBytesAreReadAlikeOrDeclined() throws {
-        var random = SplitMix(seed: 0x5EED)
+        var random = SplitMix64(seed: 0x5EED)
         var accepted = 0
         for message in Self.samples.filter({ ($0.state?.count ?? 0) < 100 }) {
             let original = try Self.foundationBytes(message)
@@ -145,18 +146,5 @@ struct ScalarJSONTests {
         }
         // Some damage leaves valid JSON (a digit changed): the comparison above did run.
         #expect(accepted > 0)
-    }
-}
-
-/// A small seeded generator: the damage is the same on every run.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

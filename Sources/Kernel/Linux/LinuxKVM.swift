@@ -600,13 +600,16 @@ public final class LinuxKVM: KernelBackend {
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
-        try vmState(vm, only: ["pic-master", "pic-slave", "ioapic", "pit2", "clock"])
+        try vmState(vm, only: Set(LinuxKVM.irqchipSections.map(\.name) + ["pit2", "clock"]))
     }
+
+    /// The irqchip sections and KVM_GET_IRQCHIP's chip of each.
+    private static let irqchipSections: [(name: String, chip: UInt32)] = [("pic-master", CKVM_IRQCHIP_PIC_MASTER), ("pic-slave", CKVM_IRQCHIP_PIC_SLAVE), ("ioapic", CKVM_IRQCHIP_IOAPIC)]
 
     public func vmState(_ vm: KernelHandle, only names: Set<String>) throws(KernelError) -> [StateSection] {
         var sections: [StateSection] = []
         if state.withLock({ $0.irqchips.contains(vm.raw) }) {
-            for (name, chip) in [("pic-master", CKVM_IRQCHIP_PIC_MASTER), ("pic-slave", CKVM_IRQCHIP_PIC_SLAVE), ("ioapic", CKVM_IRQCHIP_IOAPIC)] where names.contains(name) {
+            for (name, chip) in LinuxKVM.irqchipSections where names.contains(name) {
                 var bytes = [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_IRQCHIP))
                 bytes.withUnsafeMutableBytes { $0.storeBytes(of: chip, as: UInt32.self) }
                 guard bytes.withUnsafeMutableBytes({ Syscalls.ioctl(vm.raw, CKVM_GET_IRQCHIP, $0.baseAddress) }) == 0 else {
