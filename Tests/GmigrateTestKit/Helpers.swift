@@ -153,3 +153,73 @@ public func openDescriptors(_ pid: Int32) -> [String] {
         "\(name) " + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(name)")) ?? "?")
     }.sorted()
 }
+
+/// A child process started with posix_spawn rather than Foundation's `Process`, for a program
+/// that closes the descriptors it inherits (systemd-socket-activate does). `Process` learns of
+/// its child's end from a socket the child holds: once the child closes it, `Process`'s one
+/// monitoring thread blocks in waitpid until that child exits, and no other `Process` of the
+/// test run is seen ending meanwhile. The child starts with no signal blocked and SIGTERM,
+/// SIGINT, SIGHUP, SIGPIPE and SIGCHLD at their default actions (a test may run on a thread
+/// that blocks them), its output appended to `log`.
+public final class SpawnedChild: @unchecked Sendable {
+    // @unchecked: `status` is only touched under `lock`.
+    public let pid: pid_t
+    private let lock = NSLock()
+    private var status: Int32?
+
+    public init(_ path: String, _ arguments: [String], log: String) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_APPEND | O_CREAT, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGCHLD] { sigaddset(&defaults, signal) }
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        let argv = ([path] + arguments).map { strdup($0) }
+        defer { for argument in argv { free(argument) } }
+        var child: pid_t = 0
+        var pointers = argv + [nil]
+        let result = pointers.withUnsafeMutableBufferPointer { buffer -> Int32 in
+            guard let base = buffer.baseAddress else { return EINVAL }
+            return posix_spawn(&child, path, &actions, &attributes, base, environ)
+        }
+        guard result == 0 else { throw CocoaError(.executableLoad, userInfo: [NSLocalizedDescriptionKey: "posix_spawn \(path): \(String(cString: strerror(result)))"]) }
+        pid = child
+    }
+
+    /// Whether it still runs (it is reaped here once it has ended).
+    public var isRunning: Bool {
+        lock.withLock {
+            guard status == nil else { return false }
+            var raw: Int32 = 0
+            if waitpid(pid, &raw, WNOHANG) == pid { status = raw }
+            return status == nil
+        }
+    }
+
+    public func terminate() { if isRunning { kill(pid, SIGTERM) } }
+
+    /// Waits for its end: its exit status, or 128 + the signal that ended it.
+    @discardableResult
+    public func waitUntilExit() -> Int32 {
+        lock.withLock {
+            if status == nil {
+                var raw: Int32 = 0
+                while waitpid(pid, &raw, 0) == -1 && errno == EINTR {}
+                status = raw
+            }
+            let raw = status ?? 0
+            return raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + (raw & 0x7f)
+        }
+    }
+}
