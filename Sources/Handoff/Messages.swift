@@ -19,7 +19,9 @@ public struct HandoffMessage: Codable, Equatable, Sendable {
     /// `stage-state` carries the socket's other end (`timeoutMilliseconds` bounds its wait).
     /// 6: a `pause` may be armed: a second socket, on which the source says it is ready and
     /// pauses when the coordinator's byte comes (`PauseTrigger`).
-    public static let protocolVersion = 6
+    /// 7: the state channel carries the state in parts, one frame each (its head, then each
+    /// vcpu as it is saved), and the target sets each part as it comes.
+    public static let protocolVersion = 7
 
     /// The largest attachment a frame may carry (a VM state is tens of KiB).
     public static let maxAttachmentBytes = 64 << 20

@@ -318,9 +318,74 @@ public enum StateChannel {
         return left
     }
 
-    /// Receives the state; bounded by `timeout`. A peer that closes its end first sent none.
+    /// Receives one frame; bounded by `timeout`. A peer that closes its end first sent none.
     public static func receive(on fd: Int32, timeout: Duration) throws(HandoffError) -> [UInt8] {
         HandoffConnection(borrowing: fd).setTimeout(timeout)
+        return try receiveFrame(fd)
+    }
+
+    /// Receives a whole state, sent as one frame or as its parts (version 7), and answers it
+    /// with its bytes (all frames' bytes, in order).
+    public static func receiveState(on fd: Int32, timeout: Duration) throws(HandoffError) -> (state: VMState, bytes: [UInt8]) {
+        var receiver = Receiver(fd, timeout: timeout)
+        while receiver.state == nil { _ = try receiver.next() }
+        guard let state = receiver.state else { throw HandoffError(.closed, "no state") }
+        return (state, receiver.bytes)
+    }
+
+    /// A state as its frames come (version 7): the source sends its head (the VM's sections)
+    /// and then each vcpu as it saves them, and the target sets each part as it comes
+    /// (`VMState.StreamDecoder`), so that saving and setting overlap. The whole receipt is
+    /// bounded by one timeout; between frames it polls a while before it sleeps, since the
+    /// next part comes within a vcpu's save.
+    public struct Receiver {
+        private let fd: Int32
+        private let deadline: ContinuousClock.Instant
+        private var decoder = VMState.StreamDecoder()
+        /// Every byte received so far, frames concatenated.
+        public private(set) var bytes: [UInt8] = []
+
+        public init(_ fd: Int32, timeout: Duration) {
+            self.fd = fd
+            deadline = ContinuousClock.now + timeout
+        }
+
+        /// The whole state, once its last part came.
+        public var state: VMState? { decoder.state }
+
+        /// Receives the next frame: the parts of the state it completed (none, if it ended
+        /// inside one). A state malformed or too long, a frame past the state's end, a peer
+        /// that closes before the end, or the deadline passing, is an error.
+        public mutating func next() throws(HandoffError) -> [VMState.StreamDecoder.Part] {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { throw HandoffError(.timeout, "the state did not come whole in time (\(bytes.count) bytes came)") }
+            let connection = HandoffConnection(borrowing: fd)
+            if !bytes.isEmpty { connection.spin(upTo: min(left, StateChannel.pollBetweenParts)) }
+            connection.setTimeout(deadline - ContinuousClock.now)
+            let frame: [UInt8]
+            do {
+                frame = try StateChannel.receiveFrame(fd)
+            } catch where error.kind == .closed && !bytes.isEmpty {
+                throw HandoffError(.closed, "the source closed its end after \(bytes.count) bytes of its state")
+            }
+            guard bytes.count + frame.count <= HandoffMessage.maxAttachmentBytes else {
+                throw HandoffError(.malformed, "a state of more than \(HandoffMessage.maxAttachmentBytes) bytes")
+            }
+            bytes += frame
+            let parts: [VMState.StreamDecoder.Part]
+            do { parts = try decoder.feed(frame) } catch { throw HandoffError(.malformed, error.message) }
+            guard decoder.consumed == bytes.count else {
+                throw HandoffError(.malformed, "\(bytes.count - decoder.consumed) bytes after the state's last vcpu")
+            }
+            return parts
+        }
+    }
+
+    /// How long a target polls for the state's next part before it sleeps: about one vcpu's
+    /// save on this nested host (0.1 ms), and a little more.
+    public static let pollBetweenParts = Duration.microseconds(250)
+
+    private static func receiveFrame(_ fd: Int32) throws(HandoffError) -> [UInt8] {
         let header = try read(fd, count: 8)
         guard Array(header.prefix(4)) == magic else { throw HandoffError(.malformed, "a state frame without the GMS1 magic") }
         let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24

@@ -322,61 +322,146 @@ public struct VMState: Hashable, Sendable {
         // One allocation, as a rule: a section's header is its name and a few bytes.
         var bytes = [UInt8]()
         bytes.reserveCapacity((vm + vcpus.flatMap(\.sections)).reduce(64) { $0 + $1.bytes.count + $1.name.utf8.count + 32 })
+        VMState.appendHead(vm: vm, vcpus: vcpus.count, to: &bytes)
+        for vcpu in vcpus { VMState.append(vcpu, to: &bytes) }
+        return bytes
+    }
+
+    /// The encoding's first part: its header and the VM's sections. The whole encoding is this
+    /// and each vcpu's part (`encoded(_:)`), in order: a source can send each part as soon as
+    /// it is saved, and a target can set each as it comes (`StreamDecoder`).
+    public static func encodedHead(vm: [StateSection], vcpus: Int) -> [UInt8] {
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(vm.reduce(16) { $0 + $1.bytes.count + $1.name.utf8.count + 32 })
+        appendHead(vm: vm, vcpus: vcpus, to: &bytes)
+        return bytes
+    }
+
+    /// One vcpu's part of the encoding.
+    public static func encoded(_ vcpu: VCPUState) -> [UInt8] {
+        var bytes = [UInt8]()
+        bytes.reserveCapacity(vcpu.sections.reduce(2) { $0 + $1.bytes.count + $1.name.utf8.count + 32 })
+        append(vcpu, to: &bytes)
+        return bytes
+    }
+
+    private static func appendHead(vm: [StateSection], vcpus: Int, to bytes: inout [UInt8]) {
         bytes += VMState.magic
         bytes.appendLE(VMState.version)
         bytes.appendLE(UInt16(truncatingIfNeeded: vm.count))
-        bytes.appendLE(UInt16(truncatingIfNeeded: vcpus.count))
-        func append(_ section: StateSection) {
-            let name = Array(section.name.utf8)
-            bytes.append(UInt8(truncatingIfNeeded: name.count))
-            bytes += name
-            let capabilities = section.kind?.capabilities ?? []
-            bytes.append(UInt8(truncatingIfNeeded: capabilities.count))
-            for capability in capabilities { bytes.appendLE(UInt16(truncatingIfNeeded: capability.rawValue)) }
-            bytes.appendLE(UInt32(truncatingIfNeeded: section.bytes.count))
-            bytes += section.bytes
-        }
-        for section in vm { append(section) }
-        for vcpu in vcpus {
-            bytes.appendLE(UInt16(truncatingIfNeeded: vcpu.sections.count))
-            for section in vcpu.sections { append(section) }
-        }
-        return bytes
+        bytes.appendLE(UInt16(truncatingIfNeeded: vcpus))
+        for section in vm { append(section, to: &bytes) }
+    }
+
+    private static func append(_ vcpu: VCPUState, to bytes: inout [UInt8]) {
+        bytes.appendLE(UInt16(truncatingIfNeeded: vcpu.sections.count))
+        for section in vcpu.sections { append(section, to: &bytes) }
+    }
+
+    private static func append(_ section: StateSection, to bytes: inout [UInt8]) {
+        let name = Array(section.name.utf8)
+        bytes.append(UInt8(truncatingIfNeeded: name.count))
+        bytes += name
+        let capabilities = section.kind?.capabilities ?? []
+        bytes.append(UInt8(truncatingIfNeeded: capabilities.count))
+        for capability in capabilities { bytes.appendLE(UInt16(truncatingIfNeeded: capability.rawValue)) }
+        bytes.appendLE(UInt32(truncatingIfNeeded: section.bytes.count))
+        bytes += section.bytes
     }
 
     /// Decodes a state, refusing anything this version does not know.
     public init(decoding bytes: [UInt8]) throws(VMStateError) {
-        var reader = Reader(bytes: bytes)
-        guard try reader.take(4) == VMState.magic else { throw VMStateError("not a VM state (no GMVS magic)") }
-        let version = try reader.u16()
-        guard version == VMState.version else { throw VMStateError("VM state version \(version); this gmigrate reads version \(VMState.version)") }
-        let vmCount = Int(try reader.u16())
-        let vcpuCount = Int(try reader.u16())
-        func section(perVCPU: Bool) throws(VMStateError) -> StateSection {
-            let name = String(decoding: try reader.take(Int(try reader.u8())), as: UTF8.self)
-            let capabilityCount = Int(try reader.u8())
-            var capabilities: [Int] = []
-            for _ in 0..<capabilityCount { capabilities.append(Int(try reader.u16())) }
-            let length = Int(try reader.u32())
-            guard length <= VMState.maxSectionBytes else { throw VMStateError("section '\(name)' of \(length) bytes (at most \(VMState.maxSectionBytes))") }
-            let body = try reader.take(length)
-            guard let kind = StateSection.kinds[name] else {
-                throw VMStateError("section '\(name)' (\(length) bytes, needs capabilities \(capabilities)) is unknown to this VMM: it cannot restore it")
+        var decoder = StreamDecoder()
+        _ = try decoder.feed(bytes)
+        guard let state = decoder.state else {
+            throw VMStateError("the state ends inside a section (at byte \(decoder.consumed))")
+        }
+        guard decoder.consumed == bytes.count else { throw VMStateError("\(bytes.count - decoder.consumed) bytes after the last vcpu") }
+        self = state
+    }
+
+    /// Decodes a state as its bytes come, in pieces of any size: each `feed` answers the parts
+    /// it completed (the head, then each vcpu as its last section comes), so that a target sets
+    /// them while the source still saves the next. Anything this version does not know is
+    /// refused as soon as it comes, as `init(decoding:)` refuses it.
+    public struct StreamDecoder: Sendable {
+        /// A completed part: the VM's sections and how many vcpus follow, or one vcpu.
+        public enum Part: Equatable, Sendable {
+            case head(vm: [StateSection], vcpus: Int)
+            case vcpu(index: Int, VCPUState)
+        }
+
+        private var buffer: [UInt8] = []
+        /// Bytes of `buffer` decoded (whole sections and headers).
+        private var offset = 0
+        /// Bytes dropped from `buffer`'s front once decoded.
+        private var dropped = 0
+        private var vmCount: Int?
+        private var vcpuCount = 0
+        private var vm: [StateSection] = []
+        private var vcpus: [VCPUState] = []
+        /// The sections of the vcpu being decoded, and how many it has.
+        private var current: (count: Int, sections: [StateSection])?
+
+        public init() {}
+
+        /// Every byte fed that belongs to the state (a byte after its end is not).
+        public var consumed: Int { dropped + offset }
+
+        /// The whole state, once its last vcpu came.
+        public var state: VMState? { isComplete ? VMState(vm: vm, vcpus: vcpus) : nil }
+
+        public var isComplete: Bool { vmCount != nil && vm.count == vmCount && vcpus.count == vcpuCount }
+
+        /// Takes the next bytes; answers the parts they completed.
+        public mutating func feed(_ bytes: [UInt8]) throws(VMStateError) -> [Part] {
+            if offset > 0 {
+                buffer.removeFirst(offset)
+                dropped += offset
+                offset = 0
             }
-            guard kind.perVCPU == perVCPU else { throw VMStateError("section '\(name)' is not a \(perVCPU ? "vcpu" : "VM") section") }
-            return StateSection(name: name, bytes: body)
+            buffer += bytes
+            var parts: [Part] = []
+            while !isComplete {
+                var reader = Reader(bytes: buffer, offset: offset)
+                guard let vmCount else {
+                    guard reader.left >= 10 else { break }
+                    guard try reader.take(4) == VMState.magic else { throw VMStateError("not a VM state (no GMVS magic)") }
+                    let version = try reader.u16()
+                    guard version == VMState.version else {
+                        throw VMStateError("VM state version \(version); this gmigrate reads version \(VMState.version)")
+                    }
+                    self.vmCount = Int(try reader.u16())
+                    vcpuCount = Int(try reader.u16())
+                    offset = reader.offset
+                    if self.vmCount == 0 { parts.append(.head(vm: [], vcpus: vcpuCount)) }
+                    continue
+                }
+                if vm.count < vmCount {
+                    guard let section = try reader.section(perVCPU: false) else { break }
+                    vm.append(section)
+                    offset = reader.offset
+                    if vm.count == vmCount { parts.append(.head(vm: vm, vcpus: vcpuCount)) }
+                    continue
+                }
+                guard let (count, sections) = current else {
+                    guard reader.left >= 2 else { break }
+                    current = (Int(try reader.u16()), [])
+                    offset = reader.offset
+                    continue
+                }
+                if sections.count < count {
+                    guard let section = try reader.section(perVCPU: true) else { break }
+                    current = (count, sections + [section])
+                    offset = reader.offset
+                    continue
+                }
+                vcpus.append(VCPUState(sections: sections))
+                current = nil
+                parts.append(.vcpu(index: vcpus.count - 1, VCPUState(sections: sections)))
+            }
+            return parts
         }
-        var vm: [StateSection] = []
-        for _ in 0..<vmCount { vm.append(try section(perVCPU: false)) }
-        var vcpus: [VCPUState] = []
-        for _ in 0..<vcpuCount {
-            let count = Int(try reader.u16())
-            var sections: [StateSection] = []
-            for _ in 0..<count { sections.append(try section(perVCPU: true)) }
-            vcpus.append(VCPUState(sections: sections))
-        }
-        guard reader.isAtEnd else { throw VMStateError("\(bytes.count - reader.offset) bytes after the last vcpu") }
-        self.init(vm: vm, vcpus: vcpus)
     }
 
     /// Every capability some section of this state needs.
@@ -399,17 +484,39 @@ public struct VMState: Hashable, Sendable {
 
     private struct Reader {
         let bytes: [UInt8]
-        var offset = 0
-        var isAtEnd: Bool { offset == bytes.count }
+        var offset: Int
+        var left: Int { bytes.count - offset }
 
         mutating func take(_ count: Int) throws(VMStateError) -> [UInt8] {
-            guard count >= 0, bytes.count - offset >= count else { throw VMStateError("the state ends inside a section (at byte \(offset))") }
+            guard count >= 0, left >= count else { throw VMStateError("the state ends inside a section (at byte \(offset))") }
             defer { offset += count }
             return Array(bytes[offset..<(offset + count)])
         }
         mutating func u8() throws(VMStateError) -> UInt8 { try take(1)[0] }
         mutating func u16() throws(VMStateError) -> UInt16 { try take(2).loadLE(UInt16.self, at: 0) }
         mutating func u32() throws(VMStateError) -> UInt32 { try take(4).loadLE(UInt32.self, at: 0) }
+
+        /// The next section; nil while not all of it is there yet (a section longer than the
+        /// largest accepted is refused as soon as its length is).
+        mutating func section(perVCPU: Bool) throws(VMStateError) -> StateSection? {
+            guard left >= 1 else { return nil }
+            let nameLength = Int(try u8())
+            guard left >= nameLength + 1 else { return nil }
+            let name = String(decoding: try take(nameLength), as: UTF8.self)
+            let capabilityCount = Int(try u8())
+            guard left >= capabilityCount * 2 + 4 else { return nil }
+            var capabilities: [Int] = []
+            for _ in 0..<capabilityCount { capabilities.append(Int(try u16())) }
+            let length = Int(try u32())
+            guard length <= VMState.maxSectionBytes else { throw VMStateError("section '\(name)' of \(length) bytes (at most \(VMState.maxSectionBytes))") }
+            guard left >= length else { return nil }
+            let body = try take(length)
+            guard let kind = StateSection.kinds[name] else {
+                throw VMStateError("section '\(name)' (\(length) bytes, needs capabilities \(capabilities)) is unknown to this VMM: it cannot restore it")
+            }
+            guard kind.perVCPU == perVCPU else { throw VMStateError("section '\(name)' is not a \(perVCPU ? "vcpu" : "VM") section") }
+            return StateSection(name: name, bytes: body)
+        }
     }
 }
 

@@ -237,6 +237,47 @@ public final class InProcessVMM: VMMEndpoint {
         return state
     }
 
+    /// `pause`, handing each part of the state's encoding to `send` as soon as it is saved: the
+    /// head with the VM's sections, then each vcpu (`VMState.encodedHead`, `encoded(_:)`), so
+    /// that a target sets one part while this VMM saves the next. The whole state is saved even
+    /// if a `send` fails (the VMM is paused, and the rollback's `resume` is taken); the first
+    /// failure is then thrown, and no part is sent after it.
+    public func pause(sendingParts send: ([UInt8]) throws(EndpointError) -> Void) throws(EndpointError) -> VMState {
+        var failure: EndpointError?
+        func emit(_ part: [UInt8]) {
+            guard failure == nil else { return }
+            do { try send(part) } catch { failure = error }
+        }
+        let state: VMState
+        if let saved, !isRunning {
+            state = saved
+            emit(VMState.encodedHead(vm: state.vm, vcpus: state.vcpus.count))
+            for vcpu in state.vcpus { emit(VMState.encoded(vcpu)) }
+        } else {
+            guard let vm else { throw EndpointError("\(role): there is no VM to pause") }
+            let clock = ContinuousClock()
+            let began = clock.now
+            do {
+                let sections = try backend.vmState(vm.value.handle)
+                emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
+                var saves: [VCPUState] = []
+                for vcpu in vcpus {
+                    let vcpuState = try vcpu.value.state()
+                    emit(VMState.encoded(vcpuState))
+                    saves.append(vcpuState)
+                }
+                state = VMState(vm: sections, vcpus: saves)
+            } catch {
+                throw EndpointError.from(error)
+            }
+            lastTimings = ["save": (clock.now - began).nanoseconds]
+            saved = state
+            isRunning = false
+        }
+        if let failure { throw failure }
+        return state
+    }
+
     public func resume() throws(EndpointError) {
         guard vm != nil else { throw EndpointError("\(role): there is no VM to resume") }
         isRunning = true
@@ -430,32 +471,45 @@ public final class InProcessVMM: VMMEndpoint {
     /// Whether this VMM can restore `state`, setting nothing: as many vcpus, every section known,
     /// every capability a section needs present, and each vcpu's CPUID this VMM's CPU model.
     func checkState(_ state: VMState, kernel: (any KernelBackend)? = nil) throws(EndpointError) {
-        let kernel = kernel ?? backend
+        try checkHead(vm: state.vm, vcpus: state.vcpus.count, kernel: kernel)
+        for (index, vcpu) in state.vcpus.enumerated() { try checkVCPU(index, vcpu, kernel: kernel) }
+    }
+
+    /// `checkState`'s part for the VM's own sections and the vcpu count.
+    private func checkHead(vm sections: [StateSection], vcpus count: Int, kernel: (any KernelBackend)?) throws(EndpointError) {
         guard vm != nil else { throw EndpointError("\(role): no VM to restore into") }
-        guard state.vcpus.count == vcpus.count else {
-            throw EndpointError("\(role): \(state.vcpus.count) vcpu states for \(vcpus.count) vcpus")
+        guard count == vcpus.count else {
+            throw EndpointError("\(role): \(count) vcpu states for \(vcpus.count) vcpus")
         }
-        let unknown = Set((state.vm + state.vcpus.flatMap(\.sections)).filter { $0.kind == nil }.map(\.name))
+        try checkSections(sections, kernel: kernel)
+    }
+
+    /// `checkState`'s part for one vcpu.
+    private func checkVCPU(_ index: Int, _ state: VCPUState, kernel: (any KernelBackend)?) throws(EndpointError) {
+        try checkSections(state.sections, kernel: kernel)
+        // Each vcpu's CPUID must be the CPU model this VMM gave it (the coordinator compared the
+        // two VMMs' models before the pause; this is the state's own).
+        guard let bytes = state["cpuid"], let id = UInt32(exactly: index) else { return }
+        let model = CPUIDEntry.forVCPU(cpuid, id: id)
+        if let difference = CPUIDEntry.difference(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), CPUIDEntry.withoutRuntimeBits(model)) {
+            throw EndpointError("\(role): cpuid-mismatch: vcpu \(index)'s saved CPUID is not this VMM's CPU model: \(difference)")
+        }
+    }
+
+    /// Every section known, every capability one needs present.
+    private func checkSections(_ sections: [StateSection], kernel: (any KernelBackend)?) throws(EndpointError) {
+        let kernel = kernel ?? backend
+        let unknown = Set(sections.filter { $0.kind == nil }.map(\.name))
         guard unknown.isEmpty else {
             throw EndpointError("\(role): the state has sections this VMM does not know: \(unknown.sorted().joined(separator: ", "))")
         }
+        let part = VMState(vm: sections, vcpus: [])
         var has: [Capability: Bool] = [:]
-        for capability in state.neededCapabilities {
+        for capability in part.neededCapabilities {
             do { has[capability] = try kernel.checkExtension(capability, vm: nil) > 0 } catch { throw EndpointError(error) }
         }
-        let missing = state.missingCapabilities { has[$0] ?? false }
+        let missing = part.missingCapabilities { has[$0] ?? false }
         guard missing.isEmpty else { throw EndpointError("\(role): this host cannot restore the state: " + missing.joined(separator: "; ")) }
-        // Each vcpu's CPUID must be the CPU model this VMM gave it (the coordinator compared the
-        // two VMMs' models before the pause; this is the state's own).
-        for (index, vcpu) in state.vcpus.enumerated() {
-            guard let bytes = vcpu["cpuid"], let id = UInt32(exactly: index) else { continue }
-            let model = CPUIDEntry.forVCPU(cpuid, id: id)
-            if let difference = CPUIDEntry.difference(
-                CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), CPUIDEntry.withoutRuntimeBits(model))
-            {
-                throw EndpointError("\(role): cpuid-mismatch: vcpu \(index)'s saved CPUID is not this VMM's CPU model: \(difference)")
-            }
-        }
     }
 
     /// Checks `state` (`checkState`), sets it into the VM and its vcpus, and reads it back: a
@@ -480,6 +534,77 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
+    /// A state staged part by part (`beginStaging`): the vcpus it has and the next one due,
+    /// and the time its checks and sets took so far.
+    private var staging: (vcpus: Int, next: Int, check: Duration, set: Duration)?
+
+    /// Stages a state part by part as it comes (`VMState.StreamDecoder`), so that its sets
+    /// overlap the source's saves: checks the VM's sections and the vcpu count, and sets those
+    /// sections but the clock. Then `stageVCPU` checks and sets each vcpu in order, and
+    /// `finishStaging` sets the clock and reads back, as `stage` does for a whole state. A part
+    /// that fails leaves the VM set in part: nothing runs it (`restore` wants a staging that
+    /// finished), and the next staging sets every section again.
+    public func beginStaging(vm sections: [StateSection], vcpus count: Int) throws(EndpointError) {
+        guard !isRunning else { throw EndpointError("\(role): the VM runs; a state is staged only in a VM that does not") }
+        try beginStaging(vm: sections, vcpus: count, kernel: backend)
+    }
+
+    /// (`rehearseStaging` stages into a source whose vcpus never ran: it counts as running.)
+    private func beginStaging(vm sections: [StateSection], vcpus count: Int, kernel: any KernelBackend) throws(EndpointError) {
+        staging = nil
+        loaded = nil
+        unverified = nil
+        let clock = ContinuousClock()
+        let began = clock.now
+        try checkHead(vm: sections, vcpus: count, kernel: kernel)
+        let checked = clock.now
+        try setHead(sections, kernel: kernel)
+        staging = (count, 0, checked - began, clock.now - checked)
+    }
+
+    /// The next vcpu of a staging `beginStaging` began: checked and set. (It is read back with
+    /// the others once all are set: a vcpu read back at once can differ from what it reads once
+    /// the staging is over, its LAPIC's processor priority for one.)
+    public func stageVCPU(_ index: Int, _ state: VCPUState) throws(EndpointError) { try stageVCPU(index, state, kernel: backend) }
+
+    private func stageVCPU(_ index: Int, _ state: VCPUState, kernel: any KernelBackend) throws(EndpointError) {
+        guard let (count, next, check, set) = staging, index == next, index < count else {
+            staging = nil
+            throw EndpointError("\(role): vcpu \(index)'s state, out of order in the staging")
+        }
+        staging = nil
+        let clock = ContinuousClock()
+        let began = clock.now
+        try checkVCPU(index, state, kernel: kernel)
+        let checked = clock.now
+        try setVCPU(index, state, kernel: kernel)
+        staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
+    }
+
+    /// Ends a staging once every vcpu was set: `state` is the whole state its parts made. Sets
+    /// the clock; reads back now with `readBack`, else in `verifyStaged`, as `stage` does.
+    public func finishStaging(_ state: VMState, readBack: Bool) throws(EndpointError) {
+        try finishStaging(state, readBack: readBack, kernel: backend)
+    }
+
+    private func finishStaging(_ state: VMState, readBack: Bool, kernel: any KernelBackend) throws(EndpointError) {
+        guard let (count, next, check, set) = staging, next == count, state.vcpus.count == count else {
+            staging = nil
+            throw EndpointError("\(role): the staging ended before every vcpu's state was set")
+        }
+        staging = nil
+        let clock = ContinuousClock()
+        let began = clock.now
+        try setClock(state.vm, kernel: kernel)
+        let clockSet = clock.now
+        if readBack { try verify(state, kernel: kernel) }
+        lastTimings = [
+            "check": check.nanoseconds, "set": (set + (clockSet - began)).nanoseconds, "restore": (set + (clock.now - began)).nanoseconds,
+        ]
+        loaded = readBack ? state : nil
+        unverified = readBack ? nil : state
+    }
+
     /// Goes once through what staging a state does, with this VM's own state before any of its
     /// vcpus ran (a target's at bind, a source's before its guest starts): saved, encoded,
     /// digested, decoded, checked, set back and read back. Nothing changes (what is set is what
@@ -496,12 +621,22 @@ public final class InProcessVMM: VMMEndpoint {
         guard let vm, !isRunning || vcpusNeverRan, loaded == nil, unverified == nil, !type.hasEncryptionContext else { return }
         let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
         do {
+            // As a source sends it (`pause(sendingParts:)`) and a target stages it, part by part.
             let own = VMState(vm: try kernel.vmState(vm.value.handle), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })
-            let encoded = own.encoded
-            _ = VMState.digest(encoded)
-            let decoded = try VMState(decoding: encoded)
-            try checkState(decoded, kernel: kernel)
-            try load(decoded, verify: true, kernel: kernel)
+            var decoder = VMState.StreamDecoder()
+            var sent: [UInt8] = []
+            for part in [VMState.encodedHead(vm: own.vm, vcpus: own.vcpus.count)] + own.vcpus.map(VMState.encoded) {
+                sent += part
+                for decoded in try decoder.feed(part) {
+                    switch decoded {
+                    case .head(let sections, let count): try beginStaging(vm: sections, vcpus: count, kernel: kernel)
+                    case .vcpu(let index, let state): try stageVCPU(index, state, kernel: kernel)
+                    }
+                }
+            }
+            _ = VMState.digest(sent)
+            guard let decoded = decoder.state else { throw EndpointError("\(role): the state's parts did not make a whole state") }
+            try finishStaging(decoded, readBack: true, kernel: kernel)
         } catch {
             throw EndpointError("\(role): the rehearsal of a staging: \(EndpointError.from(error).message)")
         }
@@ -566,24 +701,40 @@ public final class InProcessVMM: VMMEndpoint {
     /// Sets a state in KVM's order (the VM's sections but the clock, each vcpu's, the clock
     /// last), then, with `verify`, reads it back and compares.
     private func load(_ state: VMState, verify: Bool, kernel: (any KernelBackend)? = nil) throws(EndpointError) {
-        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
         let kernel = kernel ?? backend
         loaded = nil
         unverified = nil
+        staging = nil
         let clock = ContinuousClock()
         let began = clock.now
-        var set = began
-        do {
-            try kernel.setVMState(vm.value.handle, state.vm.filter { $0.name != "clock" })
-            for (vcpu, vcpuState) in zip(vcpus, state.vcpus) { try kernel.setVCPUState(vcpu.value.handle, vcpuState) }
-            try kernel.setVMState(vm.value.handle, state.vm.filter { $0.name == "clock" })
-            set = clock.now
-            if verify { try readBack(state, vm: vm.value.handle, kernel: kernel) }
-        } catch {
-            throw EndpointError.from(error)
-        }
+        try setHead(state.vm, kernel: kernel)
+        for (index, vcpuState) in state.vcpus.enumerated() { try setVCPU(index, vcpuState, kernel: kernel) }
+        try setClock(state.vm, kernel: kernel)
+        let set = clock.now
+        if verify { try self.verify(state, kernel: kernel) }
         lastTimings = ["restore": (clock.now - began).nanoseconds, "set": (set - began).nanoseconds]
         loaded = state
+    }
+
+    /// The VM's sections but the clock (set last, `setClock`).
+    private func setHead(_ sections: [StateSection], kernel: any KernelBackend) throws(EndpointError) {
+        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+        do { try kernel.setVMState(vm.value.handle, sections.filter { $0.name != "clock" }) } catch { throw EndpointError.from(error) }
+    }
+
+    private func setVCPU(_ index: Int, _ state: VCPUState, kernel: any KernelBackend) throws(EndpointError) {
+        guard vcpus.indices.contains(index) else { throw EndpointError("\(role): no vcpu \(index) to restore into") }
+        do { try kernel.setVCPUState(vcpus[index].value.handle, state) } catch { throw EndpointError.from(error) }
+    }
+
+    private func setClock(_ sections: [StateSection], kernel: any KernelBackend) throws(EndpointError) {
+        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+        do { try kernel.setVMState(vm.value.handle, sections.filter { $0.name == "clock" }) } catch { throw EndpointError.from(error) }
+    }
+
+    private func verify(_ state: VMState, kernel: any KernelBackend) throws(EndpointError) {
+        guard let vm else { throw EndpointError("\(role): no VM to restore into") }
+        do { try readBack(state, vm: vm.value.handle, kernel: kernel) } catch { throw EndpointError.from(error) }
     }
 
     public func unbind(_ requested: [VMDescription.Slot]) throws(EndpointError) {

@@ -374,34 +374,31 @@ final class TinyVMM: HandoffHandler {
                 let stopped = clock.now
                 reply.stoppedAt = stoppedAt
                 let state: VMState
-                do {
-                    state = try vmm.pause()
-                } catch {
-                    if let channel { close(channel) }  // the target hears the end of the socket: no state comes
-                    throw error
-                }
-                let saved = clock.now
-                let encoded = state.encoded
                 if let channel {
-                    // The state goes to the target only; the coordinator gets its digest (and
-                    // the state itself from a later pause, which answers the saved state).
-                    defer { close(channel) }
-                    do {
-                        try StateChannel.send(encoded, on: channel, timeout: .seconds(5))
-                        // Once sent: the target needs the state first, the coordinator waits
-                        // for the target's reply longer than for this one.
-                        reply.stateDigest = VMState.digest(encoded)
-                    } catch {
-                        // Paused, but the pause asked of it did not happen whole: an error (the
-                        // rollback's resume is taken, since the VMM counts as paused).
-                        throw EndpointError("pause: the state could not be sent to the target: \(error.message)", errno: error.errno)
-                    }
+                    // The state goes to the target only, part by part as it is saved (the
+                    // target sets each as it comes); the coordinator gets its digest (and the
+                    // state itself from a later pause, which answers the saved state).
+                    defer { close(channel) }  // the target hears the end of the socket: no more comes
+                    var sent: [UInt8] = []
+                    state = try vmm.pause(sendingParts: { part throws(EndpointError) in
+                        sent += part
+                        do throws(HandoffError) {
+                            try StateChannel.send(part, on: channel, timeout: .seconds(5))
+                        } catch {
+                            // Paused, but the pause asked of it did not happen whole: an error (the
+                            // rollback's resume is taken, since the VMM counts as paused).
+                            throw EndpointError("pause: the state could not be sent to the target: \(error.message)", errno: error.errno)
+                        }
+                    })
+                    // Once sent: the target needs the state first, the coordinator waits for
+                    // the target's reply longer than for this one.
+                    reply.stateDigest = VMState.digest(sent)
                 } else {
-                    replyAttachment = encoded
+                    state = try vmm.pause()
+                    replyAttachment = state.encoded
                 }
-                reply.timings = [
-                    "stop": (stopped - began).nanoseconds, "save": (saved - stopped).nanoseconds, "send": (clock.now - saved).nanoseconds,
-                ]
+                // With a state channel, `save` counts the sends between the parts.
+                reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false
                 reply.counter = counter
                 pausedForTarget = channel != nil
@@ -485,6 +482,7 @@ final class TinyVMM: HandoffHandler {
             case "stage-state":
                 // The state comes with the request, or from the source on the socket it carries.
                 let state: VMState
+                var streamed = false
                 let clock = ContinuousClock()
                 let began = clock.now
                 if let channel = try sockets(descriptors, atMost: 1).first {
@@ -493,15 +491,28 @@ final class TinyVMM: HandoffHandler {
                         throw EndpointError("stage-state: a state and a socket; one of them")
                     }
                     defer { close(channel) }
-                    let bytes: [UInt8]
-                    do {
-                        bytes = try StateChannel.receive(
-                            on: channel, timeout: .milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
-                    } catch {
-                        throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
+                    staged = nil
+                    // Each part is checked and set as it comes, while the source saves the next.
+                    var receiver = StateChannel.Receiver(
+                        channel, timeout: .milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
+                    while receiver.state == nil {
+                        let parts: [VMState.StreamDecoder.Part]
+                        do {
+                            parts = try receiver.next()
+                        } catch {
+                            throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
+                        }
+                        for part in parts {
+                            switch part {
+                            case .head(let sections, let count): try vmm.beginStaging(vm: sections, vcpus: count)
+                            case .vcpu(let index, let vcpuState): try vmm.stageVCPU(index, vcpuState)
+                            }
+                        }
                     }
-                    do { state = try VMState(decoding: bytes) } catch { throw EndpointError("stage-state: \(error.message)") }
-                    reply.stateDigest = VMState.digest(bytes)
+                    guard let whole = receiver.state else { throw EndpointError("stage-state: no whole state came from the source") }
+                    state = whole
+                    streamed = true
+                    reply.stateDigest = VMState.digest(receiver.bytes)
                 } else {
                     guard let given = try requestState(request, attachment) else { throw EndpointError("stage-state needs state") }
                     state = given
@@ -517,7 +528,11 @@ final class TinyVMM: HandoffHandler {
                 // difference still rolls back: the target never ran, the source is whole. Not
                 // so for a confidential VM: past its point of no return the move of the
                 // encryption context ends the source VM, so its state is read back first.
-                try vmm.stage(state, readBack: vmm.isConfidential)
+                if streamed {
+                    try vmm.finishStaging(state, readBack: vmm.isConfidential)
+                } else {
+                    try vmm.stage(state, readBack: vmm.isConfidential)
+                }
                 staged = state
                 readBackPending = !vmm.isConfidential
                 prepareGuest()

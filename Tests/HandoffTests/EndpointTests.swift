@@ -174,7 +174,7 @@ struct SocketDryRunTests {
 }
 
 /// A target that stages what comes on the state channel a stage-state carries, as tinyvmm does
-/// (`StateChannel.receive`), and records what it saw.
+/// (`StateChannel.receiveState`), and records what it saw.
 final class ChannelTarget: HandoffHandler, @unchecked Sendable {
     // @unchecked: `seen` is written by the server thread and read under `lock`.
     private let lock = NSLock()
@@ -192,7 +192,7 @@ final class ChannelTarget: HandoffHandler, @unchecked Sendable {
             return (HandoffMessage(type: "ok", id: request.id), [])
         }
         do {
-            let bytes = try StateChannel.receive(on: channel, timeout: .seconds(5))
+            let bytes = try StateChannel.receiveState(on: channel, timeout: .seconds(5)).bytes
             lock.withLock { seen.append("state of \(bytes.count) bytes") }
             var reply = HandoffMessage(type: "ok", id: request.id)
             reply.stateDigest = VMState.digest(bytes)

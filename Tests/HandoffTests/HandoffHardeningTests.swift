@@ -187,7 +187,8 @@ struct ArmedPauseTests {
         #expect(Self.counts(peer), "the guest counts on")
     }
 
-    /// Fired: the source pauses, sends its state on the channel, and answers its digest.
+    /// Fired: the source pauses, sends its state on the channel part by part (version 7: its
+    /// head, then each vcpu, a frame each), and answers the digest of all it sent.
     @Test func anArmedPauseFiredPausesAndSendsTheState() throws {
         let source = try VMMUnderTest("armed-fired", source: true)
         defer { source.stop() }
@@ -196,12 +197,29 @@ struct ArmedPauseTests {
         defer { close(channel) }
         #expect(PauseTrigger.fire(trigger))
         close(trigger)
-        let state = try StateChannel.receive(on: channel, timeout: .seconds(5))
+        var receiver = StateChannel.Receiver(channel, timeout: .seconds(5))
+        var frames: [[VMState.StreamDecoder.Part]] = []
+        while receiver.state == nil { frames.append(try receiver.next()) }
+        let state = try #require(receiver.state)
+        #expect(state.vcpus.count == 2)
+        #expect(frames.map { $0.map(\.label) } == [["head"], ["vcpu 0"], ["vcpu 1"]], "one frame a part")
+        // What came is the state's whole encoding, as one frame would have carried it.
+        #expect(receiver.bytes == state.encoded)
         let (reply, _) = try peer.connection.receive()
         #expect(reply.type == "ok" && reply.running == false, "\(reply)")
-        #expect(reply.stateDigest == VMState.digest(state))
+        #expect(reply.stateDigest == VMState.digest(receiver.bytes))
         #expect(try peer.ask("status").running == false, "paused")
         #expect(try peer.ask("resume").type == "ok")
         #expect(Self.counts(peer), "the guest counts on once resumed")
+    }
+}
+
+extension VMState.StreamDecoder.Part {
+    /// Which part: "head", or "vcpu N".
+    var label: String {
+        switch self {
+        case .head: "head"
+        case .vcpu(let index, _): "vcpu \(index)"
+        }
     }
 }

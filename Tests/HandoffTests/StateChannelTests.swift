@@ -1,5 +1,7 @@
 import Foundation
+import GmigrateTestKit
 import Handoff
+import Kernel
 import Testing
 
 #if canImport(Glibc)
@@ -47,6 +49,109 @@ struct StateChannelTests {
         #expect(left(8 + 37) == [[1, 37, 63]])
         #expect(left(108) == [])
         #expect(StateChannel.unsent([8, 0], after: 8).isEmpty)
+    }
+}
+
+/// A state sent in parts, a frame each (protocol 7), as a source sends it and a target takes it.
+@Suite("The state channel, in parts")
+struct StateChannelPartsTests {
+    /// Two connected ends, closed at the end of the test (or earlier, through `close`).
+    final class Ends {
+        var fds: [Int32] = [-1, -1]
+        init() throws {
+            guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw HandoffError(.io, "socketpair") }
+        }
+        func close(_ index: Int) {
+            if fds[index] >= 0 { Glibc.close(fds[index]) }
+            fds[index] = -1
+        }
+        deinit { for fd in fds where fd >= 0 { Glibc.close(fd) } }
+    }
+
+    static let state: VMState = {
+        let vm = [StateSection(name: "pic-master", bytes: Array(repeating: 1, count: 40)), StateSection(name: "clock", bytes: Array(repeating: 2, count: 48))]
+        let vcpus = (0..<3).map { index in
+            VCPUState(sections: [
+                StateSection(name: "regs", bytes: Array(repeating: UInt8(index), count: 144)),
+                StateSection(name: "xsave", bytes: Array(repeating: UInt8(index + 8), count: 4096)),
+            ])
+        }
+        return VMState(vm: vm, vcpus: vcpus)
+    }()
+
+    static var parts: [[UInt8]] { [VMState.encodedHead(vm: state.vm, vcpus: state.vcpus.count)] + state.vcpus.map(VMState.encoded) }
+
+    @Test func eachFrameGivesThePartItCompletes() throws {
+        let ends = try Ends()
+        for part in Self.parts { try StateChannel.send(part, on: ends.fds[0], timeout: .seconds(5)) }
+        var receiver = StateChannel.Receiver(ends.fds[1], timeout: .seconds(5))
+        #expect(try receiver.next() == [.head(vm: Self.state.vm, vcpus: 3)])
+        for (index, vcpu) in Self.state.vcpus.enumerated() {
+            #expect(receiver.state == nil)
+            #expect(try receiver.next() == [.vcpu(index: index, vcpu)])
+        }
+        #expect(receiver.state == Self.state)
+        #expect(receiver.bytes == Self.state.encoded)
+    }
+
+    /// A state in one frame (as a test double or an older source sends it) is taken whole.
+    @Test func aStateInOneFrame() throws {
+        let ends = try Ends()
+        try StateChannel.send(Self.state.encoded, on: ends.fds[0], timeout: .seconds(5))
+        let (state, bytes) = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
+        #expect(state == Self.state)
+        #expect(bytes == Self.state.encoded)
+    }
+
+    /// A source that closes its end inside the state: the error says how much came.
+    @Test func aSourceThatStopsInsideTheState() throws {
+        let ends = try Ends()
+        let parts = Self.parts
+        for part in parts.prefix(2) { try StateChannel.send(part, on: ends.fds[0], timeout: .seconds(5)) }
+        ends.close(0)
+        var receiver = StateChannel.Receiver(ends.fds[1], timeout: .seconds(5))
+        #expect(try receiver.next().count == 1)
+        #expect(try receiver.next().count == 1)
+        #expect {
+            _ = try receiver.next()
+        } throws: { error in
+            let error = error as? HandoffError
+            return error?.kind == .closed && error?.message.contains("after \(parts[0].count + parts[1].count) bytes") == true
+        }
+        #expect(receiver.state == nil)
+    }
+
+    @Test func bytesPastTheStatesEndAreRefused() throws {
+        let ends = try Ends()
+        try StateChannel.send(Self.state.encoded + [9, 9], on: ends.fds[0], timeout: .seconds(5))
+        #expect {
+            _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
+        } throws: { error in
+            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("2 bytes after") == true
+        }
+    }
+
+    @Test func aMalformedPartIsRefused() throws {
+        let ends = try Ends()
+        try StateChannel.send(Array("GMVS".utf8) + [9, 0, 0, 0, 0, 0], on: ends.fds[0], timeout: .seconds(5))
+        #expect {
+            _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
+        } throws: { error in
+            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("version 9") == true
+        }
+    }
+
+    /// The whole receipt has one deadline: a source that sends the head and then nothing.
+    @Test func theWholeStateHasOneDeadline() throws {
+        let ends = try Ends()
+        try StateChannel.send(Self.parts[0], on: ends.fds[0], timeout: .seconds(5))
+        var receiver = StateChannel.Receiver(ends.fds[1], timeout: .milliseconds(100))
+        #expect(try receiver.next().count == 1)
+        #expect {
+            _ = try receiver.next()
+        } throws: { error in
+            (error as? HandoffError)?.kind == .timeout
+        }
     }
 }
 

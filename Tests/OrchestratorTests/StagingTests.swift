@@ -12,8 +12,9 @@ import Testing
 struct StagingTests {
     /// A source VM on the model, paused, and an empty target VM whose kernel sets the vcpus'
     /// state as `faults` say.
-    static func pair(_ faults: [String]) throws -> (state: VMState, target: InProcessVMM) {
-        let plan = try loadPlan("demo.yaml")
+    static func pair(_ faults: [String], vcpus: Int? = nil) throws -> (state: VMState, target: InProcessVMM) {
+        var plan = try loadPlan("demo.yaml")
+        if let vcpus { plan.vm.vcpus = vcpus }
         let host = ModelHost()
         let source = InProcessVMM(role: "source", backend: KernelModel(host: host, process: "staging/source"))
         try source.createSource(plan.vm)
@@ -58,6 +59,70 @@ struct StagingTests {
         try other.stage(again, readBack: false)
         try other.restore(again)
         #expect(other.isRunning)
+    }
+
+    /// Staged part by part, as a target takes it from the state channel: the kernel then holds
+    /// the saved state (read with the kernel's own calls), and the target runs it.
+    @Test func aStateStagedInPartsIsSetAndRuns() throws {
+        let plan = try loadPlan("demo.yaml")
+        let host = ModelHost()
+        let source = InProcessVMM(role: "source", backend: KernelModel(host: host, process: "parts/source"))
+        try source.createSource(plan.vm)
+        var sent: [UInt8] = []
+        let state = try source.pause(sendingParts: { sent += $0 })
+        #expect(sent == state.encoded, "the parts the source sent are the state's encoding")
+        let kernel = KernelModel(host: host, process: "parts/target")
+        let target = InProcessVMM(role: "target", backend: kernel)
+        _ = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
+        try target.finishStaging(state, readBack: false)
+        let vm = try #require(target.vmHandle)
+        let held = VMState(vm: try kernel.vmState(vm), vcpus: try target.vcpuHandles.map { try kernel.vcpuState($0) })
+        #expect(VMState.difference(restored: held, saved: state) == nil)
+        try target.restoreStaged()
+        #expect(target.isRunning)
+    }
+
+    /// A part that fails (here the kernel refuses vcpu 0's set) leaves the VM set in part and
+    /// nothing to run; so do parts out of order, and an end before every vcpu came.
+    @Test func aStagingInPartsThatFailsLeavesNothingToRun() throws {
+        let (state, target) = try Self.pair(["kernel:set-vcpu-state=errno:EIO"])
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        #expect(throws: EndpointError.self) { try target.stageVCPU(0, state.vcpus[0]) }
+        #expect(throws: EndpointError.self) { try target.finishStaging(state, readBack: true) }
+        #expect(throws: EndpointError.self) { try target.restoreStaged() }
+        #expect(!target.isRunning)
+
+        let (again, other) = try Self.pair([], vcpus: 2)
+        #expect(again.vcpus.count == 2)
+        #expect(throws: EndpointError.self) { try other.stageVCPU(0, again.vcpus[0]) }  // no head first
+        try other.beginStaging(vm: again.vm, vcpus: again.vcpus.count)
+        #expect(throws: EndpointError.self) { try other.stageVCPU(1, again.vcpus[0]) }  // vcpu 1 before vcpu 0
+        try other.beginStaging(vm: again.vm, vcpus: again.vcpus.count)
+        try other.stageVCPU(0, again.vcpus[0])
+        #expect(throws: EndpointError.self) { try other.finishStaging(again, readBack: true) }  // vcpu 1 missing
+        #expect(throws: EndpointError.self) { try other.restoreStaged() }
+        #expect {
+            try other.beginStaging(vm: again.vm, vcpus: again.vcpus.count + 1)
+        } throws: { error in
+            (error as? EndpointError)?.message.contains("\(again.vcpus.count + 1) vcpu states for \(again.vcpus.count) vcpus") == true
+        }
+        #expect(!other.isRunning)
+    }
+
+    /// A state whose parts read back wrong is not run, as a whole one is not.
+    @Test func aStateStagedInPartsThatReadsBackWrongIsNeverRun() throws {
+        let (state, target) = try Self.pair(["kernel:set-vcpu-state=alter:xsave*"])
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
+        try target.finishStaging(state, readBack: false)
+        #expect {
+            try target.restoreStaged()
+        } throws: { error in
+            (error as? EndpointError)?.message.contains("read back differs: vcpu 0: section fpu") == true
+        }
+        #expect(!target.isRunning)
     }
 
     /// A target rehearses a staging with its own state before the pause (tinyvmm does at bind):
