@@ -137,9 +137,9 @@ extension Journal {
     }
 }
 
-/// The intents and the point of no return are written directly too (on the blackout's path
-/// between the target's stage and its restore): each reads back as its entry, and holds what
-/// the encoder's JSON holds.
+/// The intents, the point of no return and plain outcomes are written directly too (on the
+/// blackout's path between the target's stage and its restore): each reads back as its entry,
+/// and holds what the encoder's JSON holds.
 @Suite("The blackout's small records' JSON")
 struct DirectRecordTests {
     @Test func intentsAndThePointOfNoReturnReadBackAsTheEncoderWritesThem() throws {
@@ -158,9 +158,38 @@ struct DirectRecordTests {
         }
     }
 
-    @Test func anOutcomeTakesTheEncoder() {
-        let outcome = JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: true, durationNanoseconds: 1, details: ["a\"b": "c"])
-        #expect(MigrationJournal.directPayload(JournalEntry(sequence: 1, time: 1, event: .outcome(outcome))) == nil)
+    /// Outcomes of plain strings are written directly too (the pause-source outcome is the
+    /// first record after the target's stage), every optional field present or not.
+    @Test func plainOutcomesReadBackAsTheEncoderWritesThem() throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let outcomes = [
+            JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: true, durationNanoseconds: 1_234_567, details: [
+                "state-digest": "20044:0a1b2c3d", "vcpus": "2", "sections": "pic-master,regs", "socket": "/tmp/x/t.sock", "": "",
+            ]),
+            JournalEntry.Outcome(step: .resumeTarget, direction: .undo, ok: false, durationNanoseconds: -5, errno: -22, error: "EINVAL: it said {no} [really]", uncertain: true),
+            JournalEntry.Outcome(step: .bindMemslots, direction: .forward, ok: false, durationNanoseconds: Int64.max, error: "", uncertain: false),
+        ]
+        for (index, outcome) in outcomes.enumerated() {
+            let entry = JournalEntry(sequence: index + 2, time: Date().timeIntervalSince1970 + Double(index) / 7, event: .outcome(outcome))
+            let direct = try #require(MigrationJournal.directPayload(entry))
+            #expect(try JSONDecoder().decode(JournalEntry.self, from: direct) == entry)
+            let reference = try JSONSerialization.jsonObject(with: try encoder.encode(entry)) as? NSDictionary
+            #expect(try JSONSerialization.jsonObject(with: direct) as? NSDictionary == reference, "\(String(decoding: direct, as: UTF8.self))")
+        }
+    }
+
+    /// A string that would need escaping (a quote, a backslash, a control character, beyond
+    /// ASCII) leaves the outcome to the encoder.
+    @Test func anOutcomeWithAStringToEscapeTakesTheEncoder() {
+        for text in ["a\"b", "a\\b", "line\nbreak", "tab\t", "caf\u{e9}"] {
+            let inDetails = JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: true, durationNanoseconds: 1, details: ["k": text])
+            let inKey = JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: true, durationNanoseconds: 1, details: [text: "v"])
+            let inError = JournalEntry.Outcome(step: .pauseSource, direction: .forward, ok: false, durationNanoseconds: 1, error: text)
+            for outcome in [inDetails, inKey, inError] {
+                #expect(MigrationJournal.directPayload(JournalEntry(sequence: 1, time: 1, event: .outcome(outcome))) == nil, "\(text)")
+            }
+        }
         #expect(MigrationJournal.directPayload(JournalEntry(sequence: 1, time: .nan, event: .pointOfNoReturn)) == nil)
     }
 }
