@@ -570,9 +570,9 @@ extension VMState {
         return nil
     }
 
-    static func firstDifference(_ a: [UInt8], _ b: [UInt8], ignoring ignored: Range<Int>? = nil, name: (Int) -> String = { "byte \($0)" }) -> String? {
+    static func firstDifference(_ a: [UInt8], _ b: [UInt8], ignoring ignored: [Range<Int>] = [], name: (Int) -> String = { "byte \($0)" }) -> String? {
         guard a.count == b.count else { return "\(a.count) bytes read back, \(b.count) saved" }
-        for index in 0..<a.count where a[index] != b[index] && !(ignored?.contains(index) ?? false) {
+        for index in 0..<a.count where a[index] != b[index] && !ignored.contains(where: { $0.contains(index) }) {
             return "\(name(index)): 0x\(String(b[index], radix: 16)) saved, 0x\(String(a[index], radix: 16)) read back"
         }
         return nil
@@ -580,6 +580,16 @@ extension VMState {
 }
 
 extension VCPUState {
+    /// The LAPIC registers a read-back does not compare, because KVM derives them:
+    /// - the current count (TMCCT, 0x390), which runs down by itself;
+    /// - the processor priority (PPR, 0xA0), which KVM computes from the task priority and the
+    ///   in-service vectors (both compared). KVM_SET_LAPIC computes it before it recounts the
+    ///   in-service vectors (`kvm_apic_set_state` calls `apic_update_ppr` before
+    ///   `kvm_apic_update_apicv`), so a vcpu stopped inside an interrupt handler reads back its
+    ///   task priority alone there until KVM next updates it, which it does before it delivers
+    ///   an interrupt or the guest reads the register. It failed about one migration in 25 here.
+    public static let derivedLAPICRegisters: [Range<Int>] = [0x390..<0x394, 0xa0..<0xa4]
+
     public static func difference(restored: VCPUState, saved: VCPUState) -> String? {
         for section in saved.sections {
             guard let back = restored[section.name] else { return "section \(section.name): not read back" }
@@ -589,8 +599,7 @@ extension VCPUState {
                     return "section regs: \(where_)"
                 }
             case "lapic":
-                // The current count (TMCCT, 0x390) runs down by itself.
-                if let where_ = VMState.firstDifference(back, section.bytes, ignoring: 0x390..<0x394, name: { "register 0x\(String($0 & ~0xf, radix: 16)) (byte \($0))" }) {
+                if let where_ = VMState.firstDifference(back, section.bytes, ignoring: VCPUState.derivedLAPICRegisters, name: { "register 0x\(String($0 & ~0xf, radix: 16)) (byte \($0))" }) {
                     return "section lapic: \(where_)"
                 }
             case "msrs":
