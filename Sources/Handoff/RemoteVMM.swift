@@ -367,6 +367,11 @@ public final class RemoteVMM: VMMEndpoint {
         }
         let staged = Result { () throws(EndpointError) -> String? in try target.reply(to: staging, spin: RemoteVMM.blackoutSpin).0.stateDigest }
         switch (paused, staged) {
+        case (.failure(let error), .failure(let refusal)) where [Errno(rawValue: EPIPE), Errno(rawValue: ECONNRESET)].contains(error.errno):
+            // The source could not send a part because the target had closed the channel: the
+            // target refused an earlier part (protocol 7 sets each as it comes), and its
+            // refusal is the reason.
+            throw .target(refusal)
         case (.failure(let error), _): throw .source(error)
         case (.success, .failure(let error)): throw .target(error)
         case (.success(let sent), .success(let received)):

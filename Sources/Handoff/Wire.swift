@@ -320,8 +320,7 @@ public enum StateChannel {
 
     /// Receives one frame; bounded by `timeout`. A peer that closes its end first sent none.
     public static func receive(on fd: Int32, timeout: Duration) throws(HandoffError) -> [UInt8] {
-        HandoffConnection(borrowing: fd).setTimeout(timeout)
-        return try receiveFrame(fd)
+        try receiveFrame(fd, deadline: ContinuousClock.now + timeout, atMost: HandoffMessage.maxAttachmentBytes)
     }
 
     /// Receives a whole state, sent as one frame or as its parts (version 7), and answers it
@@ -361,20 +360,17 @@ public enum StateChannel {
             guard left > .zero else { throw HandoffError(.timeout, "the state did not come whole in time (\(bytes.count) bytes came)") }
             let connection = HandoffConnection(borrowing: fd)
             if !bytes.isEmpty { connection.spin(upTo: min(left, StateChannel.pollBetweenParts)) }
-            connection.setTimeout(deadline - ContinuousClock.now)
             let frame: [UInt8]
             do {
-                frame = try StateChannel.receiveFrame(fd)
+                frame = try StateChannel.receiveFrame(fd, deadline: deadline, atMost: HandoffMessage.maxAttachmentBytes - bytes.count)
             } catch where error.kind == .closed && !bytes.isEmpty {
                 throw HandoffError(.closed, "the source closed its end after \(bytes.count) bytes of its state")
-            }
-            guard bytes.count + frame.count <= HandoffMessage.maxAttachmentBytes else {
-                throw HandoffError(.malformed, "a state of more than \(HandoffMessage.maxAttachmentBytes) bytes")
             }
             bytes += frame
             let parts: [VMState.StreamDecoder.Part]
             do { parts = try decoder.feed(frame) } catch { throw HandoffError(.malformed, error.message) }
-            guard decoder.consumed == bytes.count else {
+            // A frame may end inside a part (the next completes it), not after the state.
+            guard !decoder.isComplete || decoder.consumed == bytes.count else {
                 throw HandoffError(.malformed, "\(bytes.count - decoder.consumed) bytes after the state's last vcpu")
             }
             return parts
@@ -385,20 +381,25 @@ public enum StateChannel {
     /// save on this nested host (0.1 ms), and a little more.
     public static let pollBetweenParts = Duration.microseconds(250)
 
-    private static func receiveFrame(_ fd: Int32) throws(HandoffError) -> [UInt8] {
-        let header = try read(fd, count: 8)
+    /// One frame of at most `atMost` bytes, all of it by `deadline` (each wait is bounded by
+    /// what is left of it, so that a peer trickling bytes cannot stretch it).
+    private static func receiveFrame(_ fd: Int32, deadline: ContinuousClock.Instant, atMost: Int) throws(HandoffError) -> [UInt8] {
+        let header = try read(fd, count: 8, deadline: deadline)
         guard Array(header.prefix(4)) == magic else { throw HandoffError(.malformed, "a state frame without the GMS1 magic") }
         let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
-        guard length <= HandoffMessage.maxAttachmentBytes else {
-            throw HandoffError(.malformed, "a state of \(length) bytes (at most \(HandoffMessage.maxAttachmentBytes))")
+        guard length <= atMost else {
+            throw HandoffError(.malformed, "a state of more than \(HandoffMessage.maxAttachmentBytes) bytes (a frame of \(length))")
         }
-        return try read(fd, count: length)
+        return try read(fd, count: length, deadline: deadline)
     }
 
-    private static func read(_ fd: Int32, count: Int) throws(HandoffError) -> [UInt8] {
+    private static func read(_ fd: Int32, count: Int, deadline: ContinuousClock.Instant) throws(HandoffError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         var received = 0
         while received < count {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { throw HandoffError(.timeout, "receiving the state: the peer did not send it in time (\(received) of \(count) bytes of a frame came)") }
+            HandoffConnection(borrowing: fd).setTimeout(left)
             let result = bytes.withUnsafeMutableBytes { buffer in
                 buffer.baseAddress.map { Glibc.recv(fd, $0 + received, count - received, 0) } ?? 0
             }

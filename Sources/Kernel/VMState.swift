@@ -374,6 +374,8 @@ public struct VMState: Hashable, Sendable {
         var decoder = StreamDecoder()
         _ = try decoder.feed(bytes)
         guard let state = decoder.state else {
+            // Short of a header: garbage, or the start of one.
+            guard bytes.count >= 10 || VMState.magic.starts(with: bytes.prefix(4)) else { throw VMStateError("not a VM state (no GMVS magic)") }
             throw VMStateError("the state ends inside a section (at byte \(decoder.consumed))")
         }
         guard decoder.consumed == bytes.count else { throw VMStateError("\(bytes.count - decoder.consumed) bytes after the last vcpu") }

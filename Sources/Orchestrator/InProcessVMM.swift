@@ -471,6 +471,7 @@ public final class InProcessVMM: VMMEndpoint {
     /// Whether this VMM can restore `state`, setting nothing: as many vcpus, every section known,
     /// every capability a section needs present, and each vcpu's CPUID this VMM's CPU model.
     func checkState(_ state: VMState, kernel: (any KernelBackend)? = nil) throws(EndpointError) {
+        capabilityAnswers = [:]
         try checkHead(vm: state.vm, vcpus: state.vcpus.count, kernel: kernel)
         for (index, vcpu) in state.vcpus.enumerated() { try checkVCPU(index, vcpu, kernel: kernel) }
     }
@@ -496,6 +497,10 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
+    /// What KVM_CHECK_EXTENSION answered for the state being checked (asked once a state, not
+    /// once a part).
+    private var capabilityAnswers: [Capability: Bool] = [:]
+
     /// Every section known, every capability one needs present.
     private func checkSections(_ sections: [StateSection], kernel: (any KernelBackend)?) throws(EndpointError) {
         let kernel = kernel ?? backend
@@ -504,11 +509,10 @@ public final class InProcessVMM: VMMEndpoint {
             throw EndpointError("\(role): the state has sections this VMM does not know: \(unknown.sorted().joined(separator: ", "))")
         }
         let part = VMState(vm: sections, vcpus: [])
-        var has: [Capability: Bool] = [:]
-        for capability in part.neededCapabilities {
-            do { has[capability] = try kernel.checkExtension(capability, vm: nil) > 0 } catch { throw EndpointError(error) }
+        for capability in part.neededCapabilities where capabilityAnswers[capability] == nil {
+            do { capabilityAnswers[capability] = try kernel.checkExtension(capability, vm: nil) > 0 } catch { throw EndpointError(error) }
         }
-        let missing = part.missingCapabilities { has[$0] ?? false }
+        let missing = part.missingCapabilities { capabilityAnswers[$0] ?? false }
         guard missing.isEmpty else { throw EndpointError("\(role): this host cannot restore the state: " + missing.joined(separator: "; ")) }
     }
 
@@ -554,6 +558,7 @@ public final class InProcessVMM: VMMEndpoint {
         staging = nil
         loaded = nil
         unverified = nil
+        capabilityAnswers = [:]
         let clock = ContinuousClock()
         let began = clock.now
         try checkHead(vm: sections, vcpus: count, kernel: kernel)

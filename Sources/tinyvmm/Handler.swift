@@ -499,6 +499,8 @@ final class TinyVMM: HandoffHandler {
                         let parts: [VMState.StreamDecoder.Part]
                         do {
                             parts = try receiver.next()
+                        } catch where error.kind == .malformed {
+                            throw EndpointError("stage-state: the state from the source is malformed: \(error.message)")
                         } catch {
                             throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
                         }

@@ -116,6 +116,9 @@ struct GuestStateTests {
         Break(fault: "state=alter:lapic", rolledBack: false, noticed: "its timer ticks at 0 Hz"),
         // The clock: the kvmclock ten seconds ahead.
         Break(fault: "state=alter:clock", rolledBack: false, noticed: "its kvmclock advanced"),
+        // The target's kernel refuses a vcpu's set: the target refuses the state, also when the
+        // source, still sending the next part, finds the channel closed first.
+        Break(fault: "kernel:set-vcpu-state=errno:EIO", rolledBack: true, noticed: "the target refuses the saved state"),
         // The format: a section no VMM knows, and one that needs a capability this host lacks.
         Break(fault: "state=alter:section:future", rolledBack: true, noticed: "section 'future'"),
         Break(fault: "state=alter:section:nested", rolledBack: true, noticed: "section 'nested' needs capability"),

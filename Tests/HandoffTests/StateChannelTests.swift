@@ -141,6 +141,62 @@ struct StateChannelPartsTests {
         }
     }
 
+    /// A frame may end anywhere inside a part: the part comes out with the frame that ends it.
+    @Test func aFrameMayEndInsideAPart() throws {
+        let ends = try Ends()
+        let bytes = Self.state.encoded
+        let cuts = [3, 11, 60, Self.parts[0].count + 5, bytes.count - 1, bytes.count]
+        var from = 0
+        for cut in cuts {
+            try StateChannel.send(Array(bytes[from..<cut]), on: ends.fds[0], timeout: .seconds(5))
+            from = cut
+        }
+        var receiver = StateChannel.Receiver(ends.fds[1], timeout: .seconds(5))
+        var counts: [Int] = []
+        while receiver.state == nil { counts.append(try receiver.next().count) }
+        #expect(counts == [0, 0, 0, 1, 2, 1], "the head with the fourth frame, two vcpus with the fifth, the last with the sixth")
+        #expect(receiver.state == Self.state)
+    }
+
+    /// A frame longer than what is left of the largest state is refused from its header, before
+    /// its body is waited for or held.
+    @Test func aFrameOverTheLargestStateIsRefusedFromItsHeader() throws {
+        let ends = try Ends()
+        let length = UInt32(HandoffMessage.maxAttachmentBytes + 1)
+        let header = Array("GMS1".utf8) + [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
+        #expect(write(ends.fds[0], header, header.count) == header.count)
+        #expect {
+            _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
+        } throws: { error in
+            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("a frame of \(length)") == true
+        }
+    }
+
+    /// A source that keeps sending empty frames does not stretch the receipt past its one
+    /// deadline (each wait is bounded by what is left of it).
+    @Test func emptyFramesDoNotStretchTheDeadline() throws {
+        let ends = try Ends()
+        let sender = ends.fds[0]
+        let stop = Flag()
+        let thread = Thread {
+            while !stop.isSet {
+                try? StateChannel.send([], on: sender, timeout: .seconds(1))
+                usleep(20_000)  // a trickle, not a wait on the test's condition
+            }
+        }
+        thread.start()
+        defer { stop.set() }
+        let clock = ContinuousClock()
+        let began = clock.now
+        var receiver = StateChannel.Receiver(ends.fds[1], timeout: .milliseconds(150))
+        #expect {
+            while receiver.state == nil { _ = try receiver.next() }
+        } throws: { error in
+            (error as? HandoffError)?.kind == .timeout
+        }
+        #expect(clock.now - began < .seconds(2), "the deadline held: \(clock.now - began)")
+    }
+
     /// The whole receipt has one deadline: a source that sends the head and then nothing.
     @Test func theWholeStateHasOneDeadline() throws {
         let ends = try Ends()
@@ -153,6 +209,15 @@ struct StateChannelPartsTests {
             (error as? HandoffError)?.kind == .timeout
         }
     }
+}
+
+/// A flag one thread sets and another reads.
+private final class Flag: @unchecked Sendable {
+    // @unchecked: `value` is only touched under `lock`.
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
 }
 
 /// A value handed from one thread to another.

@@ -102,6 +102,26 @@ struct StateStreamTests {
         }
     }
 
+    /// The read-back leaves out the LAPIC registers KVM derives (the current count, the
+    /// processor priority) and compares the rest: the task priority and the in-service vectors
+    /// from which KVM derives the processor priority among them.
+    @Test func theReadBackLeavesOutOnlyTheDerivedLAPICRegisters() {
+        var random = SplitMix64(seed: 17)
+        let saved = (0..<1024).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        func difference(_ change: (inout [UInt8]) -> Void) -> String? {
+            var back = saved
+            change(&back)
+            return VCPUState.difference(
+                restored: VCPUState(sections: [StateSection(name: "lapic", bytes: back)]), saved: VCPUState(sections: [StateSection(name: "lapic", bytes: saved)]))
+        }
+        #expect(difference { $0[0xa0] ^= 0x30; $0[0xa3] ^= 1 } == nil, "PPR")
+        #expect(difference { $0[0x390] ^= 0xff; $0[0x393] ^= 1 } == nil, "TMCCT")
+        #expect(difference { $0[0x80] ^= 0x10 }?.contains("register 0x80") == true, "TPR")
+        #expect(difference { $0[0x112] ^= 0x02 }?.contains("register 0x110") == true, "ISR")
+        #expect(difference { $0[0xa4] ^= 1 } != nil, "the byte after PPR")
+        #expect(difference { $0[0x9f] ^= 1 } != nil, "the byte before PPR")
+    }
+
     @Test func aWholeStateIsRefusedShortOrLong() {
         let bytes = Self.state(vcpus: 2, seed: 3).encoded
         #expect {
@@ -114,10 +134,18 @@ struct StateStreamTests {
         } throws: { error in
             (error as? VMStateError)?.message == "3 bytes after the last vcpu"
         }
+        let garbages: [[UInt8]] = [Array("GMVX".utf8) + Array(bytes.dropFirst(4)), Array("GMVX".utf8), [0x47, 0x4d, 0x00]]
+        for garbage in garbages {
+            #expect {
+                _ = try VMState(decoding: garbage)
+            } throws: { error in
+                (error as? VMStateError)?.message.contains("no GMVS magic") == true
+            }
+        }
         #expect {
-            _ = try VMState(decoding: Array("GMVX".utf8) + bytes.dropFirst(4))
+            _ = try VMState(decoding: Array("GMV".utf8))
         } throws: { error in
-            (error as? VMStateError)?.message.contains("no GMVS magic") == true
+            (error as? VMStateError)?.message.contains("ends inside") == true
         }
     }
 }

@@ -111,6 +111,42 @@ struct StagingTests {
         #expect(!other.isRunning)
     }
 
+    /// A staging in parts that fails replaces the one before it: a state staged earlier is not
+    /// run (`restoreStaged`), and a restore that names it sets every section again.
+    @Test func aFailedStagingInPartsReplacesTheStagingBefore() throws {
+        let (state, target) = try Self.pair([], vcpus: 2)
+        try target.stage(state, readBack: false)
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        #expect(throws: EndpointError.self) { try target.stageVCPU(1, state.vcpus[1]) }  // vcpu 1 before vcpu 0
+        #expect(throws: EndpointError.self) { try target.restoreStaged() }
+        #expect(!target.isRunning)
+        try target.restore(state)
+        #expect(target.isRunning)
+    }
+
+    /// A source whose send of a part fails still saves its whole state and is paused: the
+    /// failure is thrown, no part goes after it, and a later pause answers the whole state.
+    @Test func aPauseWhoseSendFailsIsPausedWithItsWholeState() throws {
+        var plan = try loadPlan("demo.yaml")
+        plan.vm.vcpus = 2
+        let source = InProcessVMM(role: "source", backend: KernelModel(host: ModelHost(), process: "parts/failing"))
+        try source.createSource(plan.vm)
+        var sent: [[UInt8]] = []
+        #expect {
+            _ = try source.pause(sendingParts: { part throws(EndpointError) in
+                guard sent.count < 2 else { throw EndpointError("the target is gone") }
+                sent.append(part)
+            })
+        } throws: { error in
+            (error as? EndpointError)?.message == "the target is gone"
+        }
+        #expect(sent.count == 2, "the head and vcpu 0 went; nothing after the failure")
+        #expect(!source.isRunning)
+        let state = try source.pause()
+        #expect(state.vcpus.count == 2)
+        #expect(sent.flatMap { $0 } == VMState.encodedHead(vm: state.vm, vcpus: 2) + VMState.encoded(state.vcpus[0]))
+    }
+
     /// A state whose parts read back wrong is not run, as a whole one is not.
     @Test func aStateStagedInPartsThatReadsBackWrongIsNeverRun() throws {
         let (state, target) = try Self.pair(["kernel:set-vcpu-state=alter:xsave*"])
