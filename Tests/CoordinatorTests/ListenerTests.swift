@@ -57,6 +57,15 @@ private func startActivated(
 
 private func jsonObject(_ data: Data) -> [String: Any] { ((try? JSONSerialization.jsonObject(with: data)) as? [String: Any]) ?? [:] }
 
+/// Whether a UNIX socket is listening at `path` (/proc/net/unix: flags __SO_ACCEPTCON).
+private func isListening(_ path: String) -> Bool {
+    guard let table = try? String(contentsOfFile: "/proc/net/unix", encoding: .utf8) else { return false }
+    return table.split(separator: "\n").contains { line in
+        let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+        return fields.count >= 8 && fields[7] == path && fields[3] == "00010000"
+    }
+}
+
 private func inode(_ path: String) -> UInt {
     var status = stat()
     return stat(path, &status) == 0 ? UInt(status.st_ino) : 0
@@ -85,7 +94,9 @@ struct ListenerTests {
                 process.waitUntilExit()
             }
         }
-        #expect(waitUntil(10) { FileManager.default.fileExists(atPath: socket) }, "the activator binds the socket")
+        // The activator binds, then listens: a connection between the two is refused (it was,
+        // once, in a loaded run), so the test waits for the listening socket, not the file.
+        #expect(waitUntil(10) { isListening(socket) }, "the activator listens on the socket")
         #expect(!FileManager.default.fileExists(atPath: directory + "/state"), "nothing started before the first connection")
 
         // The first connection: a submit, answered by the daemon it starts.
