@@ -567,9 +567,8 @@ public final class InProcessVMM: VMMEndpoint {
         staging = (count, 0, checked - began, clock.now - checked)
     }
 
-    /// The next vcpu of a staging `beginStaging` began: checked and set. (It is read back with
-    /// the others once all are set: a vcpu read back at once can differ from what it reads once
-    /// the staging is over, its LAPIC's processor priority for one.)
+    /// The next vcpu of a staging `beginStaging` began: checked and set. It is read back with the
+    /// others, by `finishStaging` or `verifyStaged`, once all are set.
     public func stageVCPU(_ index: Int, _ state: VCPUState) throws(EndpointError) { try stageVCPU(index, state, kernel: backend) }
 
     private func stageVCPU(_ index: Int, _ state: VCPUState, kernel: any KernelBackend) throws(EndpointError) {
