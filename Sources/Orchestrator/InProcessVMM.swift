@@ -220,33 +220,18 @@ public final class InProcessVMM: VMMEndpoint {
 
     public func memoryHandle(_ gmem: String) -> KernelHandle? { files[gmem]?.value.handle }
 
-    public func pause() throws(EndpointError) -> VMState {
-        if let saved, !isRunning { return saved }
-        guard let vm else { throw EndpointError("\(role): there is no VM to pause") }
-        let clock = ContinuousClock()
-        let began = clock.now
-        let state: VMState
-        do {
-            state = VMState(vm: try backend.vmState(vm.value.handle), vcpus: try vcpus.map { try $0.value.state() })
-        } catch {
-            throw EndpointError.from(error)
-        }
-        lastTimings = ["save": (clock.now - began).nanoseconds]
-        saved = state
-        isRunning = false
-        return state
-    }
+    public func pause() throws(EndpointError) -> VMState { try pause(sendingParts: nil) }
 
     /// `pause`, handing each part of the state's encoding to `send` as soon as it is saved: the
     /// head with the VM's sections, then each vcpu (`VMState.encodedHead`, `encoded(_:)`), so
     /// that a target sets one part while this VMM saves the next. The whole state is saved even
     /// if a `send` fails (the VMM is paused, and the rollback's `resume` is taken); the first
     /// failure is then thrown, and no part is sent after it.
-    public func pause(sendingParts send: ([UInt8]) throws(EndpointError) -> Void) throws(EndpointError) -> VMState {
+    public func pause(sendingParts send: (([UInt8]) throws(EndpointError) -> Void)?) throws(EndpointError) -> VMState {
         var failure: EndpointError?
-        func emit(_ part: [UInt8]) {
-            guard failure == nil else { return }
-            do { try send(part) } catch { failure = error }
+        func emit(_ part: @autoclosure () -> [UInt8]) {
+            guard let send, failure == nil else { return }
+            do { try send(part()) } catch { failure = error }
         }
         let state: VMState
         if let saved, !isRunning {
@@ -567,6 +552,23 @@ public final class InProcessVMM: VMMEndpoint {
         staging = (count, 0, checked - began, clock.now - checked)
     }
 
+    /// One part of a state as it came (`VMState.StreamDecoder`): its head begins the staging
+    /// (`beginStaging`), each vcpu goes on with it (`stageVCPU`).
+    public func stage(_ part: VMState.StreamDecoder.Part) throws(EndpointError) {
+        switch part {
+        case .head(let sections, let count): try beginStaging(vm: sections, vcpus: count)
+        case .vcpu(let index, let state): try stageVCPU(index, state)
+        }
+    }
+
+    /// `stage(_:)` on `kernel` (the rehearsal's, under the fault injector).
+    private func stage(_ part: VMState.StreamDecoder.Part, kernel: any KernelBackend) throws(EndpointError) {
+        switch part {
+        case .head(let sections, let count): try beginStaging(vm: sections, vcpus: count, kernel: kernel)
+        case .vcpu(let index, let state): try stageVCPU(index, state, kernel: kernel)
+        }
+    }
+
     /// The next vcpu of a staging `beginStaging` began: checked and set. It is read back with the
     /// others, by `finishStaging` or `verifyStaged`, once all are set.
     public func stageVCPU(_ index: Int, _ state: VCPUState) throws(EndpointError) { try stageVCPU(index, state, kernel: backend) }
@@ -631,12 +633,7 @@ public final class InProcessVMM: VMMEndpoint {
             var sent: [UInt8] = []
             for part in [VMState.encodedHead(vm: own.vm, vcpus: own.vcpus.count)] + own.vcpus.map(VMState.encoded) {
                 sent += part
-                for decoded in try decoder.feed(part) {
-                    switch decoded {
-                    case .head(let sections, let count): try beginStaging(vm: sections, vcpus: count, kernel: kernel)
-                    case .vcpu(let index, let state): try stageVCPU(index, state, kernel: kernel)
-                    }
-                }
+                for decoded in try decoder.feed(part) { try stage(decoded, kernel: kernel) }
             }
             _ = VMState.digest(sent)
             guard let decoded = decoder.state else { throw EndpointError("\(role): the state's parts did not make a whole state") }

@@ -357,8 +357,7 @@ final class TinyVMM: HandoffHandler {
                 let channel = sockets.first
                 if let trigger = sockets.dropFirst().first {
                     defer { close(trigger) }
-                    let wait = Duration.milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000)))
-                    guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: wait) else {
+                    guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: Self.timeout(of: request)) else {
                         if let channel { close(channel) }  // the target hears that no state comes
                         throw EndpointError(
                             paused ? "pause: armed while paused already" : "pause: not requested: the coordinator closed the trigger; the guest runs on")
@@ -493,8 +492,7 @@ final class TinyVMM: HandoffHandler {
                     defer { close(channel) }
                     staged = nil
                     // Each part is checked and set as it comes, while the source saves the next.
-                    var receiver = StateChannel.Receiver(
-                        channel, timeout: .milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000))))
+                    var receiver = StateChannel.Receiver(channel, timeout: Self.timeout(of: request))
                     while receiver.state == nil {
                         let parts: [VMState.StreamDecoder.Part]
                         do {
@@ -504,12 +502,7 @@ final class TinyVMM: HandoffHandler {
                         } catch {
                             throw EndpointError("stage-state: no state came from the source: \(error.message)", errno: error.errno)
                         }
-                        for part in parts {
-                            switch part {
-                            case .head(let sections, let count): try vmm.beginStaging(vm: sections, vcpus: count)
-                            case .vcpu(let index, let vcpuState): try vmm.stageVCPU(index, vcpuState)
-                            }
-                        }
+                        for part in parts { try vmm.stage(part) }
                     }
                     guard let whole = receiver.state else { throw EndpointError("stage-state: no whole state came from the source") }
                     state = whole
@@ -654,6 +647,12 @@ final class TinyVMM: HandoffHandler {
         guard status.st_size >= 0, UInt64(status.st_size) == gmem.size else {
             throw EndpointError("the received guest_memfd for '\(gmem.name)' holds \(status.st_size) bytes, not the \(gmem.size) its description says")
         }
+    }
+
+    /// How long a request may wait for its peer (`timeoutMilliseconds`: 5 s unless it says,
+    /// between 1 ms and a day).
+    static func timeout(of request: HandoffMessage) -> Duration {
+        .milliseconds(Int64(min(max(request.timeoutMilliseconds ?? 5000, 1), 86_400_000)))
     }
 
     /// The sockets a request may carry, in order: a stage-state's state channel, or a pause's

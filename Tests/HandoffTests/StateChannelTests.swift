@@ -55,7 +55,8 @@ struct StateChannelTests {
 /// A state sent in parts, a frame each (protocol 7), as a source sends it and a target takes it.
 @Suite("The state channel, in parts")
 struct StateChannelPartsTests {
-    /// Two connected ends, closed at the end of the test (or earlier, through `close`).
+    /// Two connected ends; a test closes them at its end (`closeAll`, deferred: the ends
+    /// then live as long as the test), or one earlier (`close`).
     final class Ends {
         var fds: [Int32] = [-1, -1]
         init() throws {
@@ -65,7 +66,7 @@ struct StateChannelPartsTests {
             if fds[index] >= 0 { Glibc.close(fds[index]) }
             fds[index] = -1
         }
-        deinit { for fd in fds where fd >= 0 { Glibc.close(fd) } }
+        func closeAll() { for index in fds.indices { close(index) } }
     }
 
     static let state: VMState = {
@@ -83,6 +84,7 @@ struct StateChannelPartsTests {
 
     @Test func eachFrameGivesThePartItCompletes() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         for part in Self.parts { try StateChannel.send(part, on: ends.fds[0], timeout: .seconds(5)) }
         var receiver = StateChannel.Receiver(ends.fds[1], timeout: .seconds(5))
         #expect(try receiver.next() == [.head(vm: Self.state.vm, vcpus: 3)])
@@ -97,6 +99,7 @@ struct StateChannelPartsTests {
     /// A state in one frame (as a test double or an older source sends it) is taken whole.
     @Test func aStateInOneFrame() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         try StateChannel.send(Self.state.encoded, on: ends.fds[0], timeout: .seconds(5))
         let (state, bytes) = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
         #expect(state == Self.state)
@@ -106,6 +109,7 @@ struct StateChannelPartsTests {
     /// A source that closes its end inside the state: the error says how much came.
     @Test func aSourceThatStopsInsideTheState() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         let parts = Self.parts
         for part in parts.prefix(2) { try StateChannel.send(part, on: ends.fds[0], timeout: .seconds(5)) }
         ends.close(0)
@@ -115,35 +119,37 @@ struct StateChannelPartsTests {
         #expect {
             _ = try receiver.next()
         } throws: { error in
-            let error = error as? HandoffError
-            return error?.kind == .closed && error?.message.contains("after \(parts[0].count + parts[1].count) bytes") == true
+            isHandoffError(error, .closed, saying: "after \(parts[0].count + parts[1].count) bytes")
         }
         #expect(receiver.state == nil)
     }
 
     @Test func bytesPastTheStatesEndAreRefused() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         try StateChannel.send(Self.state.encoded + [9, 9], on: ends.fds[0], timeout: .seconds(5))
         #expect {
             _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
         } throws: { error in
-            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("2 bytes after") == true
+            isHandoffError(error, .malformed, saying: "2 bytes after")
         }
     }
 
     @Test func aMalformedPartIsRefused() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         try StateChannel.send(Array("GMVS".utf8) + [9, 0, 0, 0, 0, 0], on: ends.fds[0], timeout: .seconds(5))
         #expect {
             _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
         } throws: { error in
-            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("version 9") == true
+            isHandoffError(error, .malformed, saying: "version 9")
         }
     }
 
     /// A frame may end anywhere inside a part: the part comes out with the frame that ends it.
     @Test func aFrameMayEndInsideAPart() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         let bytes = Self.state.encoded
         let cuts = [3, 11, 60, Self.parts[0].count + 5, bytes.count - 1, bytes.count]
         var from = 0
@@ -162,25 +168,33 @@ struct StateChannelPartsTests {
     /// its body is waited for or held.
     @Test func aFrameOverTheLargestStateIsRefusedFromItsHeader() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         let length = UInt32(HandoffMessage.maxAttachmentBytes + 1)
         let header = Array("GMS1".utf8) + [UInt8(length & 0xff), UInt8((length >> 8) & 0xff), UInt8((length >> 16) & 0xff), UInt8(length >> 24)]
         #expect(write(ends.fds[0], header, header.count) == header.count)
         #expect {
             _ = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
         } throws: { error in
-            (error as? HandoffError)?.kind == .malformed && (error as? HandoffError)?.message.contains("a frame of \(length)") == true
+            isHandoffError(error, .malformed, saying: "a frame of \(length)")
         }
     }
 
-    /// A source that keeps sending empty frames does not stretch the receipt past its one
-    /// deadline (each wait is bounded by what is left of it).
-    @Test func emptyFramesDoNotStretchTheDeadline() throws {
+    /// A source that trickles a frame, a byte at a time, does not stretch the receipt past its
+    /// one deadline (each wait inside the frame is bounded by what is left of it): 200 bytes at
+    /// one every 20 ms would take 4 s.
+    @Test func aTrickledFrameDoesNotStretchTheDeadline() throws {
         let ends = try Ends()
-        let sender = ends.fds[0]
+        defer { ends.closeAll() }
+        // The thread's own descriptor, closed by it: the test's ends may close before it ends.
+        let sender = dup(ends.fds[0])
         let stop = Flag()
         let thread = Thread {
-            while !stop.isSet {
-                try? StateChannel.send([], on: sender, timeout: .seconds(1))
+            defer { close(sender) }
+            var header = Array("GMS1".utf8) + [200, 0, 0, 0]
+            _ = send(sender, &header, header.count, Int32(MSG_NOSIGNAL))
+            for _ in 0..<200 where !stop.isSet {
+                var byte: UInt8 = 0
+                _ = send(sender, &byte, 1, Int32(MSG_NOSIGNAL))
                 usleep(20_000)  // a trickle, not a wait on the test's condition
             }
         }
@@ -192,7 +206,7 @@ struct StateChannelPartsTests {
         #expect {
             while receiver.state == nil { _ = try receiver.next() }
         } throws: { error in
-            (error as? HandoffError)?.kind == .timeout
+            isHandoffError(error, .timeout)
         }
         #expect(clock.now - began < .seconds(2), "the deadline held: \(clock.now - began)")
     }
@@ -200,15 +214,22 @@ struct StateChannelPartsTests {
     /// The whole receipt has one deadline: a source that sends the head and then nothing.
     @Test func theWholeStateHasOneDeadline() throws {
         let ends = try Ends()
+        defer { ends.closeAll() }
         try StateChannel.send(Self.parts[0], on: ends.fds[0], timeout: .seconds(5))
         var receiver = StateChannel.Receiver(ends.fds[1], timeout: .milliseconds(100))
         #expect(try receiver.next().count == 1)
         #expect {
             _ = try receiver.next()
         } throws: { error in
-            (error as? HandoffError)?.kind == .timeout
+            isHandoffError(error, .timeout)
         }
     }
+}
+
+/// Whether `error` is a HandoffError of `kind` whose message says `text`.
+private func isHandoffError(_ error: any Error, _ kind: HandoffError.Kind, saying text: String = "") -> Bool {
+    guard let error = error as? HandoffError else { return false }
+    return error.kind == kind && (text.isEmpty || error.message.contains(text))
 }
 
 /// A flag one thread sets and another reads.
