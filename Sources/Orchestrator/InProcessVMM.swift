@@ -623,8 +623,11 @@ public final class InProcessVMM: VMMEndpoint {
     /// A target is rehearsed while its VM does not run; a source only where the caller vouches
     /// that none of its vcpus ran yet (`vcpusNeverRan`: tinyvmm, before it starts the guest's
     /// threads). A VM with an encryption context is not: its state is the guest's own.
-    public func rehearseStaging(vcpusNeverRan: Bool = false) throws(EndpointError) {
-        guard let vm, !isRunning || vcpusNeverRan, loaded == nil, unverified == nil, !type.hasEncryptionContext else { return }
+    /// Answers the state it went through (nil where it did not rehearse), for a caller that
+    /// rehearses its transport too.
+    @discardableResult
+    public func rehearseStaging(vcpusNeverRan: Bool = false) throws(EndpointError) -> VMState? {
+        guard let vm, !isRunning || vcpusNeverRan, loaded == nil, unverified == nil, !type.hasEncryptionContext else { return nil }
         let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
         do {
             // As a source sends it (`pause(sendingParts:)`) and a target stages it, part by part.
@@ -638,11 +641,12 @@ public final class InProcessVMM: VMMEndpoint {
             _ = VMState.digest(sent)
             guard let decoded = decoder.state else { throw EndpointError("\(role): the state's parts did not make a whole state") }
             try finishStaging(decoded, readBack: true, kernel: kernel)
+            loaded = nil
+            lastTimings = [:]
+            return decoded
         } catch {
             throw EndpointError("\(role): the rehearsal of a staging: \(EndpointError.from(error).message)")
         }
-        loaded = nil
-        lastTimings = [:]
     }
 
     /// Reads back the state `stage(_:readBack: false)` set and compares it with what was

@@ -90,10 +90,16 @@ final class TinyVMM: HandoffHandler {
     }
 
     /// Saving and staging gone through once before any vcpu of this VM runs
-    /// (`InProcessVMM.rehearseStaging`), so that the blackout pays no first-time costs. Not
+    /// (`InProcessVMM.rehearseStaging`), and the state sent and received as the state channel
+    /// carries it (`StateChannel.rehearse`), so that the blackout pays no first-time costs. Not
     /// needed for the migration: a failure is only logged.
     private func rehearse(vcpusNeverRan: Bool = false) {
-        do { try vmm.rehearseStaging(vcpusNeverRan: vcpusNeverRan) } catch { log.say("\(error.message); the blackout may be longer") }
+        do {
+            guard let state = try vmm.rehearseStaging(vcpusNeverRan: vcpusNeverRan) else { return }
+            if !StateChannel.rehearse(state) { log.say("the rehearsal of the state channel failed; the blackout may be longer") }
+        } catch {
+            log.say("\(error.message); the blackout may be longer")
+        }
     }
 
     /// Runs every vcpu on a thread of its own: the threads `prepareGuest` made, or new ones.

@@ -96,6 +96,13 @@ struct StateChannelPartsTests {
         #expect(receiver.bytes == Self.state.encoded)
     }
 
+    /// The rehearsal a VMM runs before any blackout sends the state part by part through a
+    /// socket pair and receives it as a target does: it comes back equal.
+    @Test func theRehearsalCarriesTheStateThroughASocketPair() {
+        #expect(StateChannel.rehearse(Self.state))
+        #expect(StateChannel.rehearse(VMState(vm: [], vcpus: [])))
+    }
+
     /// A state in one frame (as a test double or an older source sends it) is taken whole.
     @Test func aStateInOneFrame() throws {
         let ends = try Ends()
