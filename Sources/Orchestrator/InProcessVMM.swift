@@ -38,6 +38,8 @@ public final class InProcessVMM: VMMEndpoint {
     private var loaded: VMState? = nil
     /// A state `stage(_:readBack: false)` set and has not read back yet (`verifyStaged`).
     private var unverified: VMState? = nil
+    /// Reads a staging's vcpus back as they are set (all but the last, left for the read-back).
+    private let vcpuReadBack = VCPUReadBack()
     /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
     /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
     /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
@@ -543,6 +545,7 @@ public final class InProcessVMM: VMMEndpoint {
         staging = nil
         loaded = nil
         unverified = nil
+        vcpuReadBack.discard()
         capabilityAnswers = [:]
         let clock = ContinuousClock()
         let began = clock.now
@@ -584,6 +587,8 @@ public final class InProcessVMM: VMMEndpoint {
         try checkVCPU(index, state, kernel: kernel)
         let checked = clock.now
         try setVCPU(index, state, kernel: kernel)
+        // Read back beside the next vcpu's set; the last one is read with the VM's sections.
+        if index + 1 < count { vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel)) }
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 
@@ -666,13 +671,31 @@ public final class InProcessVMM: VMMEndpoint {
     }
 
     /// Reads the VM's and every vcpu's state back and compares it with `state`: a difference
-    /// fails, naming the section and field.
+    /// fails, naming the section and field. A staging read some vcpus back already, as it set
+    /// them (`VCPUReadBack`); the rest are read now.
     private func readBack(_ state: VMState, vm: KernelHandle, kernel: (any KernelBackend)? = nil) throws {
         let kernel = kernel ?? backend
         let compared = Set(state.vm.map(\.name)).subtracting(VMState.uncomparedVMSections)
-        let back = VMState(vm: try kernel.vmState(vm, only: compared), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })
-        if let difference = VMState.difference(restored: back, saved: state) {
+        let vmBack: [StateSection]
+        do { vmBack = try kernel.vmState(vm, only: compared) } catch {
+            vcpuReadBack.discard()
+            throw error
+        }
+        let jobs = zip(vcpus, state.vcpus).enumerated().map { VCPUReadBack.Job(index: $0, vcpu: $1.0.value.handle, saved: $1.1, kernel: kernel) }
+        let outcomes = vcpuReadBack.finish(all: jobs)
+        if let difference = VMState.difference(restored: VMState(vm: vmBack, vcpus: []), saved: VMState(vm: state.vm, vcpus: [])) {
             throw EndpointError("\(role): the restored state read back differs: \(difference)")
+        }
+        guard vcpus.count == state.vcpus.count else {
+            throw EndpointError("\(role): the restored state read back differs: \(vcpus.count) vcpus read back, \(state.vcpus.count) saved")
+        }
+        for index in state.vcpus.indices {
+            switch outcomes[index] {
+            case .equal: continue
+            case .differs(let difference): throw EndpointError("\(role): the restored state read back differs: vcpu \(index): \(difference)")
+            case .failed(let error): throw error
+            case nil: throw EndpointError("\(role): vcpu \(index)'s state was not read back")
+            }
         }
     }
 
@@ -710,6 +733,7 @@ public final class InProcessVMM: VMMEndpoint {
         loaded = nil
         unverified = nil
         staging = nil
+        vcpuReadBack.discard()
         let clock = ContinuousClock()
         let began = clock.now
         try setHead(state.vm, kernel: kernel)
@@ -768,6 +792,7 @@ public final class InProcessVMM: VMMEndpoint {
     }
 
     private func closeEverything() {
+        vcpuReadBack.discard()
         slots.removeAll()
         copySources.removeAll()
         mappings.removeAll()

@@ -13,16 +13,23 @@ struct StagingTests {
     /// A source VM on the model, paused, and an empty target VM whose kernel sets the vcpus'
     /// state as `faults` say.
     static func pair(_ faults: [String], vcpus: Int? = nil) throws -> (state: VMState, target: InProcessVMM) {
+        let (state, target, injector) = try pairWithInjector(vcpus: vcpus)
+        injector.arm(try faults.map { try FaultSpec(parsing: $0) })
+        return (state, target)
+    }
+
+    /// `pair` with no fault armed yet: the test arms them through the injector.
+    static func pairWithInjector(vcpus: Int? = nil) throws -> (state: VMState, target: InProcessVMM, injector: FaultInjector) {
         var plan = try loadPlan("demo.yaml")
         if let vcpus { plan.vm.vcpus = vcpus }
         let host = ModelHost()
         let source = InProcessVMM(role: "source", backend: KernelModel(host: host, process: "staging/source"))
         try source.createSource(plan.vm)
         let state = try source.pause()
-        let injector = FaultInjector(try faults.map { try FaultSpec(parsing: $0) })
+        let injector = FaultInjector()
         let target = InProcessVMM(role: "target", backend: FaultInjectingBackend(KernelModel(host: host, process: "staging/target"), faults: injector))
         _ = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
-        return (state, target)
+        return (state, target, injector)
     }
 
     @Test func aStateThatReadsBackWrongIsNeverRun() throws {
@@ -159,6 +166,58 @@ struct StagingTests {
             (error as? EndpointError)?.message.contains("read back differs: vcpu 0: section fpu") == true
         }
         #expect(!target.isRunning)
+    }
+
+    /// Staged in parts, each vcpu but the last is read back while the next one is set, the
+    /// last with the VM's sections: a difference is found in whichever vcpu it is.
+    @Test(arguments: 0..<3)
+    func aDifferenceInAnyVCPUOfAStagingInPartsIsFound(_ altered: Int) throws {
+        let (state, target, injector) = try Self.pairWithInjector(vcpus: 3)
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() {
+            if index == altered { injector.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave")]) }
+            try target.stageVCPU(index, vcpu)
+        }
+        try target.finishStaging(state, readBack: false)
+        #expect {
+            try target.verifyStaged()
+        } throws: { error in
+            (error as? EndpointError)?.message.contains("read back differs: vcpu \(altered): section fpu") == true
+        }
+        #expect(throws: EndpointError.self) { try target.restoreStaged() }
+        #expect(!target.isRunning)
+    }
+
+    /// A vcpu whose read-back fails while the staging goes on fails the read-back, with the
+    /// kernel's errno.
+    @Test func aReadBackThatFailsBesideTheStagingFailsIt() throws {
+        let (state, target, injector) = try Self.pairWithInjector(vcpus: 2)
+        injector.arm([try FaultSpec(parsing: "kernel:get-vcpu-state=errno:EIO")])
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
+        try target.finishStaging(state, readBack: false)
+        #expect {
+            try target.verifyStaged()
+        } throws: { error in
+            (error as? EndpointError)?.errno == Errno(rawValue: EIO)
+        }
+        #expect(!target.isRunning)
+    }
+
+    /// What a staging left behind when it was abandoned (a vcpu read back different) is not
+    /// counted against the next staging, which reads back equal and runs.
+    @Test func anAbandonedStagingsReadBackIsForgotten() throws {
+        let (state, target, injector) = try Self.pairWithInjector(vcpus: 2)
+        injector.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave")])
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        try target.stageVCPU(0, state.vcpus[0])  // set altered, read back different beside the next
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
+        try target.finishStaging(state, readBack: false)
+        try target.verifyStaged()
+        try target.restoreStaged()
+        #expect(target.isRunning)
+        #expect(target.firedFaults.map(\.point.description) == ["kernel:set-vcpu-state"])
     }
 
     /// A target rehearses a staging with its own state before the pause (tinyvmm does at bind):
