@@ -494,3 +494,45 @@ uint32_t ckvm_crc32c(uint32_t crc, const void *data, unsigned long length) {
 #endif
     return crc32c_software(crc, data, length);
 }
+
+/* KVM_CAP_SYNC_REGS: a KVM_RUN with immediate_exit runs no guest instruction and stores the
+ * registers marked valid in kvm_run on its way out (store_regs, with the functions
+ * KVM_GET_REGS, _SREGS and _VCPU_EVENTS use), under one vcpu_load where those calls take one
+ * each. An AP still waiting for its SIPI returns at once too (kvm_arch_vcpu_ioctl_run checks
+ * immediate_exit before it would block), storing them the same way. */
+static int sync_run(int fd, struct kvm_run *run, uint64_t valid) {
+    uint8_t immediate = run->immediate_exit;
+    run->immediate_exit = 1;
+    run->kvm_valid_regs = valid;
+    run->kvm_dirty_regs = 0;
+    int result = ioctl(fd, KVM_RUN, 0);
+    int saved = errno;
+    run->kvm_valid_regs = 0;
+    run->immediate_exit = immediate;
+    /* EINTR is the immediate exit: the registers were stored. Anything else failed. */
+    if (result < 0 && saved == EINTR) return 0;
+    errno = result < 0 ? saved : EIO;
+    return -1;
+}
+
+int ckvm_sync_regs_read(int fd, void *run_mapping, struct kvm_regs *regs, struct kvm_sregs *sregs, struct kvm_vcpu_events *events) {
+    struct kvm_run *run = run_mapping;
+    uint64_t valid = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | (events ? KVM_SYNC_X86_EVENTS : 0);
+    if (sync_run(fd, run, valid) != 0) return -1;
+    *regs = run->s.regs.regs;
+    *sregs = run->s.regs.sregs;
+    if (events) *events = run->s.regs.events;
+    return 0;
+}
+
+/* PAE paging without long mode: the one mode whose PDPTRs KVM_GET_SREGS2 reports. */
+static int pae_paging(uint64_t cr0, uint64_t cr4, uint64_t efer) {
+    return (cr0 & (1ull << 31)) && (cr4 & (1ull << 5)) && !(efer & (1ull << 10));
+}
+
+int ckvm_sregs2_from_sregs(const struct kvm_sregs *sregs, struct kvm_sregs2 *sregs2) {
+    if (pae_paging(sregs->cr0, sregs->cr4, sregs->efer)) return -1;
+    memset(sregs2, 0, sizeof *sregs2);
+    memcpy(sregs2, sregs, offsetof(struct kvm_sregs, interrupt_bitmap));
+    return 0;
+}
