@@ -588,7 +588,7 @@ public final class InProcessVMM: VMMEndpoint {
         let checked = clock.now
         try setVCPU(index, state, kernel: kernel)
         // Read back beside the next vcpu's set; the last one is read with the VM's sections.
-        if index + 1 < count { vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel)) }
+        if index + 1 < count { vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel, owner: vcpus[index])) }
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 
@@ -681,7 +681,7 @@ public final class InProcessVMM: VMMEndpoint {
             vcpuReadBack.discard()
             throw error
         }
-        let jobs = zip(vcpus, state.vcpus).enumerated().map { VCPUReadBack.Job(index: $0, vcpu: $1.0.value.handle, saved: $1.1, kernel: kernel) }
+        let jobs = zip(vcpus, state.vcpus).enumerated().map { VCPUReadBack.Job(index: $0, vcpu: $1.0.value.handle, saved: $1.1, kernel: kernel, owner: $1.0) }
         let outcomes = vcpuReadBack.finish(all: jobs)
         if let difference = VMState.difference(restored: VMState(vm: vmBack, vcpus: []), saved: VMState(vm: state.vm, vcpus: [])) {
             throw EndpointError("\(role): the restored state read back differs: \(difference)")

@@ -18,11 +18,15 @@ final class VCPUReadBack: @unchecked Sendable {
 
     /// One vcpu to read back: what was set into it.
     struct Job: @unchecked Sendable {
-        // @unchecked: `kernel` is a Sendable backend; the existential's box is not seen as such.
+        // @unchecked: `kernel` is a Sendable backend; the existential's box is not seen as such,
+        // and `owner` is only held, never touched.
         let index: Int
         let vcpu: KernelHandle
         let saved: VCPUState
         let kernel: any KernelBackend
+        /// What owns `vcpu`'s descriptor, held so that it stays open while the job exists (a
+        /// VMM dropped with a read in flight must not leave its number to another file).
+        let owner: AnyObject
     }
 
     /// How a vcpu read back.
