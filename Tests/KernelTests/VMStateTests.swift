@@ -86,53 +86,6 @@ struct VMStateTests {
         #expect(try kernel.vcpuState(vcpu)["events"]?[14] == 1, "the NMI mask read back")
     }
 
-    /// A vcpu's regs, sregs2 and events are read in one KVM_RUN that runs no guest instruction
-    /// (KVM_CAP_SYNC_REGS): they must be what KVM_GET_REGS, KVM_GET_SREGS2 and
-    /// KVM_GET_VCPU_EVENTS answer, for a vcpu set to a state of its own and for an AP still
-    /// waiting for its SIPI (which must not block), and the vcpu must still run afterwards.
-    @Test("regs, sregs2 and events read in one call are what their own calls answer")
-    func syncedRegistersAreTheCallsAnswers() throws {
-        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
-        let vm = try kernel.createVM(type: .default)
-        try kernel.createInterruptControllers(vm: vm)
-        let vcpus = [try kernel.createVCPU(vm: vm, id: 0), try kernel.createVCPU(vm: vm, id: 1)]
-        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
-        for vcpu in vcpus { try kernel.setCPUID(vcpu, try kernel.supportedCPUID()) }
-        // Vcpu 0: registers and an NMI mask of its own.
-        var state = try kernel.vcpuState(vcpus[0])
-        var regs = try #require(state["regs"])
-        regs.storeLE(UInt64(0x1234_5678_9abc_def0), at: 0)  // rax
-        var events = try #require(state["events"])
-        events[14] = 1  // nmi.masked
-        state.sections = state.sections.map {
-            switch $0.name {
-            case "regs": StateSection(name: "regs", bytes: regs)
-            case "events": StateSection(name: "events", bytes: events)
-            default: $0
-            }
-        }
-        try kernel.setVCPUState(vcpus[0], state)
-        func asked(_ vcpu: KernelHandle, _ request: UInt, size: UInt) throws -> [UInt8] {
-            var bytes = [UInt8](repeating: 0, count: Int(size))
-            let result = bytes.withUnsafeMutableBytes { ckvm_ioctl_ptr(vcpu.raw, request, $0.baseAddress) }
-            try #require(result == 0, "ioctl 0x\(String(request, radix: 16)): errno \(errno)")
-            return bytes
-        }
-        for vcpu in vcpus {
-            let read = try kernel.vcpuState(vcpu)
-            #expect(read["regs"] == (try asked(vcpu, CKVM_GET_REGS, size: CKVM_SIZEOF_REGS)))
-            #expect(read["sregs2"] == (try asked(vcpu, CKVM_GET_SREGS2, size: CKVM_SIZEOF_SREGS2)))
-            #expect(read["events"] == (try asked(vcpu, CKVM_GET_VCPU_EVENTS, size: CKVM_SIZEOF_VCPU_EVENTS)))
-        }
-        #expect(try kernel.vcpuState(vcpus[0])["regs"]?.loadLE(UInt64.self, at: 0) == 0x1234_5678_9abc_def0)
-        #expect(try kernel.vcpuState(vcpus[0])["events"]?[14] == 1)
-        // The read left immediate_exit as it found it: KVM_RUN enters the vcpu (which, with no
-        // memory, fails or exits on its own) instead of returning at once, interrupted.
-        kernel.requestImmediateExit(vcpus[0], false)
-        _ = try kernel.vcpuState(vcpus[0])
-        #expect((try? kernel.run(vcpus[0])) != .interrupted)
-    }
-
     /// KVM derives the LAPIC's processor priority (PPR, 0xA0) from the task priority and the
     /// in-service vectors, and KVM_SET_LAPIC computes it before it recounts them: a LAPIC set
     /// with a vector in service into a vcpu with none can read back its task priority alone in

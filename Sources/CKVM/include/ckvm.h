@@ -314,14 +314,6 @@ int ckvm_set_signal_mask(const void *mask);
 unsigned long ckvm_sigset_size(void);
 int ckvm_kick_thread(unsigned long thread, int signo);
 
-/* KVM_CAP_SYNC_REGS, through a KVM_RUN with immediate_exit (no guest instruction runs; the
- * vcpu's thread must not be in KVM_RUN): regs, sregs and (unless NULL) the vcpu events, read in
- * one call. 0, or -1 and errno. */
-int ckvm_sync_regs_read(int fd, void *run_mapping, struct kvm_regs *regs, struct kvm_sregs *sregs, struct kvm_vcpu_events *events);
-/* kvm_sregs and kvm_sregs2 share their fields up to apic_base: what KVM_GET_SREGS2 answers
- * outside PAE paging (no PDPTRs, flags 0), from kvm_sregs; -1 in PAE paging. */
-int ckvm_sregs2_from_sregs(const struct kvm_sregs *sregs, struct kvm_sregs2 *sregs2);
-
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and
  *  IFF_MULTI_QUEUE when multi_queue), CLOEXEC. Returns the fd, or -1/errno. */
 int ckvm_open_tap_queue(const char *name, int multi_queue);

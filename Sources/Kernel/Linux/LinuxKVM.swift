@@ -53,8 +53,6 @@ public final class LinuxKVM: KernelBackend {
         var tscControl: Bool
         var vcpuAttributes: Bool
         var nested: Bool
-        /// KVM_CAP_SYNC_REGS with regs, sregs and events (`syncRead`).
-        var syncRegs: Bool
         /// The MSRs of KVM_GET_MSR_INDEX_LIST (filtered to those a vcpu reads back, at first use).
         var msrIndices: [UInt32]
         var msrsFiltered: Bool
@@ -389,7 +387,6 @@ public final class LinuxKVM: KernelBackend {
             sregs2: check(.sregs2) > 0, xsaveSize: check(.xsave2), xcrs: check(.xcrs) > 0, events: check(.vcpuEvents) > 0,
             debugRegisters: check(.debugRegisters) > 0, mpState: check(.mpState) > 0, tscKhz: check(.getTSCKhz) > 0,
             tscControl: check(.tscControl) > 0, vcpuAttributes: check(.vcpuAttributes) > 0, nested: check(.nestedState) > 0,
-            syncRegs: Syscalls.ioctl(systemFD, CKVM_CHECK_EXTENSION, value: UInt(KVM_CAP_SYNC_REGS)) & 0x7 == 0x7,
             msrIndices: indices, msrsFiltered: false)
         state.withLock { $0.stateSupport = support }
         return support
@@ -427,27 +424,6 @@ public final class LinuxKVM: KernelBackend {
         return bytes
     }
 
-    /// regs, sregs (and sregs2 outside PAE paging) and, with `events`, the vcpu events, read in
-    /// one KVM_RUN that runs no guest instruction (`ckvm_sync_regs_read`): one vcpu call where
-    /// the three KVM_GET calls take three, each 5-12 µs on this nested host. KVM fills them with
-    /// the functions those calls use. nil where the host lacks it or it failed: the caller then
-    /// asks with the calls themselves. Only for a vcpu whose thread is not in KVM_RUN.
-    private func syncRead(_ vcpu: KernelHandle, events: Bool) -> (regs: [UInt8], sregs: [UInt8], sregs2: [UInt8]?, events: [UInt8]?)? {
-        guard stateSupport().syncRegs, let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
-        else { return nil }
-        var regs = kvm_regs()
-        var sregs = kvm_sregs()
-        var vcpuEvents = kvm_vcpu_events()
-        let result = events ? ckvm_sync_regs_read(vcpu.raw, run, &regs, &sregs, &vcpuEvents) : ckvm_sync_regs_read(vcpu.raw, run, &regs, &sregs, nil)
-        guard result == 0 else { return nil }
-        var sregs2 = kvm_sregs2()
-        let hasSregs2 = ckvm_sregs2_from_sregs(&sregs, &sregs2) == 0
-        return (
-            withUnsafeBytes(of: &regs) { Array($0) }, withUnsafeBytes(of: &sregs) { Array($0) },
-            hasSregs2 ? withUnsafeBytes(of: &sregs2) { Array($0) } : nil, events ? withUnsafeBytes(of: &vcpuEvents) { Array($0) } : nil
-        )
-    }
-
     private func set(_ fd: Int32, _ request: UInt, _ bytes: [UInt8], section: String, operation: KernelOperation = .setVCPUState) throws(KernelError) {
         var copy = bytes
         let result = copy.withUnsafeMutableBytes { Syscalls.ioctl(fd, request, $0.baseAddress) }
@@ -464,15 +440,9 @@ public final class LinuxKVM: KernelBackend {
         let hasIRQChip = state.withLock { s in s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false }
         let fd = vcpu.raw
         var sections: [StateSection] = []
-        // regs, sregs and events in one call where the host can (`syncRead`), else one call each.
-        let synced = syncRead(vcpu, events: support.events)
-        func read(_ known: [UInt8]?, _ request: UInt, size: Int) throws(KernelError) -> [UInt8] {
-            if let known { return known }
-            return try get(fd, request, size: size)
-        }
-        if support.events { sections.append(.init(name: "events", bytes: try read(synced?.events, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
+        if support.events { sections.append(.init(name: "events", bytes: try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
         if support.mpState { sections.append(.init(name: "mp-state", bytes: try get(fd, CKVM_GET_MP_STATE, size: 4))) }
-        sections.append(.init(name: "regs", bytes: try read(synced?.regs, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))))
+        sections.append(.init(name: "regs", bytes: try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))))
         if support.xsaveSize > 0 {
             sections.append(.init(name: "xsave", bytes: try get(fd, CKVM_GET_XSAVE2, size: support.xsaveSize)))
         } else {
@@ -480,9 +450,9 @@ public final class LinuxKVM: KernelBackend {
         }
         if support.xcrs { sections.append(.init(name: "xcrs", bytes: try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)))) }
         if support.sregs2 {
-            sections.append(.init(name: "sregs2", bytes: try read(synced?.sregs2, CKVM_GET_SREGS2, size: Int(CKVM_SIZEOF_SREGS2))))
+            sections.append(.init(name: "sregs2", bytes: try get(fd, CKVM_GET_SREGS2, size: Int(CKVM_SIZEOF_SREGS2))))
         } else {
-            sections.append(.init(name: "sregs", bytes: try read(synced?.sregs, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
+            sections.append(.init(name: "sregs", bytes: try get(fd, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
         }
         // CPUID as set (none before KVM_SET_CPUID2: then there is nothing to carry).
         let cpuidSection = currentCPUID(fd).map { StateSection(name: "cpuid", bytes: $0) }
