@@ -214,8 +214,12 @@ struct DaemonAPIHardeningTests {
         #expect(answer.status == 202, "\(answer.text)")
         let id = try #require(daemon.json(answer)["id"] as? String)
         #expect(FileManager.default.fileExists(atPath: directory + "/state/journal/\(id).log"), "journaled before the answer")
-        // Once prepare is done, create-target waits on the stalling target.
+        // Once prepare is done, create-target waits on the stalling target: its connection is
+        // there, unaccepted (before it, the stop can still come between the steps, and the
+        // migration then ends inside drainSeconds, which is not what this test is about).
         #expect(waitUntil(10) { ((try? daemon.json(daemon.call("GET", "/v1/migrations/\(id)")))?["steps"] as? [Any])?.isEmpty == false })
+        var connection = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        #expect(waitUntil(10) { poll(&connection, 1, 0) > 0 }, "create-target connected to the stalling target")
         let began = ContinuousClock.now
         daemon.process.terminate()
         daemon.process.waitUntilExit()
