@@ -59,10 +59,7 @@ final class VCPUReadBack: @unchecked Sendable {
     }
 
     private func drain() {
-        while let job = take() {
-            let outcome = Self.read(job)
-            condition.withLock { outcomes[job.index] = outcome }
-        }
+        while let job = take() { record(job) }
     }
 
     /// The next job, or nil (and the worker is done) when none waits.
@@ -77,13 +74,16 @@ final class VCPUReadBack: @unchecked Sendable {
         }
     }
 
-    private static func read(_ job: Job) -> Outcome {
+    /// Reads `job`'s vcpu back and keeps how it compared.
+    private func record(_ job: Job) {
+        let outcome: Outcome
         do {
             let back = try job.kernel.vcpuState(job.vcpu)
-            return VCPUState.difference(restored: back, saved: job.saved).map(Outcome.differs) ?? .equal
+            outcome = VCPUState.difference(restored: back, saved: job.saved).map(Outcome.differs) ?? .equal
         } catch {
-            return .failed(error)
+            outcome = .failed(error)
         }
+        condition.withLock { outcomes[job.index] = outcome }
     }
 
     /// Reads back, on the calling thread beside the worker, what still waits and each of `all`
@@ -91,10 +91,7 @@ final class VCPUReadBack: @unchecked Sendable {
     /// which it forgets.
     func finish(all: [Job]) -> [Int: Outcome] {
         condition.withLock { waiting += all.filter { !handed.contains($0.index) } }
-        while let job = condition.withLock({ waiting.isEmpty ? nil : waiting.removeFirst() }) {
-            let outcome = Self.read(job)
-            condition.withLock { outcomes[job.index] = outcome }
-        }
+        while let job = condition.withLock({ waiting.isEmpty ? nil : waiting.removeFirst() }) { record(job) }
         return condition.withLock {
             while working { condition.wait() }
             defer {

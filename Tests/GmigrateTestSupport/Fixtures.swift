@@ -94,12 +94,10 @@ extension JournalContents {
     }
 }
 
-public func isAlive(_ pid: Int32) -> Bool {
-    // A zombie is not alive: reap it first if it is our child.
-    var status: Int32 = 0
-    if waitpid(pid, &status, WNOHANG) == pid { return false }
-    return ProcessWatch.isAlive(pid)
-}
+/// Whether `pid` runs: a zombie does not (`ProcessWatch.isAlive` reads its state). It is not
+/// reaped here: Foundation reaps the children it started, and a waitpid here once took a
+/// child's status from it, so that `Process.terminationStatus` trapped.
+public func isAlive(_ pid: Int32) -> Bool { ProcessWatch.isAlive(pid) }
 
 /// A test's VMM processes: a source tinyvmm running the demo guest, and the plan that names it.
 public final class ProcessFixture {

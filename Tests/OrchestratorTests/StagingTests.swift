@@ -18,6 +18,17 @@ struct StagingTests {
         return (state, target)
     }
 
+    /// Stages `state` into `target` part by part, as tinyvmm takes it from the state channel,
+    /// and leaves the read-back for `verifyStaged` or the restore; `before` runs before each vcpu.
+    static func stageInParts(_ state: VMState, into target: InProcessVMM, before: (Int) throws -> Void = { _ in }) throws {
+        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
+        for (index, vcpu) in state.vcpus.enumerated() {
+            try before(index)
+            try target.stageVCPU(index, vcpu)
+        }
+        try target.finishStaging(state, readBack: false)
+    }
+
     /// `pair` with no fault armed yet: the test arms them through the injector.
     static func pairWithInjector(vcpus: Int? = nil) throws -> (state: VMState, target: InProcessVMM, injector: FaultInjector) {
         var plan = try loadPlan("demo.yaml")
@@ -81,9 +92,7 @@ struct StagingTests {
         let kernel = KernelModel(host: host, process: "parts/target")
         let target = InProcessVMM(role: "target", backend: kernel)
         _ = try target.createVM(type: plan.vm.type, vcpus: plan.vm.vcpus)
-        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
-        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
-        try target.finishStaging(state, readBack: false)
+        try Self.stageInParts(state, into: target)
         let vm = try #require(target.vmHandle)
         let held = VMState(vm: try kernel.vmState(vm), vcpus: try target.vcpuHandles.map { try kernel.vcpuState($0) })
         #expect(VMState.difference(restored: held, saved: state) == nil)
@@ -157,9 +166,7 @@ struct StagingTests {
     /// A state whose parts read back wrong is not run, as a whole one is not.
     @Test func aStateStagedInPartsThatReadsBackWrongIsNeverRun() throws {
         let (state, target) = try Self.pair(["kernel:set-vcpu-state=alter:xsave*"])
-        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
-        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
-        try target.finishStaging(state, readBack: false)
+        try Self.stageInParts(state, into: target)
         #expect {
             try target.restoreStaged()
         } throws: { error in
@@ -173,12 +180,9 @@ struct StagingTests {
     @Test(arguments: 0..<3)
     func aDifferenceInAnyVCPUOfAStagingInPartsIsFound(_ altered: Int) throws {
         let (state, target, injector) = try Self.pairWithInjector(vcpus: 3)
-        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
-        for (index, vcpu) in state.vcpus.enumerated() {
+        try Self.stageInParts(state, into: target) { index in
             if index == altered { injector.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave")]) }
-            try target.stageVCPU(index, vcpu)
         }
-        try target.finishStaging(state, readBack: false)
         #expect {
             try target.verifyStaged()
         } throws: { error in
@@ -193,9 +197,7 @@ struct StagingTests {
     @Test func aReadBackThatFailsBesideTheStagingFailsIt() throws {
         let (state, target, injector) = try Self.pairWithInjector(vcpus: 2)
         injector.arm([try FaultSpec(parsing: "kernel:get-vcpu-state=errno:EIO")])
-        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
-        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
-        try target.finishStaging(state, readBack: false)
+        try Self.stageInParts(state, into: target)
         #expect {
             try target.verifyStaged()
         } throws: { error in
@@ -211,9 +213,7 @@ struct StagingTests {
         injector.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave")])
         try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
         try target.stageVCPU(0, state.vcpus[0])  // set altered, read back different beside the next
-        try target.beginStaging(vm: state.vm, vcpus: state.vcpus.count)
-        for (index, vcpu) in state.vcpus.enumerated() { try target.stageVCPU(index, vcpu) }
-        try target.finishStaging(state, readBack: false)
+        try Self.stageInParts(state, into: target)
         try target.verifyStaged()
         try target.restoreStaged()
         #expect(target.isRunning)
