@@ -104,6 +104,7 @@ final class TinyVMM: HandoffHandler {
 
     /// Runs every vcpu on a thread of its own: the threads `prepareGuest` made, or new ones.
     func startGuest() {
+        releaseParked()
         if !threads.isEmpty {
             gate?.open()
             gate = nil
@@ -146,15 +147,31 @@ final class TinyVMM: HandoffHandler {
     /// Stops every vcpu: all are asked at once (immediate_exit and a signal), then each is
     /// waited for; a vcpu whose last exit was I/O re-enters KVM_RUN once so that KVM completes
     /// it (api.rst) before its state is saved. Returns how long it took.
+    ///
+    /// `parking`: the stopped threads wait, parked, until the guest starts again or the VMM
+    /// retires, instead of ending now (a pause: their teardown would take the CPU the state's
+    /// save needs, inside the blackout).
     @discardableResult
-    func stopGuest() -> Duration {
+    func stopGuest(parking: Bool = false) -> Duration {
         let clock = ContinuousClock()
         let began = clock.now
         for thread in threads { thread.requestStop() }
         for thread in threads { thread.waitStopped() }
+        parked += threads
         threads = []
         gate = nil
-        return clock.now - began
+        let stopped = clock.now - began
+        if !parking { releaseParked() }
+        return stopped
+    }
+
+    /// The vcpu threads a pause stopped and left parked (`stopGuest(parking:)`).
+    private var parked: [VCPUThread] = []
+
+    /// Lets the parked vcpu threads end.
+    private func releaseParked() {
+        for thread in parked { thread.release() }
+        parked = []
     }
 
     /// The bare floor of a blackout (tools/bench-blackout), `runs` times: stop every vcpu, get
@@ -175,7 +192,7 @@ final class TinyVMM: HandoffHandler {
         for _ in 0..<runs {
             usleep(20_000)  // the guest runs a while between moves
             let began = MonotonicClock.nanoseconds
-            from.stopGuest()
+            from.stopGuest(parking: true)
             let state = try from.vmm.pause()
             try to.vmm.restore(state, verify: false)
             to.startGuest()
@@ -371,7 +388,7 @@ final class TinyVMM: HandoffHandler {
                 }
                 let clock = ContinuousClock()
                 let began = clock.now
-                stopGuest()
+                stopGuest(parking: true)
                 // Once its vcpus are stopped the VMM is paused, even if saving the state fails:
                 // the coordinator's rollback must be able to resume it.
                 if !paused { stoppedAt = MonotonicClock.nanoseconds }

@@ -185,6 +185,8 @@ final class VCPUThread: @unchecked Sendable {
     private let condition = NSCondition()
     private var stopRequested = false
     private var running = false
+    /// Whether the stopped thread may end (`release`); until then it waits, parked.
+    private var released = false
     /// Started, but waiting before its first KVM_RUN until the gate opens (a target's threads
     /// exist before the pause, so that none is created inside the blackout).
     private var gate: VCPUGate?
@@ -292,8 +294,19 @@ final class VCPUThread: @unchecked Sendable {
             linux.requestImmediateExit(vcpu, true)
             _ = try? kernel.run(vcpu)
         }
+        // Parked until released: a thread that ended here would hold the CPU its waiter (woken
+        // on the same CPU) needs for tens of microseconds of thread teardown, inside the blackout.
         condition.withLock {
             running = false
+            condition.broadcast()
+            while !released { condition.wait() }
+        }
+    }
+
+    /// Lets a stopped thread end (`stopGuest` releases it once nobody waits on the stop).
+    func release() {
+        condition.withLock {
+            released = true
             condition.broadcast()
         }
     }
