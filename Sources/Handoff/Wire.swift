@@ -8,7 +8,9 @@
 
 import CKVM
 import Foundation
+import Journal
 import Kernel
+import Orchestrator
 
 #if canImport(Glibc)
 import Glibc
@@ -324,12 +326,12 @@ public enum StateChannel {
     }
 
     /// Receives a whole state, sent as one frame or as its parts (version 7), and answers it
-    /// with its bytes (all frames' bytes, in order).
-    public static func receiveState(on fd: Int32, timeout: Duration) throws(HandoffError) -> (state: VMState, bytes: [UInt8]) {
+    /// with the `VMState.digest` of its bytes (all frames' bytes, in order) and their count.
+    public static func receiveState(on fd: Int32, timeout: Duration) throws(HandoffError) -> (state: VMState, digest: String, count: Int) {
         var receiver = Receiver(fd, timeout: timeout)
         while receiver.state == nil { _ = try receiver.next() }
         guard let state = receiver.state else { throw HandoffError(.closed, "no state") }
-        return (state, receiver.bytes)
+        return (state, receiver.digest, receiver.count)
     }
 
     /// Sends `state` part by part through a socket pair of its own and receives it as a target
@@ -364,8 +366,14 @@ public enum StateChannel {
         private let fd: Int32
         private let deadline: ContinuousClock.Instant
         private var decoder = VMState.StreamDecoder()
-        /// Every byte received so far, frames concatenated.
-        public private(set) var bytes: [UInt8] = []
+        /// How many bytes came so far, frames concatenated.
+        public private(set) var count = 0
+        /// CRC-32C of those bytes, continued frame by frame: the bytes themselves are not kept
+        /// (growing one array for them cost the target page faults between two vcpus' sets).
+        private var crc: UInt32 = 0
+
+        /// `VMState.digest` of every byte received so far.
+        public var digest: String { VMState.digest(count: count, crc: crc) }
 
         public init(_ fd: Int32, timeout: Duration) {
             self.fd = fd
@@ -380,21 +388,22 @@ public enum StateChannel {
         /// that closes before the end, or the deadline passing, is an error.
         public mutating func next() throws(HandoffError) -> [VMState.StreamDecoder.Part] {
             let left = deadline - ContinuousClock.now
-            guard left > .zero else { throw HandoffError(.timeout, "the state did not come whole in time (\(bytes.count) bytes came)") }
+            guard left > .zero else { throw HandoffError(.timeout, "the state did not come whole in time (\(count) bytes came)") }
             let connection = HandoffConnection(borrowing: fd)
-            if !bytes.isEmpty { connection.spin(upTo: min(left, StateChannel.pollBetweenParts)) }
+            if count > 0 { connection.spin(upTo: min(left, StateChannel.pollBetweenParts)) }
             let frame: [UInt8]
             do {
-                frame = try StateChannel.receiveFrame(fd, deadline: deadline, atMost: HandoffMessage.maxAttachmentBytes - bytes.count)
-            } catch where error.kind == .closed && !bytes.isEmpty {
-                throw HandoffError(.closed, "the source closed its end after \(bytes.count) bytes of its state")
+                frame = try StateChannel.receiveFrame(fd, deadline: deadline, atMost: HandoffMessage.maxAttachmentBytes - count)
+            } catch where error.kind == .closed && count > 0 {
+                throw HandoffError(.closed, "the source closed its end after \(count) bytes of its state")
             }
-            bytes += frame
+            count += frame.count
+            crc = CRC32C.update(crc, frame)
             let parts: [VMState.StreamDecoder.Part]
             do { parts = try decoder.feed(frame) } catch { throw HandoffError(.malformed, error.message) }
             // A frame may end inside a part (the next completes it), not after the state.
-            guard !decoder.isComplete || decoder.consumed == bytes.count else {
-                throw HandoffError(.malformed, "\(bytes.count - decoder.consumed) bytes after the state's last vcpu")
+            guard !decoder.isComplete || decoder.consumed == count else {
+                throw HandoffError(.malformed, "\(count - decoder.consumed) bytes after the state's last vcpu")
             }
             return parts
         }

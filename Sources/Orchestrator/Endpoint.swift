@@ -110,7 +110,13 @@ public struct StagedPause: Sendable, Equatable {
 extension VMState {
     /// `BYTES:CRC32C` of an encoded state: what the source sent and the target received.
     public static func digest(_ encoded: [UInt8]) -> String {
-        "\(encoded.count):" + String(CRC32C.update(0, encoded), radix: 16)
+        digest(count: encoded.count, crc: CRC32C.update(0, encoded))
+    }
+
+    /// The same from the bytes' count and CRC-32C, for bytes that came (or went) in pieces
+    /// (`CRC32C.update` continued over each).
+    public static func digest(count: Int, crc: UInt32) -> String {
+        "\(count):" + String(crc, radix: 16)
     }
 }
 

@@ -545,6 +545,7 @@ public final class InProcessVMM: VMMEndpoint {
         staging = nil
         loaded = nil
         unverified = nil
+        clockUnset = false
         vcpuReadBack.discard()
         capabilityAnswers = [:]
         let clock = ContinuousClock()
@@ -592,8 +593,10 @@ public final class InProcessVMM: VMMEndpoint {
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 
-    /// Ends a staging once every vcpu was set: `state` is the whole state its parts made. Sets
-    /// the clock; reads back now with `readBack`, else in `verifyStaged`, as `stage` does.
+    /// Ends a staging once every vcpu was set: `state` is the whole state its parts made. With
+    /// `readBack`, sets the clock and reads back now; else both wait for `verifyStaged`, which
+    /// the VMM runs once it has answered (the clock is then set closer to the run, and the
+    /// staging's answer waits for nothing but the vcpus' sets).
     public func finishStaging(_ state: VMState, readBack: Bool) throws(EndpointError) {
         try finishStaging(state, readBack: readBack, kernel: backend)
     }
@@ -606,7 +609,7 @@ public final class InProcessVMM: VMMEndpoint {
         staging = nil
         let clock = ContinuousClock()
         let began = clock.now
-        try setClock(state.vm, kernel: kernel)
+        if readBack { try setClock(state.vm, kernel: kernel) }
         let clockSet = clock.now
         if readBack { try verify(state, kernel: kernel) }
         lastTimings = [
@@ -614,7 +617,11 @@ public final class InProcessVMM: VMMEndpoint {
         ]
         loaded = readBack ? state : nil
         unverified = readBack ? nil : state
+        clockUnset = !readBack
     }
+
+    /// Whether the clock of the `unverified` state is still to be set (`verifyStaged` sets it).
+    private var clockUnset = false
 
     /// Goes once through what staging a state does, with this VM's own state before any of its
     /// vcpus ran (a target's at bind, a source's before its guest starts): saved, encoded,
@@ -654,13 +661,21 @@ public final class InProcessVMM: VMMEndpoint {
         }
     }
 
-    /// Reads back the state `stage(_:readBack: false)` set and compares it with what was
-    /// saved: a difference fails it, naming the section and field, and the state is not run.
+    /// Reads back the state `stage(_:readBack: false)` set (setting the clock first, where a
+    /// staging left it) and compares it with what was saved: a difference fails it, naming the
+    /// section and field, and the state is not run.
     public func verifyStaged() throws(EndpointError) {
         guard let state = unverified, let vm else { return }
         unverified = nil
         let clock = ContinuousClock()
         let began = clock.now
+        if clockUnset {
+            clockUnset = false
+            do { try setClock(state.vm, kernel: backend) } catch {
+                vcpuReadBack.discard()
+                throw error
+            }
+        }
         do {
             try readBack(state, vm: vm.value.handle)
         } catch {
@@ -732,6 +747,7 @@ public final class InProcessVMM: VMMEndpoint {
         let kernel = kernel ?? backend
         loaded = nil
         unverified = nil
+        clockUnset = false
         staging = nil
         vcpuReadBack.discard()
         let clock = ContinuousClock()

@@ -2,6 +2,7 @@ import CKVM
 import Foundation
 import Guests
 import Handoff
+import Journal
 import Kernel
 import Orchestrator
 import Plans
@@ -401,9 +402,10 @@ final class TinyVMM: HandoffHandler {
                     // target sets each as it comes); the coordinator gets its digest (and the
                     // state itself from a later pause, which answers the saved state).
                     defer { close(channel) }  // the target hears the end of the socket: no more comes
-                    var sent: [UInt8] = []
+                    var (sent, crc) = (0, UInt32(0))
                     state = try vmm.pause(sendingParts: { part throws(EndpointError) in
-                        sent += part
+                        sent += part.count
+                        crc = CRC32C.update(crc, part)
                         do throws(HandoffError) {
                             try StateChannel.send(part, on: channel, timeout: .seconds(5))
                         } catch {
@@ -414,7 +416,7 @@ final class TinyVMM: HandoffHandler {
                     })
                     // Once sent: the target needs the state first, the coordinator waits for
                     // the target's reply longer than for this one.
-                    reply.stateDigest = VMState.digest(sent)
+                    reply.stateDigest = VMState.digest(count: sent, crc: crc)
                 } else {
                     state = try vmm.pause()
                     replyAttachment = state.encoded
@@ -530,7 +532,7 @@ final class TinyVMM: HandoffHandler {
                     guard let whole = receiver.state else { throw EndpointError("stage-state: no whole state came from the source") }
                     state = whole
                     streamed = true
-                    reply.stateDigest = VMState.digest(receiver.bytes)
+                    reply.stateDigest = receiver.digest
                 } else {
                     guard let given = try requestState(request, attachment) else { throw EndpointError("stage-state needs state") }
                     state = given

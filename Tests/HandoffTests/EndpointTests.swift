@@ -192,10 +192,10 @@ final class ChannelTarget: HandoffHandler, @unchecked Sendable {
             return (HandoffMessage(type: "ok", id: request.id), [])
         }
         do {
-            let bytes = try StateChannel.receiveState(on: channel, timeout: .seconds(5)).bytes
-            lock.withLock { seen.append("state of \(bytes.count) bytes") }
+            let (_, digest, count) = try StateChannel.receiveState(on: channel, timeout: .seconds(5))
+            lock.withLock { seen.append("state of \(count) bytes") }
             var reply = HandoffMessage(type: "ok", id: request.id)
-            reply.stateDigest = VMState.digest(bytes)
+            reply.stateDigest = digest
             return (reply, [])
         } catch {
             lock.withLock { seen.append(error.kind == .closed ? "closed" : "\(error.message)") }

@@ -93,7 +93,8 @@ struct StateChannelPartsTests {
             #expect(try receiver.next() == [.vcpu(index: index, vcpu)])
         }
         #expect(receiver.state == Self.state)
-        #expect(receiver.bytes == Self.state.encoded)
+        #expect(receiver.count == Self.state.encoded.count)
+        #expect(receiver.digest == VMState.digest(Self.state.encoded))
     }
 
     /// The rehearsal a VMM runs before any blackout sends the state part by part through a
@@ -108,9 +109,10 @@ struct StateChannelPartsTests {
         let ends = try Ends()
         defer { ends.closeAll() }
         try StateChannel.send(Self.state.encoded, on: ends.fds[0], timeout: .seconds(5))
-        let (state, bytes) = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
+        let (state, digest, count) = try StateChannel.receiveState(on: ends.fds[1], timeout: .seconds(5))
         #expect(state == Self.state)
-        #expect(bytes == Self.state.encoded)
+        #expect(count == Self.state.encoded.count)
+        #expect(digest == VMState.digest(Self.state.encoded))
     }
 
     /// A source that closes its end inside the state: the error says how much came.
