@@ -43,7 +43,10 @@ public final class InProcessVMM: VMMEndpoint {
     /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
     /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
     /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
-    private var cpuid: [CPUIDEntry] = []
+    private var cpuid: [CPUIDEntry] = [] { didSet { strippedModels = [:] } }
+    /// Each vcpu's CPU model (`CPUIDEntry.forVCPU` of `cpuid`) without its runtime bits, as
+    /// `checkVCPU` compares it, made once.
+    private var strippedModels: [Int: [CPUIDEntry]] = [:]
     /// Which guest program this VMM loaded, if it loaded one.
     public private(set) var guest: GuestProgram?
     private var hasReceivedEncryptionContext = false
@@ -478,6 +481,9 @@ public final class InProcessVMM: VMMEndpoint {
         // Each vcpu's CPUID must be the CPU model this VMM gave it (the coordinator compared the
         // two VMMs' models before the pause; this is the state's own).
         guard let bytes = state["cpuid"], let id = UInt32(exactly: index) else { return }
+        let stripped = strippedModels[index] ?? CPUIDEntry.withoutRuntimeBits(CPUIDEntry.forVCPU(cpuid, id: id))
+        strippedModels[index] = stripped
+        if CPUIDEntry.sameButRuntimeBits(bytes, stripped) { return }
         let model = CPUIDEntry.forVCPU(cpuid, id: id)
         if let difference = CPUIDEntry.difference(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), CPUIDEntry.withoutRuntimeBits(model)) {
             throw EndpointError("\(role): cpuid-mismatch: vcpu \(index)'s saved CPUID is not this VMM's CPU model: \(difference)")

@@ -11,6 +11,38 @@ import Glibc
 
 @Suite("VM state sections")
 struct VMStateTests {
+    @Test("a cpuid section compared in place answers what comparing its stripped entries answers")
+    func cpuidComparedInPlace() {
+        let model: [CPUIDEntry] = [
+            .init(function: 0, index: 0, flags: 0, eax: 0xd, ebx: 0x6874_7541, ecx: 0x444d_4163, edx: 0x6974_6e65),
+            .init(function: 1, index: 0, flags: 0, eax: 0xa00f11, ebx: 0x0100_0800, ecx: 0xfef8_3203, edx: 0x178b_fbff),
+            .init(function: 7, index: 0, flags: 1, eax: 0, ebx: 0x219c_91a9, ecx: 0x0040_0684, edx: 0),
+            .init(function: 0xd, index: 0, flags: 1, eax: 0x2e7, ebx: 0x340, ecx: 0x988, edx: 0),
+            .init(function: 0xd, index: 1, flags: 1, eax: 0xf, ebx: 0x340, ecx: 0, edx: 0),
+        ]
+        let stripped = CPUIDEntry.withoutRuntimeBits(model)
+        func altered(_ change: (inout [CPUIDEntry]) -> Void) -> [UInt8] {
+            var entries = model
+            change(&entries)
+            return CPUIDEntry.bytes(entries)
+        }
+        let cases: [(String, [UInt8], Bool)] = [
+            ("the model itself", CPUIDEntry.bytes(model), true),
+            ("OSXSAVE and APIC, which KVM rewrites", altered { $0[1].ecx ^= 1 << 27; $0[1].edx ^= 1 << 9 }, true),
+            ("OSPKE and the XSAVE sizes", altered { $0[2].ecx ^= 1 << 4; $0[3].ebx = 0x988; $0[4].ebx = 0 }, true),
+            ("another bit of leaf 1", altered { $0[1].ecx ^= 1 }, false),
+            ("leaf 7's flags", altered { $0[2].flags = 0 }, false),
+            ("a leaf's index", altered { $0[4].index = 2 }, false),
+            ("one leaf fewer", altered { $0.removeLast() }, false),
+            ("the leaves in another order", altered { $0.swapAt(0, 1) }, false),
+            ("no leaf", [], false),
+        ]
+        for (name, bytes, same) in cases {
+            #expect(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)) == stripped ? same : !same, "\(name): the reference disagrees with the case")
+            #expect(CPUIDEntry.sameButRuntimeBits(bytes, stripped) == same, "\(name)")
+        }
+    }
+
     @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")
     func roundTrip() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)

@@ -32,8 +32,8 @@ public final class LinuxKVM: KernelBackend {
         var stateSupport: StateSupport?
         /// What each vcpu holds that only calls through this instance change, so that a
         /// restore or a save inside the blackout need not ask KVM again (each vcpu ioctl costs
-        /// 5-10 µs on this nested host): the CPUID entries KVM_SET_CPUID2 took (KVM adds only
-        /// its runtime bits), and the TSC frequency as KVM_GET_TSC_KHZ answered or
+        /// 5-10 µs on this nested host): the CPUID entries KVM_SET_CPUID2 took, without the
+        /// runtime bits (KVM adds only those), and the TSC frequency as KVM_GET_TSC_KHZ answered or
         /// KVM_SET_TSC_KHZ set it. Dropped when the vcpu's descriptor closes.
         var vcpuCPUID: [Int32: [CPUIDEntry]] = [:]
         var vcpuTSCKhz: [Int32: UInt32] = [:]
@@ -370,7 +370,7 @@ public final class LinuxKVM: KernelBackend {
         buffer += CPUIDEntry.bytes(entries)
         let result = buffer.withUnsafeMutableBytes { Syscalls.ioctl(vcpu.raw, CKVM_SET_CPUID2, $0.baseAddress) }
         guard result == 0 else { throw .failed(operation: .setCPUID, errno: .current) }
-        state.withLock { $0.vcpuCPUID[vcpu.raw] = entries }
+        state.withLock { $0.vcpuCPUID[vcpu.raw] = CPUIDEntry.withoutRuntimeBits(entries) }
     }
 
     private func stateSupport() -> StateSupport {
@@ -535,9 +535,8 @@ public final class LinuxKVM: KernelBackend {
             // the bits KVM rewrites itself from the sregs and MSRs set below, keeps them, as
             // QEMU's destination does (its migration stream carries no CPUID); the read-back
             // compares what KVM then holds, runtime bits included.
-            let wanted = CPUIDEntry.list(cpuid)
-            let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? currentCPUID(fd).map(CPUIDEntry.list)
-            if held.map(CPUIDEntry.withoutRuntimeBits) != CPUIDEntry.withoutRuntimeBits(wanted) { try setCPUID(vcpu, wanted) }
+            let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? currentCPUID(fd).map { CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list($0)) }
+            if !(held.map { CPUIDEntry.sameButRuntimeBits(cpuid, $0) } ?? false) { try setCPUID(vcpu, CPUIDEntry.list(cpuid)) }
         }
         if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
             // Unknown (KVM_GET_TSC_KHZ failed): set it, as when it differs.
