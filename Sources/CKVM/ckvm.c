@@ -412,6 +412,12 @@ unsigned long ckvm_sigset_size(void) { return sizeof(sigset_t); }
 
 int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }
 
+int ckvm_name_thread(const char *name) {
+    char kept[16];
+    snprintf(kept, sizeof kept, "%s", name);
+    return pthread_setname_np(pthread_self(), kept);
+}
+
 #include <linux/if.h>
 #include <linux/if_tun.h>
 

@@ -240,6 +240,8 @@ final class VCPUThread: @unchecked Sendable {
         // The kick must reach this thread even where the process was started with it blocked
         // (a test runner's mask is inherited across exec).
         _ = ckvm_unblock_signal(VCPUThread.kickSignal)
+        // Named for the kernel too (`ps -L`, /proc/PID/task/TID/comm), as QEMU names its vcpu threads.
+        _ = ckvm_name_thread("vcpu\(index)")
         condition.withLock {
             threadID = UInt(ckvm_thread_self())
         }

@@ -212,6 +212,32 @@ struct ArmedPauseTests {
         #expect(try peer.ask("resume").type == "ok")
         #expect(Self.counts(peer), "the guest counts on once resumed")
     }
+
+    /// A pause parks the vcpu threads it stopped (ending them took the CPU the state's save
+    /// needs, inside the blackout) and a resume lets them end: pause after pause, the source
+    /// holds one thread a vcpu.
+    @Test func aPauseParksTheVCPUThreadsAndAResumeEndsThem() throws {
+        let source = try VMMUnderTest("parked", source: true)
+        defer { source.stop() }
+        let peer = try RawPeer(source.socket)
+        let tasks = "/proc/\(source.process.processIdentifier)/task"
+        func vcpuThreads() -> Int {
+            let ids = (try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []
+            return ids.filter { id in
+                ((try? String(contentsOfFile: "\(tasks)/\(id)/comm", encoding: .utf8)) ?? "").hasPrefix("vcpu")
+            }.count
+        }
+        #expect(waitUntil(5) { vcpuThreads() == 2 }, "one thread a vcpu while the guest runs: \(vcpuThreads())")
+        for round in 1...3 {
+            try peer.connection.send(HandoffMessage(type: "pause", id: 100 + round))
+            let (paused, _, _) = try peer.connection.receiveAttached()
+            #expect(paused.type == "ok" && paused.running == false, "\(paused)")
+            #expect(vcpuThreads() == 2, "round \(round): the stopped threads are parked, not ended")
+            #expect(try peer.ask("resume").type == "ok")
+            #expect(waitUntil(5) { vcpuThreads() == 2 }, "round \(round): the parked threads ended beside the new ones: \(vcpuThreads())")
+            #expect(Self.counts(peer), "round \(round): the guest counts on")
+        }
+    }
 }
 
 extension VMState.StreamDecoder.Part {

@@ -313,6 +313,8 @@ int ckvm_clear_signal_mask(void *saved);
 int ckvm_set_signal_mask(const void *mask);
 unsigned long ckvm_sigset_size(void);
 int ckvm_kick_thread(unsigned long thread, int signo);
+/** Names the calling thread for the kernel (comm: at most 15 bytes kept). Returns 0, or an errno. */
+int ckvm_name_thread(const char *name);
 
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and
  *  IFF_MULTI_QUEUE when multi_queue), CLOEXEC. Returns the fd, or -1/errno. */
