@@ -73,7 +73,7 @@ let package = Package(
         .executableTarget(
             name: "tinyvmm",
             dependencies: [
-                "CKVM", "Kernel", "Plans", "Journal", "Orchestrator", "Handoff", "Guests",
+                "CKVM", "Kernel", "Plans", "Orchestrator", "Handoff", "Guests",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -8,7 +8,6 @@
 
 import CKVM
 import Foundation
-import Journal
 import Kernel
 import Orchestrator
 
@@ -366,14 +365,14 @@ public enum StateChannel {
         private let fd: Int32
         private let deadline: ContinuousClock.Instant
         private var decoder = VMState.StreamDecoder()
-        /// How many bytes came so far, frames concatenated.
-        public private(set) var count = 0
-        /// CRC-32C of those bytes, continued frame by frame: the bytes themselves are not kept
-        /// (growing one array for them cost the target page faults between two vcpus' sets).
-        private var crc: UInt32 = 0
+        /// What came so far, frames concatenated, digested as it came: the bytes themselves are
+        /// not kept (growing one array for them cost the target page faults between two vcpus' sets).
+        private var received = VMState.Digest()
 
+        /// How many bytes came so far.
+        public var count: Int { received.count }
         /// `VMState.digest` of every byte received so far.
-        public var digest: String { VMState.digest(count: count, crc: crc) }
+        public var digest: String { received.text }
 
         public init(_ fd: Int32, timeout: Duration) {
             self.fd = fd
@@ -397,8 +396,7 @@ public enum StateChannel {
             } catch where error.kind == .closed && count > 0 {
                 throw HandoffError(.closed, "the source closed its end after \(count) bytes of its state")
             }
-            count += frame.count
-            crc = CRC32C.update(crc, frame)
+            received.add(frame)
             let parts: [VMState.StreamDecoder.Part]
             do { parts = try decoder.feed(frame) } catch { throw HandoffError(.malformed, error.message) }
             // A frame may end inside a part (the next completes it), not after the state.

@@ -110,13 +110,27 @@ public struct StagedPause: Sendable, Equatable {
 extension VMState {
     /// `BYTES:CRC32C` of an encoded state: what the source sent and the target received.
     public static func digest(_ encoded: [UInt8]) -> String {
-        digest(count: encoded.count, crc: CRC32C.update(0, encoded))
+        var digest = Digest()
+        digest.add(encoded)
+        return digest.text
     }
 
-    /// The same from the bytes' count and CRC-32C, for bytes that came (or went) in pieces
-    /// (`CRC32C.update` continued over each).
-    public static func digest(count: Int, crc: UInt32) -> String {
-        "\(count):" + String(crc, radix: 16)
+    /// `digest` of bytes that come (or go) in pieces, continued over each as it passes, so that
+    /// nobody keeps the bytes only to digest them at the end.
+    public struct Digest: Sendable {
+        /// How many bytes were added.
+        public private(set) var count = 0
+        private var crc: UInt32 = 0
+
+        public init() {}
+
+        public mutating func add(_ bytes: [UInt8]) {
+            count += bytes.count
+            crc = CRC32C.update(crc, bytes)
+        }
+
+        /// `BYTES:CRC32C` of every byte added.
+        public var text: String { "\(count):" + String(crc, radix: 16) }
     }
 }
 

@@ -484,8 +484,7 @@ public final class InProcessVMM: VMMEndpoint {
         let stripped = strippedModels[index] ?? CPUIDEntry.withoutRuntimeBits(CPUIDEntry.forVCPU(cpuid, id: id))
         strippedModels[index] = stripped
         if CPUIDEntry.sameButRuntimeBits(bytes, stripped) { return }
-        let model = CPUIDEntry.forVCPU(cpuid, id: id)
-        if let difference = CPUIDEntry.difference(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), CPUIDEntry.withoutRuntimeBits(model)) {
+        if let difference = CPUIDEntry.difference(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(bytes)), stripped) {
             throw EndpointError("\(role): cpuid-mismatch: vcpu \(index)'s saved CPUID is not this VMM's CPU model: \(difference)")
         }
     }
@@ -615,9 +614,12 @@ public final class InProcessVMM: VMMEndpoint {
         staging = nil
         let clock = ContinuousClock()
         let began = clock.now
-        if readBack { try setClock(state.vm, kernel: kernel) }
-        let clockSet = clock.now
-        if readBack { try verify(state, kernel: kernel) }
+        var clockSet = began
+        if readBack {
+            try setClock(state.vm, kernel: kernel)
+            clockSet = clock.now
+            try verify(state, kernel: kernel)
+        }
         lastTimings = [
             "check": check.nanoseconds, "set": (set + (clockSet - began)).nanoseconds, "restore": (set + (clock.now - began)).nanoseconds,
         ]

@@ -2,7 +2,6 @@ import CKVM
 import Foundation
 import Guests
 import Handoff
-import Journal
 import Kernel
 import Orchestrator
 import Plans
@@ -402,10 +401,9 @@ final class TinyVMM: HandoffHandler {
                     // target sets each as it comes); the coordinator gets its digest (and the
                     // state itself from a later pause, which answers the saved state).
                     defer { close(channel) }  // the target hears the end of the socket: no more comes
-                    var (sent, crc) = (0, UInt32(0))
+                    var sent = VMState.Digest()
                     state = try vmm.pause(sendingParts: { part throws(EndpointError) in
-                        sent += part.count
-                        crc = CRC32C.update(crc, part)
+                        sent.add(part)
                         do throws(HandoffError) {
                             try StateChannel.send(part, on: channel, timeout: .seconds(5))
                         } catch {
@@ -416,7 +414,7 @@ final class TinyVMM: HandoffHandler {
                     })
                     // Once sent: the target needs the state first, the coordinator waits for
                     // the target's reply longer than for this one.
-                    reply.stateDigest = VMState.digest(count: sent, crc: crc)
+                    reply.stateDigest = sent.text
                 } else {
                     state = try vmm.pause()
                     replyAttachment = state.encoded
