@@ -48,6 +48,14 @@ public final class ProcessEndpoints: EndpointProvider {
     /// What went wrong arming `kernel:*` faults in a VMM (they then stay unfired).
     public private(set) var armingProblems: [String] = []
 
+    /// VMM processes that wake one another inside the blackout: the coordinator holds the CPU
+    /// latency request through it (`CPULatencyHold`), unless the target runs on the model or
+    /// `GMIGRATE_CPU_LATENCY_HOLD=off` says not to.
+    public var holdsCPULatencyInBlackout: Bool {
+        guard ProcessInfo.processInfo.environment["GMIGRATE_CPU_LATENCY_HOLD"] != "off" else { return false }
+        return !(spawn?.backend.hasPrefix("model") ?? false)
+    }
+
     public init(
         sourceSocket: String, targetSocket: String, spawn: Spawn?, timeout: Duration, watcher: KVMEventWatcher? = nil,
         onVMEvent: @escaping @Sendable (String) -> Void = { _ in }, recoveredTargetPID: Int32? = nil, targetMayExist: Bool = false

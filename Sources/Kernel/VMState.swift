@@ -637,6 +637,13 @@ extension VCPUState {
                         return "section msrs: MSR \(MSRList.name(entry.index)) saved 0x\(String(entry.value, radix: 16)), read back 0x\(String(value, radix: 16))"
                     }
                 }
+            case "cpuid":
+                // Without the runtime bits KVM rewrites (`CPUIDEntry.withoutRuntimeBits`): they
+                // follow from CR4 and the APIC base (sregs), XCR0 (xcrs) and XSS (msrs), which
+                // are compared, and a save carries none (so the bytes are mostly equal).
+                guard back != section.bytes else { continue }
+                let (backed, kept) = (CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(back)), CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list(section.bytes)))
+                if let difference = CPUIDEntry.difference(kept, backed) { return "section cpuid: \(difference)" }
             default:
                 if let where_ = VMState.firstDifference(back, section.bytes) { return "section \(section.name): \(where_)" }
             }

@@ -83,9 +83,14 @@ public protocol EndpointProvider: AnyObject {
     func armKernelFaults(_ specs: [FaultSpec])
     /// The kernel faults that fired in the VMMs.
     var firedKernelFaults: [FaultSpec] { get }
+    /// Whether the coordinator holds the host's CPU latency request at 0 through the blackout
+    /// (`CPULatencyHold`): VMM processes of this host that wake one another inside it.
+    var holdsCPULatencyInBlackout: Bool { get }
 }
 
 extension EndpointProvider {
+    public var holdsCPULatencyInBlackout: Bool { false }
+
     public func knownGone(_ role: JournalEntry.Role) -> String? { nil }
 
     public func observe(_ role: JournalEntry.Role) -> JournalEntry.Observation {
@@ -136,6 +141,9 @@ public final class MigrationExecutor {
     /// The VMMs' own measurements of the blackout's parts (stop, save, restore, resume).
     private var vmmTimings: [String: Int64] = [:]
     private var checkedCancel = false
+    /// The CPU latency request held from just before the pause is requested until the target's
+    /// vcpus run (or the step fails, or a rollback begins).
+    private var latencyHold: CPULatencyHold?
     /// The state the source paused with in this run (the journal has it too, for a later run).
     private var pausedState: VMState?
 
@@ -237,6 +245,9 @@ public final class MigrationExecutor {
         let timeout = MigrationExecutor.timeout(for: step, plan: plan, strategy: strategy)
         let began = clock.now
         if step == .pauseSource && direction == .forward {
+            // Before the pause's preparation: the request wakes the idle CPUs once, outside
+            // the blackout (the pause is requested after the preparation).
+            if provider.holdsCPULatencyInBlackout { latencyHold = CPULatencyHold() }
             pauseRequested = began
             pauseRequestedAt = MonotonicClock.nanoseconds
             targetRunningSince = nil
@@ -272,6 +283,11 @@ public final class MigrationExecutor {
         if case .success = result, direction == .forward, duration > timeout {
             result = .failure(EndpointError(
                 "\(step) took \(duration.nanoseconds / 1_000_000)ms, over the step timeout of \(timeout.text)", errno: Errno(rawValue: 110)))  // ETIMEDOUT
+        }
+        if latencyHold != nil, step == .resumeTarget || direction != .forward || (try? result.get()) == nil { latencyHold = nil }
+        if step == .pauseSource, direction == .forward, let hold = latencyHold, case .success(var details) = result {
+            details["cpu-latency"] = hold.summary
+            result = .success(details)
         }
         let outcome: JournalEntry.Outcome
         switch result {

@@ -191,6 +191,9 @@ final class TinyVMM: HandoffHandler {
         var floors: [Int64] = []
         for _ in 0..<runs {
             usleep(20_000)  // the guest runs a while between moves
+            // The host's CPU latency request at 0, as a coordinator holds it through a blackout.
+            let hold = CPULatencyHold()
+            defer { withExtendedLifetime(hold) {} }
             let began = MonotonicClock.nanoseconds
             from.stopGuest(parking: true)
             let state = try from.vmm.pause()

@@ -49,6 +49,9 @@ struct ProcessTests {
         // The source says when its vcpus had stopped: after the request, before it answered.
         let paused = try #require(parts["vmm.paused"], "the source said when its vcpus stopped: \(parts)")
         #expect(paused > 0 && paused <= (parts["pause-source"] ?? 0))
+        // The coordinator held the host's CPU latency request at 0 through the blackout (root may).
+        let pause = try #require(contents.entries.outcomes.first { $0.step == .pauseSource && $0.ok })
+        #expect(pause.details["cpu-latency"] == (getuid() == 0 ? "held at 0us" : "not held: /dev/cpu_dma_latency: EACCES"), "\(pause.details)")
         // The source process retired its VM and exited. Foundation reaps its own child: asked
         // through `isAlive` (whose waitpid reaps it first) it could miss the exit and trap in
         // `terminationStatus`, which crashed a CI run.

@@ -43,6 +43,83 @@ struct VMStateTests {
         }
     }
 
+    /// A save carries the CPUID KVM took, without the bits KVM rewrites from CR4, the APIC base,
+    /// XCR0 and XSS (which move in their own sections); a read-back compares it so.
+    @Test("a read-back compares CPUID without its runtime bits, and every other bit")
+    func cpuidReadBackWithoutRuntimeBits() {
+        let entries: [CPUIDEntry] = [
+            .init(function: 1, index: 0, flags: 0, eax: 0xa00f11, ebx: 0x0100_0800, ecx: 0xfef8_3203, edx: 0x178b_fbff),
+            .init(function: 0xd, index: 0, flags: 1, eax: 0x2e7, ebx: 0x340, ecx: 0x988, edx: 0),
+        ]
+        let saved = VCPUState(sections: [StateSection(name: "cpuid", bytes: CPUIDEntry.bytes(CPUIDEntry.withoutRuntimeBits(entries)))])
+        func back(_ change: (inout [CPUIDEntry]) -> Void) -> VCPUState {
+            var held = entries
+            change(&held)
+            return VCPUState(sections: [StateSection(name: "cpuid", bytes: CPUIDEntry.bytes(held))])
+        }
+        #expect(VCPUState.difference(restored: back { _ in }, saved: saved) == nil, "KVM's runtime bits (APIC, XSAVE size) set")
+        #expect(VCPUState.difference(restored: back { $0[0].ecx ^= 1 << 27 }, saved: saved) == nil, "OSXSAVE as CR4 has it")
+        let other = VCPUState.difference(restored: back { $0[0].ecx ^= 1 }, saved: saved)
+        #expect(other?.hasPrefix("section cpuid: leaf 0x1.0 ecx") == true, "\(other ?? "no difference")")
+        #expect(VCPUState.difference(restored: back { $0.removeLast() }, saved: saved) != nil)
+    }
+
+    @Test("a save's cpuid section is what KVM holds, without the runtime bits, with no KVM_GET_CPUID2 of its own")
+    func cpuidSectionIsWhatKVMHolds() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let vm = try kernel.createVM(type: .default)
+        try kernel.createInterruptControllers(vm: vm)
+        let vcpu = try kernel.createVCPU(vm: vm, id: 0)
+        defer { for handle in [vcpu, vm] { kernel.close(handle) } }
+        try kernel.setCPUID(vcpu, try kernel.supportedCPUID())
+        let held = try #require(kernel.heldCPUID(vcpu))
+        // The LAPIC is enabled (its base MSR says so): KVM sets leaf 1's APIC bit itself.
+        #expect(held.contains { $0.function == 1 && $0.edx & (1 << 9) != 0 })
+        let section = try #require(try kernel.vcpuState(vcpu)["cpuid"])
+        #expect(CPUIDEntry.list(section) == CPUIDEntry.withoutRuntimeBits(held))
+        #expect(CPUIDEntry.list(section) != held, "the runtime bits are not carried")
+    }
+
+    /// The TSC deadline is written after the LAPIC (whose set resets the timer); a deadline of
+    /// 0 is not written at all (KVM holds 0 already), one that is armed must be.
+    @Test("an armed TSC deadline moves with the LAPIC into a new VM")
+    func tscDeadlineMoves() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let cpuid = try kernel.supportedCPUID()
+        func makeVM() throws -> (KernelHandle, KernelHandle) {
+            let vm = try kernel.createVM(type: .default)
+            try kernel.createInterruptControllers(vm: vm)
+            let vcpu = try kernel.createVCPU(vm: vm, id: 0)
+            try kernel.setCPUID(vcpu, cpuid)
+            return (vm, vcpu)
+        }
+        let (sourceVM, source) = try makeVM()
+        let (targetVM, target) = try makeVM()
+        defer { for handle in [source, sourceVM, target, targetVM] { kernel.close(handle) } }
+        var state = try kernel.vcpuState(source)
+        let deadline: UInt32 = 0x6e0
+        #expect(MSRList(bytes: try #require(state["msrs"])).entries.first { $0.index == deadline }?.value == 0, "no deadline before")
+        var lapic = try #require(state["lapic"])
+        // LVT timer (0x320): TSC-deadline mode (bits 17-18 = 10b), vector 0xec, unmasked.
+        lapic.replaceSubrange(0x320..<0x324, with: withUnsafeBytes(of: (UInt32(2) << 17 | 0xec).littleEndian, Array.init))
+        let armed: UInt64 = 1 << 62  // far in the guest's future: it does not fire
+        let msrs = MSRList(bytes: try #require(state["msrs"])).entries.map { $0.index == deadline ? MSRList.Entry(index: deadline, value: armed) : $0 }
+        state.sections = state.sections.map {
+            switch $0.name {
+            case "lapic": StateSection(name: "lapic", bytes: lapic)
+            case "msrs": StateSection(name: "msrs", bytes: MSRList(entries: msrs).bytes)
+            default: $0
+            }
+        }
+        try kernel.setVCPUState(source, state)
+        let saved = try kernel.vcpuState(source)
+        #expect(MSRList(bytes: try #require(saved["msrs"])).entries.first { $0.index == deadline }?.value == armed, "the source's deadline is armed")
+        try kernel.setVCPUState(target, saved)
+        let back = try kernel.vcpuState(target)
+        #expect(MSRList(bytes: try #require(back["msrs"])).entries.first { $0.index == deadline }?.value == armed)
+        #expect(VCPUState.difference(restored: back, saved: saved) == nil, "\(VCPUState.difference(restored: back, saved: saved) ?? "")")
+    }
+
     @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")
     func roundTrip() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
