@@ -2,6 +2,7 @@
 #include "ckvm.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/uio.h>
@@ -411,6 +412,15 @@ int ckvm_clear_signal_mask(void *saved) {
 unsigned long ckvm_sigset_size(void) { return sizeof(sigset_t); }
 
 int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }
+
+int ckvm_current_cpu(void) { return sched_getcpu(); }
+
+int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu) {
+    cpu_set_t mask;
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0) return errno;
+    if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &mask) && CPU_COUNT(&mask) > 1) CPU_CLR(cpu, &mask);
+    return pthread_setaffinity_np((pthread_t)thread, sizeof mask, &mask);
+}
 
 int ckvm_name_thread(const char *name) {
     char kept[16];

@@ -591,6 +591,9 @@ public final class InProcessVMM: VMMEndpoint {
         let clock = ContinuousClock()
         let began = clock.now
         try checkVCPU(index, state, kernel: kernel)
+        // The last vcpu's part: the source has sent its state and its CPU falls idle, where the
+        // vcpus set before are read back while this one is set.
+        if index + 1 == count { vcpuReadBack.release() }
         let checked = clock.now
         try setVCPU(index, state, kernel: kernel)
         // Read back beside the next vcpu's set; the last one is read with the VM's sections.

@@ -315,6 +315,11 @@ unsigned long ckvm_sigset_size(void);
 int ckvm_kick_thread(unsigned long thread, int signo);
 /** Names the calling thread for the kernel (comm: at most 15 bytes kept). Returns 0, or an errno. */
 int ckvm_name_thread(const char *name);
+/** The CPU the calling thread runs on now (sched_getcpu), or -1. */
+int ckvm_current_cpu(void);
+/** Lets `thread` run on every CPU the calling thread may use but `cpu` (on all of them where
+ *  `cpu` is the only one, or is not among them). Returns 0, or an errno. */
+int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu);
 
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and
  *  IFF_MULTI_QUEUE when multi_queue), CLOEXEC. Returns the fd, or -1/errno. */
