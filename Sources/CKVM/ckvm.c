@@ -416,11 +416,40 @@ int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pth
 int ckvm_current_cpu(void) { return sched_getcpu(); }
 
 int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu) {
+    /* Every CPU of the host but `cpu` (the kernel keeps a thread within its cpuset whatever the
+     * mask asks): the caller's own mask may be narrowed for the blackout. */
     cpu_set_t mask;
-    if (sched_getaffinity(0, sizeof mask, &mask) != 0) return errno;
+    long count = sysconf(_SC_NPROCESSORS_CONF);
+    CPU_ZERO(&mask);
+    for (long i = 0; i < count && i < CPU_SETSIZE; i++) CPU_SET(i, &mask);
     if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &mask) && CPU_COUNT(&mask) > 1) CPU_CLR(cpu, &mask);
     return pthread_setaffinity_np((pthread_t)thread, sizeof mask, &mask);
 }
+
+int ckvm_last_cpu(void) {
+    cpu_set_t mask;
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0 || CPU_COUNT(&mask) < 2) return -1;
+    for (int i = CPU_SETSIZE - 1; i >= 0; i--) if (CPU_ISSET(i, &mask)) return i;
+    return -1;
+}
+
+int ckvm_place_self(int cpu, int only, void *saved) {
+    cpu_set_t *old = saved, mask;
+    if (sched_getaffinity(0, sizeof(cpu_set_t), old) != 0) return errno;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, old) || CPU_COUNT(old) < 2) return EINVAL;
+    if (only) {
+        CPU_ZERO(&mask);
+        CPU_SET(cpu, &mask);
+    } else {
+        mask = *old;
+        CPU_CLR(cpu, &mask);
+    }
+    return sched_setaffinity(0, sizeof mask, &mask) == 0 ? 0 : errno;
+}
+
+int ckvm_set_cpu_mask(const void *mask) { return sched_setaffinity(0, sizeof(cpu_set_t), (const cpu_set_t *)mask) == 0 ? 0 : errno; }
+
+unsigned long ckvm_cpu_mask_size(void) { return sizeof(cpu_set_t); }
 
 int ckvm_name_thread(const char *name) {
     char kept[16];

@@ -257,6 +257,9 @@ final class TinyVMM: HandoffHandler {
     private var readBack: Int64?
     /// Whether the staged state still waits for its read-back (`afterReply`).
     private var readBackPending = false
+    /// A target's staging thread placed for the blackout (`BlackoutPlacement`), from a
+    /// streamed stage-state until its restore ran the vcpus or anything else is asked.
+    private var stagingPlacement: BlackoutPlacement?
 
     /// Log lines of the blackout's requests, written once the reply is sent (`afterReply`): the
     /// coordinator waits on the reply, and on this machine kind the CPUs are all busy then.
@@ -345,6 +348,10 @@ final class TinyVMM: HandoffHandler {
         // The blackout is over for a source once the coordinator asks anything again.
         pausedForTarget = false
         var reply = HandoffMessage(type: "ok", id: request.id)
+        if request.type != "restore" && request.type != "status", let placement = stagingPlacement {
+            placement.end()
+            stagingPlacement = nil
+        }
         do {
             let phase = self.phase
             if !TinyVMM.always.contains(request.type), HandoffMessage.requestTypes.contains(request.type),
@@ -381,6 +388,9 @@ final class TinyVMM: HandoffHandler {
                 // one arms the pause: it happens when the coordinator's byte comes on it.
                 let sockets = try sockets(descriptors, atMost: 2)
                 let channel = sockets.first
+                // Off the CPU where the target stages, before the trigger (outside the blackout).
+                let placement = channel != nil ? BlackoutPlacement.pausingThread() : nil
+                defer { placement?.end() }
                 if let trigger = sockets.dropFirst().first {
                     defer { close(trigger) }
                     guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: Self.timeout(of: request)) else {
@@ -517,6 +527,9 @@ final class TinyVMM: HandoffHandler {
                     }
                     defer { close(channel) }
                     staged = nil
+                    // On the CPU the source keeps off, until the restore ran the vcpus.
+                    stagingPlacement?.end()
+                    stagingPlacement = BlackoutPlacement.stagingThread()
                     // Each part is checked and set as it comes, while the source saves the next.
                     var receiver = StateChannel.Receiver(channel, timeout: Self.timeout(of: request))
                     while receiver.state == nil {
@@ -589,6 +602,8 @@ final class TinyVMM: HandoffHandler {
                 // Running means each vcpu thread is at KVM_RUN, not only let go; the blackout the
                 // coordinator measures ends when the last one entered it.
                 reply.runningSince = threads.map { $0.waitEntered() }.max()
+                stagingPlacement?.end()
+                stagingPlacement = nil
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns

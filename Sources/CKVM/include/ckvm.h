@@ -317,9 +317,16 @@ int ckvm_kick_thread(unsigned long thread, int signo);
 int ckvm_name_thread(const char *name);
 /** The CPU the calling thread runs on now (sched_getcpu), or -1. */
 int ckvm_current_cpu(void);
-/** Lets `thread` run on every CPU the calling thread may use but `cpu` (on all of them where
- *  `cpu` is the only one, or is not among them). Returns 0, or an errno. */
+/** Lets `thread` run on every CPU of the host but `cpu` (on all of them where `cpu` is the only
+ *  one; always within its cpuset). Returns 0, or an errno. */
 int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu);
+/** The last CPU the calling thread may run on, or -1 where it may run on one CPU only. */
+int ckvm_last_cpu(void);
+/** Confines the calling thread to `cpu` (`only` nonzero) or to every CPU it may use but `cpu`,
+ *  saving its mask in `saved` (ckvm_cpu_mask_size bytes) for ckvm_set_cpu_mask. 0, or an errno. */
+int ckvm_place_self(int cpu, int only, void *saved);
+int ckvm_set_cpu_mask(const void *mask);
+unsigned long ckvm_cpu_mask_size(void);
 
 /** Opens one queue of tap device `name` (/dev/net/tun, TUNSETIFF with IFF_TAP|IFF_NO_PI, and
  *  IFF_MULTI_QUEUE when multi_queue), CLOEXEC. Returns the fd, or -1/errno. */
