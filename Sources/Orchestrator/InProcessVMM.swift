@@ -596,8 +596,9 @@ public final class InProcessVMM: VMMEndpoint {
         if index + 1 == count { vcpuReadBack.release() }
         let checked = clock.now
         try setVCPU(index, state, kernel: kernel)
-        // Read back beside the next vcpu's set; the last one is read with the VM's sections.
-        if index + 1 < count { vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel, owner: vcpus[index])) }
+        // Read back on the worker: those before the last beside the last one's set, the last
+        // beside the staging's answer, the clock's set and the VM sections' read-back.
+        vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel, owner: vcpus[index]))
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 

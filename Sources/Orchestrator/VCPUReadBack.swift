@@ -4,7 +4,8 @@ import Kernel
 
 /// Reads a staging's vcpus back while the staging goes on: a vcpu handed to it (`add`) once all
 /// its sections are set is read back and compared on a worker thread while the staging sets the
-/// last vcpu (`release`, when the last vcpu's part comes). Inside a blackout the target is the
+/// last vcpu (`release`, when the last vcpu's part comes), and the last one while the staging
+/// answers, sets the clock and reads the VM's sections back. Inside a blackout the target is the
 /// slower side, and a read-back of every vcpu after the last was set (10 vcpu ioctls each, 6-15
 /// µs each on this nested host) was its longest piece; now only what the worker has not done
 /// yet is left for `finish`, which does it on the calling thread.
@@ -79,11 +80,13 @@ final class VCPUReadBack: Sendable {
         }
     }
 
-    /// Hands over a vcpu whose sections are all set; the worker reads it back once released.
+    /// Hands over a vcpu whose sections are all set; the worker reads it back once released
+    /// (at once, where it is released already: the last vcpu).
     func add(_ job: Job) {
         shared.condition.withLock {
             shared.waiting.append(job)
             shared.handed.insert(job.index)
+            if shared.released { shared.condition.broadcast() }
         }
     }
 
