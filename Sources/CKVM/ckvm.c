@@ -415,16 +415,13 @@ int ckvm_kick_thread(unsigned long thread, int signo) { return pthread_kill((pth
 
 int ckvm_current_cpu(void) { return sched_getcpu(); }
 
-int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu) {
-    /* Every CPU of the host but `cpu` (the kernel keeps a thread within its cpuset whatever the
-     * mask asks): the caller's own mask may be narrowed for the blackout. */
-    cpu_set_t mask;
-    long count = sysconf(_SC_NPROCESSORS_CONF);
-    CPU_ZERO(&mask);
-    for (long i = 0; i < count && i < CPU_SETSIZE; i++) CPU_SET(i, &mask);
+int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base) {
+    cpu_set_t mask = *(const cpu_set_t *)base;
     if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &mask) && CPU_COUNT(&mask) > 1) CPU_CLR(cpu, &mask);
     return pthread_setaffinity_np((pthread_t)thread, sizeof mask, &mask);
 }
+
+int ckvm_cpu_mask(void *saved) { return sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)saved) == 0 ? 0 : errno; }
 
 int ckvm_last_cpu(void) {
     cpu_set_t mask;

@@ -669,6 +669,7 @@ public final class InProcessVMM: VMMEndpoint {
             lastTimings = [:]
             return decoded
         } catch {
+            vcpuReadBack.discard()
             throw EndpointError("\(role): the rehearsal of a staging: \(EndpointError.from(error).message)")
         }
     }

@@ -63,10 +63,12 @@ final class VCPUReadBack: Sendable {
         /// The CPU of the last `release`'s caller: the one to keep the worker off.
         var releaserCPU: Int32 = -1
         var started = false
+        /// The CPUs the worker may use as it was made (the process's, before any placement).
+        var base: [UInt8] = []
 
         /// Keeps the worker off the releaser's CPU, where it is not already (under `condition`).
         func keepOff() {
-            guard thread != 0, releaserCPU >= 0, releaserCPU != offCPU, ckvm_keep_thread_off_cpu(thread, releaserCPU) == 0 else { return }
+            guard thread != 0, releaserCPU >= 0, releaserCPU != offCPU, !base.isEmpty, ckvm_keep_thread_off_cpu(thread, releaserCPU, base) == 0 else { return }
             offCPU = releaserCPU
         }
     }
@@ -112,8 +114,11 @@ final class VCPUReadBack: Sendable {
     /// The worker: reads back, in vcpu order, what waits while released, until closed.
     private static func work(_ shared: Shared) {
         _ = ckvm_name_thread("read-back")
+        var base = [UInt8](repeating: 0, count: Int(ckvm_cpu_mask_size()))
+        let known = ckvm_cpu_mask(&base) == 0
         shared.condition.withLock {
             shared.thread = UInt(ckvm_thread_self())
+            if known { shared.base = base }
             shared.keepOff()
         }
         while let job = take(shared) { record(job, in: shared) }

@@ -122,6 +122,10 @@ final class TinyVMM: HandoffHandler {
 
     private func makeThreads(gated: Bool) {
         guard vmm.guest != nil, threads.isEmpty else { return }
+        // The vcpu threads take the CPU mask of the thread that makes them: never the
+        // blackout's placement of the staging thread.
+        stagingPlacement?.end()
+        stagingPlacement = nil
         let violations = self.violations
         let log = self.log
         // A vcpu thread reads its own report page through the host mapping, never the VMM's tables.
@@ -348,7 +352,7 @@ final class TinyVMM: HandoffHandler {
         // The blackout is over for a source once the coordinator asks anything again.
         pausedForTarget = false
         var reply = HandoffMessage(type: "ok", id: request.id)
-        if request.type != "restore" && request.type != "status", let placement = stagingPlacement {
+        if request.type != "restore", let placement = stagingPlacement {
             placement.end()
             stagingPlacement = nil
         }
@@ -661,6 +665,11 @@ final class TinyVMM: HandoffHandler {
         } catch {
             reply = HandoffMessage(type: "error", id: request.id)
             reply.message = "\(error)"
+        }
+        if reply.type != "ok", let placement = stagingPlacement {
+            // A staging or a restore that failed ends the blackout's placement.
+            placement.end()
+            stagingPlacement = nil
         }
         reply.fired = newlyFired()
         return (reply, [], reply.type == "ok" ? replyAttachment : nil)

@@ -21,11 +21,13 @@ struct BlackoutPlacementTests {
         let before = try Self.allowed()
         let last = try #require(before.max())
         let staging = BlackoutPlacement.stagingThread()
+        defer { staging.end() }  // whatever fails below, the test runner's thread gets its mask back
         #expect(staging.placed == (before.count > 1))
         #expect(try Self.allowed() == (before.count > 1 ? [last] : before))
         staging.end()
         #expect(try Self.allowed() == before)
         let pausing = BlackoutPlacement.pausingThread()
+        defer { pausing.end() }
         #expect(try Self.allowed() == (before.count > 1 ? before.subtracting([last]) : before))
         pausing.end()
         pausing.end()  // once only

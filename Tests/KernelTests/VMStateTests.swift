@@ -64,7 +64,7 @@ struct VMStateTests {
         #expect(VCPUState.difference(restored: back { $0.removeLast() }, saved: saved) != nil)
     }
 
-    @Test("a save's cpuid section is what KVM holds, without the runtime bits, with no KVM_GET_CPUID2 of its own")
+    @Test("a save's cpuid section is what KVM holds, without the runtime bits")
     func cpuidSectionIsWhatKVMHolds() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let vm = try kernel.createVM(type: .default)

@@ -317,9 +317,11 @@ int ckvm_kick_thread(unsigned long thread, int signo);
 int ckvm_name_thread(const char *name);
 /** The CPU the calling thread runs on now (sched_getcpu), or -1. */
 int ckvm_current_cpu(void);
-/** Lets `thread` run on every CPU of the host but `cpu` (on all of them where `cpu` is the only
- *  one; always within its cpuset). Returns 0, or an errno. */
-int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu);
+/** Lets `thread` run on the CPUs of `base` (a mask ckvm_cpu_mask saved) but `cpu` (on all of
+ *  them where `cpu` is the only one). Returns 0, or an errno. */
+int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base);
+/** The calling thread's CPU mask, into `saved` (ckvm_cpu_mask_size bytes). 0, or an errno. */
+int ckvm_cpu_mask(void *saved);
 /** The last CPU the calling thread may run on, or -1 where it may run on one CPU only. */
 int ckvm_last_cpu(void);
 /** Confines the calling thread to `cpu` (`only` nonzero) or to every CPU it may use but `cpu`,

@@ -37,6 +37,9 @@ public final class LinuxKVM: KernelBackend {
         /// KVM_SET_TSC_KHZ set it. Dropped when the vcpu's descriptor closes.
         var vcpuCPUID: [Int32: [CPUIDEntry]] = [:]
         var vcpuTSCKhz: [Int32: UInt32] = [:]
+        /// The vcpus that entered KVM_RUN through this instance (one that never did holds no TSC
+        /// deadline, so a deadline of 0 need not be written into it).
+        var ranVCPUs: Set<Int32> = []
         /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
         var tscOffsetAttribute: Bool?
     }
@@ -548,7 +551,7 @@ public final class LinuxKVM: KernelBackend {
             // recomputes the vcpu's CPU model). A vcpu that holds these entries already, but for
             // the bits KVM rewrites itself from the sregs and MSRs set below, keeps them, as
             // QEMU's destination does (its migration stream carries no CPUID); the read-back
-            // compares what KVM then holds, runtime bits included.
+            // compares what KVM answered after its set (`setCPUID`), without runtime bits.
             let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? currentCPUID(fd).map { CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list($0)) }
             if !(held.map { CPUIDEntry.sameButRuntimeBits(cpuid, $0) } ?? false) { try setCPUID(vcpu, CPUIDEntry.list(cpuid)) }
         }
@@ -579,9 +582,11 @@ public final class LinuxKVM: KernelBackend {
         if let bytes = newState["msrs"] {
             let all = MSRList(bytes: bytes).entries
             // A deadline of 0 (no TSC-deadline timer armed: the LAPIC's own timer, or none) is not
-            // written: KVM holds 0 in a vcpu that never ran one, and the read-back compares it.
-            // One vcpu ioctl less inside the blackout.
-            for (index, batch) in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline && $0.value != 0 }].enumerated() {
+            // written into a vcpu that never ran: it holds 0 (KVM_SET_LAPIC keeps a deadline
+            // set before, so one that ran might not), and the read-back compares it. One vcpu
+            // ioctl less inside the blackout.
+            let neverRan = !state.withLock { $0.ranVCPUs.contains(fd) }
+            for (index, batch) in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline && !($0.value == 0 && neverRan) }].enumerated() {
                 // Between the two batches: the events, MP state and LAPIC.
                 if index == 1 { try setEventsMPStateAndLAPIC() }
                 guard !batch.isEmpty else { continue }
@@ -673,6 +678,7 @@ public final class LinuxKVM: KernelBackend {
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
         guard let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
         else { preconditionFailure("vcpu \(vcpu) has no kvm_run mapping") }
+        state.withLock { if !$0.ranVCPUs.contains(vcpu.raw) { $0.ranVCPUs.insert(vcpu.raw) } }
         let result = Syscalls.run(vcpu.raw)
         let error = Errno.current
         let reason = run.load(fromByteOffset: RunLayout.exitReason, as: UInt32.self)
@@ -800,6 +806,7 @@ public final class LinuxKVM: KernelBackend {
             state.vcpuVMs[handle.raw] = nil
             state.vcpuCPUID[handle.raw] = nil
             state.vcpuTSCKhz[handle.raw] = nil
+            state.ranVCPUs.remove(handle.raw)
             state.irqchips.remove(handle.raw)
             return state.runMappings.removeValue(forKey: handle.raw)
         }
