@@ -124,8 +124,7 @@ final class TinyVMM: HandoffHandler {
         guard vmm.guest != nil, threads.isEmpty else { return }
         // The vcpu threads take the CPU mask of the thread that makes them: never the
         // blackout's placement of the staging thread.
-        stagingPlacement?.end()
-        stagingPlacement = nil
+        endStagingPlacement()
         let violations = self.violations
         let log = self.log
         // A vcpu thread reads its own report page through the host mapping, never the VMM's tables.
@@ -265,6 +264,12 @@ final class TinyVMM: HandoffHandler {
     /// streamed stage-state until its restore ran the vcpus or anything else is asked.
     private var stagingPlacement: BlackoutPlacement?
 
+    /// Puts the staging thread's CPU mask back, where it was placed.
+    private func endStagingPlacement() {
+        stagingPlacement?.end()
+        stagingPlacement = nil
+    }
+
     /// Log lines of the blackout's requests, written once the reply is sent (`afterReply`): the
     /// coordinator waits on the reply, and on this machine kind the CPUs are all busy then.
     private var pendingLog: [() -> String] = []
@@ -352,10 +357,7 @@ final class TinyVMM: HandoffHandler {
         // The blackout is over for a source once the coordinator asks anything again.
         pausedForTarget = false
         var reply = HandoffMessage(type: "ok", id: request.id)
-        if request.type != "restore", let placement = stagingPlacement {
-            placement.end()
-            stagingPlacement = nil
-        }
+        if request.type != "restore" { endStagingPlacement() }
         do {
             let phase = self.phase
             if !TinyVMM.always.contains(request.type), HandoffMessage.requestTypes.contains(request.type),
@@ -532,7 +534,7 @@ final class TinyVMM: HandoffHandler {
                     defer { close(channel) }
                     staged = nil
                     // On the CPU the source keeps off, until the restore ran the vcpus.
-                    stagingPlacement?.end()
+                    endStagingPlacement()
                     stagingPlacement = BlackoutPlacement.stagingThread()
                     // Each part is checked and set as it comes, while the source saves the next.
                     var receiver = StateChannel.Receiver(channel, timeout: Self.timeout(of: request))
@@ -606,8 +608,7 @@ final class TinyVMM: HandoffHandler {
                 // Running means each vcpu thread is at KVM_RUN, not only let go; the blackout the
                 // coordinator measures ends when the last one entered it.
                 reply.runningSince = threads.map { $0.waitEntered() }.max()
-                stagingPlacement?.end()
-                stagingPlacement = nil
+                endStagingPlacement()
                 reply.timings = ["restore": (restored - began).nanoseconds, "resume": (clock.now - restored).nanoseconds]
                 if wasStaged, let readBack { reply.timings?["staged-read-back"] = readBack }
                 reply.running = vmm.isRunning && guestRuns
@@ -666,11 +667,8 @@ final class TinyVMM: HandoffHandler {
             reply = HandoffMessage(type: "error", id: request.id)
             reply.message = "\(error)"
         }
-        if reply.type != "ok", let placement = stagingPlacement {
-            // A staging or a restore that failed ends the blackout's placement.
-            placement.end()
-            stagingPlacement = nil
-        }
+        // A staging or a restore that failed ends the blackout's placement.
+        if reply.type != "ok" { endStagingPlacement() }
         reply.fired = newlyFired()
         return (reply, [], reply.type == "ok" ? replyAttachment : nil)
     }

@@ -11,6 +11,15 @@ import Glibc
 
 @Suite("VM state sections")
 struct VMStateTests {
+    /// A VM with its in-kernel interrupt controllers and `vcpus` vcpus, each given `cpuid`.
+    static func makeVM(_ kernel: LinuxKVM, cpuid: [CPUIDEntry], vcpus count: Int) throws -> (KernelHandle, [KernelHandle]) {
+        let vm = try kernel.createVM(type: .default)
+        try kernel.createInterruptControllers(vm: vm)
+        let vcpus = try (0..<count).map { id in try kernel.createVCPU(vm: vm, id: UInt32(id)) }
+        for vcpu in vcpus { try kernel.setCPUID(vcpu, cpuid) }
+        return (vm, vcpus)
+    }
+
     @Test("a cpuid section compared in place answers what comparing its stripped entries answers")
     func cpuidComparedInPlace() {
         let model: [CPUIDEntry] = [
@@ -67,11 +76,9 @@ struct VMStateTests {
     @Test("a save's cpuid section is what KVM holds, without the runtime bits")
     func cpuidSectionIsWhatKVMHolds() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
-        let vm = try kernel.createVM(type: .default)
-        try kernel.createInterruptControllers(vm: vm)
-        let vcpu = try kernel.createVCPU(vm: vm, id: 0)
+        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        let vcpu = vcpus[0]
         defer { for handle in [vcpu, vm] { kernel.close(handle) } }
-        try kernel.setCPUID(vcpu, try kernel.supportedCPUID())
         let held = try #require(kernel.heldCPUID(vcpu))
         // The LAPIC is enabled (its base MSR says so): KVM sets leaf 1's APIC bit itself.
         #expect(held.contains { $0.function == 1 && $0.edx & (1 << 9) != 0 })
@@ -86,15 +93,9 @@ struct VMStateTests {
     func tscDeadlineMoves() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let cpuid = try kernel.supportedCPUID()
-        func makeVM() throws -> (KernelHandle, KernelHandle) {
-            let vm = try kernel.createVM(type: .default)
-            try kernel.createInterruptControllers(vm: vm)
-            let vcpu = try kernel.createVCPU(vm: vm, id: 0)
-            try kernel.setCPUID(vcpu, cpuid)
-            return (vm, vcpu)
-        }
-        let (sourceVM, source) = try makeVM()
-        let (targetVM, target) = try makeVM()
+        let (sourceVM, sources) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 1)
+        let (targetVM, targets) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 1)
+        let (source, target) = (sources[0], targets[0])
         defer { for handle in [source, sourceVM, target, targetVM] { kernel.close(handle) } }
         var state = try kernel.vcpuState(source)
         let deadline: UInt32 = 0x6e0
@@ -124,16 +125,9 @@ struct VMStateTests {
     func roundTrip() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let cpuid = try kernel.supportedCPUID()
-        func makeVM() throws -> (KernelHandle, [KernelHandle]) {
-            let vm = try kernel.createVM(type: .default)
-            try kernel.createInterruptControllers(vm: vm)
-            let vcpus = try (0..<2).map { id in try kernel.createVCPU(vm: vm, id: UInt32(id)) }
-            for vcpu in vcpus { try kernel.setCPUID(vcpu, cpuid) }
-            return (vm, vcpus)
-        }
-        let (sourceVM, sourceVCPUs) = try makeVM()
+        let (sourceVM, sourceVCPUs) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 2)
         let saved = VMState(vm: try kernel.vmState(sourceVM), vcpus: try sourceVCPUs.map { try kernel.vcpuState($0) })
-        let (targetVM, targetVCPUs) = try makeVM()
+        let (targetVM, targetVCPUs) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 2)
         try kernel.setVMState(targetVM, saved.vm)
         for (vcpu, state) in zip(targetVCPUs, saved.vcpus) { try kernel.setVCPUState(vcpu, state) }
         let restored = VMState(vm: try kernel.vmState(targetVM), vcpus: try targetVCPUs.map { try kernel.vcpuState($0) })

@@ -375,7 +375,7 @@ public final class LinuxKVM: KernelBackend {
         guard result == 0 else { throw .failed(operation: .setCPUID, errno: .current) }
         // What KVM took, read back (it is what a save carries, `vcpuState`): KVM keeps the
         // entries as given but for the runtime bits it rewrites, which are not kept here.
-        let held = currentCPUID(vcpu.raw).map(CPUIDEntry.list) ?? entries
+        let held = heldCPUID(vcpu) ?? entries
         state.withLock { $0.vcpuCPUID[vcpu.raw] = CPUIDEntry.withoutRuntimeBits(held) }
     }
 
@@ -467,7 +467,7 @@ public final class LinuxKVM: KernelBackend {
         // carry those), so the section needs no ioctl (each costs 5-15 µs on this nested host,
         // inside the blackout, on both sides: the save and the read-back).
         let cpuidSection = (state.withLock { $0.vcpuCPUID[fd] }.map(CPUIDEntry.bytes)
-            ?? currentCPUID(fd).map { CPUIDEntry.bytes(CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list($0))) })
+            ?? heldCPUID(vcpu).map { CPUIDEntry.bytes(CPUIDEntry.withoutRuntimeBits($0)) })
             .map { StateSection(name: "cpuid", bytes: $0) }
         // Like QEMU, a KVM paravirtual MSR moves only where the vcpu's CPUID offers its feature:
         // KVM refuses to set one the guest was not offered (MSR_KVM_ASYNC_PF_INT, say).
@@ -552,7 +552,7 @@ public final class LinuxKVM: KernelBackend {
             // the bits KVM rewrites itself from the sregs and MSRs set below, keeps them, as
             // QEMU's destination does (its migration stream carries no CPUID); the read-back
             // compares what KVM answered after its set (`setCPUID`), without runtime bits.
-            let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? currentCPUID(fd).map { CPUIDEntry.withoutRuntimeBits(CPUIDEntry.list($0)) }
+            let held = state.withLock({ $0.vcpuCPUID[fd] }) ?? heldCPUID(vcpu).map(CPUIDEntry.withoutRuntimeBits)
             if !(held.map { CPUIDEntry.sameButRuntimeBits(cpuid, $0) } ?? false) { try setCPUID(vcpu, CPUIDEntry.list(cpuid)) }
         }
         if let khz = newState["tsc-khz"].map({ $0.loadLE(UInt32.self, at: 0) }) {
@@ -676,9 +676,13 @@ public final class LinuxKVM: KernelBackend {
     }
 
     public func run(_ vcpu: KernelHandle) throws(KernelError) -> VCPUExit {
-        guard let base = state.withLock({ $0.runMappings[vcpu.raw] }), let run = UnsafeMutableRawPointer(bitPattern: base)
+        // Under the one lock a run takes: the mapping, and that the vcpu ran.
+        let mapping = state.withLock { state -> UInt? in
+            state.ranVCPUs.insert(vcpu.raw)
+            return state.runMappings[vcpu.raw]
+        }
+        guard let base = mapping, let run = UnsafeMutableRawPointer(bitPattern: base)
         else { preconditionFailure("vcpu \(vcpu) has no kvm_run mapping") }
-        state.withLock { if !$0.ranVCPUs.contains(vcpu.raw) { $0.ranVCPUs.insert(vcpu.raw) } }
         let result = Syscalls.run(vcpu.raw)
         let error = Errno.current
         let reason = run.load(fromByteOffset: RunLayout.exitReason, as: UInt32.self)
