@@ -38,8 +38,8 @@ public final class InProcessVMM: VMMEndpoint {
     private var loaded: VMState? = nil
     /// A state `stage(_:readBack: false)` set and has not read back yet (`verifyStaged`).
     private var unverified: VMState? = nil
-    /// Reads a staging's vcpus back as they are set (all but the last, left for the read-back).
-    private let vcpuReadBack = VCPUReadBack()
+    /// Saves, sets and reads back vcpus on a second thread inside a blackout.
+    private let vcpuWorker = VCPUWorker()
     /// Vcpu 0's CPUID as KVM reports it once this VMM set its CPU model (KVM_SET_CPUID2 at
     /// creation, from KVM_GET_SUPPORTED_CPUID with the vcpu's own APIC ID): what source and
     /// target compare, and what a restored state's CPUID must be (per vcpu, `forVCPU`).
@@ -248,14 +248,14 @@ public final class InProcessVMM: VMMEndpoint {
             let clock = ContinuousClock()
             let began = clock.now
             do {
-                let sections = try backend.vmState(vm.value.handle)
-                emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
-                var saves: [VCPUState] = []
-                for vcpu in vcpus {
-                    let vcpuState = try vcpu.value.state()
-                    emit(VMState.encoded(vcpuState))
-                    saves.append(vcpuState)
-                }
+                var sections: [StateSection] = []
+                let saves = try saveVCPUs(
+                    kernel: backend,
+                    handedOver: { () throws(KernelError) in
+                        sections = try backend.vmState(vm.value.handle)
+                        emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
+                    },
+                    each: { emit(VMState.encoded($0)) })
                 state = VMState(vm: sections, vcpus: saves)
             } catch {
                 throw EndpointError.from(error)
@@ -266,6 +266,38 @@ public final class InProcessVMM: VMMEndpoint {
         }
         if let failure { throw failure }
         return state
+    }
+
+    /// Whether the vcpus' calls on `kernel` stay on one thread: a VM of one vcpu, or a kernel
+    /// under a fault injector (a VMM started with --allow-faults, a test), where a fault's count
+    /// must name one call of one vcpu whatever the threads' timing (`vcpuCallsInOrder`).
+    private static func onOneThread(_ kernel: any KernelBackend, vcpus count: Int) -> Bool {
+        count < 2 || (kernel as? FaultInjectingBackend)?.vcpuCallsInOrder == true
+    }
+
+    /// Saves every vcpu's state (its vcpus stopped): the second half on the worker
+    /// (`VCPUWorker`) while this thread saves the first. `handedOver` runs once the worker has
+    /// its half (a pause saves the VM's sections then), `each` with every state in vcpu order,
+    /// as soon as it and those before it are saved. Nothing is left on the worker when it
+    /// returns or throws (the first failure, in vcpu order).
+    private func saveVCPUs(
+        kernel: any KernelBackend, handedOver: () throws(KernelError) -> Void = {}, each: (VCPUState) -> Void = { _ in }
+    ) throws(KernelError) -> [VCPUState] {
+        let count = vcpus.count
+        let mine = Self.onOneThread(kernel, vcpus: count) ? count : (count + 1) / 2
+        for index in mine..<count {
+            vcpuWorker.add(.init(index: index, vcpu: vcpus[index].value.handle, work: .save, kernel: kernel, owner: vcpus[index]))
+        }
+        vcpuWorker.release()
+        defer { vcpuWorker.discard() }
+        try handedOver()
+        var saves: [VCPUState] = []
+        for index in 0..<count {
+            let state = index < mine ? try kernel.vcpuState(vcpus[index].value.handle) : try vcpuWorker.saved(index)
+            each(state)
+            saves.append(state)
+        }
+        return saves
     }
 
     public func resume() throws(EndpointError) {
@@ -551,7 +583,7 @@ public final class InProcessVMM: VMMEndpoint {
         loaded = nil
         unverified = nil
         clockUnset = false
-        vcpuReadBack.discard()
+        vcpuWorker.discard()
         capabilityAnswers = [:]
         let clock = ContinuousClock()
         let began = clock.now
@@ -591,14 +623,27 @@ public final class InProcessVMM: VMMEndpoint {
         let clock = ContinuousClock()
         let began = clock.now
         try checkVCPU(index, state, kernel: kernel)
-        // The last vcpu's part: the source has sent its state and its CPU falls idle, where the
-        // vcpus set before are read back while this one is set.
-        if index + 1 == count { vcpuReadBack.release() }
         let checked = clock.now
-        try setVCPU(index, state, kernel: kernel)
-        // Read back on the worker: those before the last beside the last one's set, the last
-        // beside the staging's answer, the clock's set and the VM sections' read-back.
-        vcpuReadBack.add(.init(index: index, vcpu: vcpus[index].value.handle, saved: state, kernel: kernel, owner: vcpus[index]))
+        guard vcpus.indices.contains(index) else { throw EndpointError("\(role): no vcpu \(index) to restore into") }
+        let job = { (work: VCPUWorker.Job.Work) in VCPUWorker.Job(index: index, vcpu: self.vcpus[index].value.handle, work: work, kernel: kernel, owner: self.vcpus[index]) }
+        if Self.onOneThread(kernel, vcpus: count) {
+            // The last vcpu's part: the source has sent its state and its CPU falls idle, where
+            // the vcpus set before are read back while this one is set.
+            if index + 1 == count { vcpuWorker.release() }
+            try setVCPU(index, state, kernel: kernel)
+            // Read back on the worker: those before the last beside the last one's set, the last
+            // beside the staging's answer, the clock's set and the VM sections' read-back.
+            vcpuWorker.add(job(.readBack(state)))
+        } else if index % 2 == 0 && index + 1 < count {
+            // Every other vcpu (not the last) is set on the worker, and read back there, while
+            // this thread sets the next; the source saved its two halves at once.
+            vcpuWorker.add(job(.set(state)))
+            vcpuWorker.release()
+        } else {
+            try setVCPU(index, state, kernel: kernel)
+            vcpuWorker.add(job(.readBack(state)))
+            vcpuWorker.release()
+        }
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 
@@ -613,12 +658,18 @@ public final class InProcessVMM: VMMEndpoint {
     private func finishStaging(_ state: VMState, readBack: Bool, kernel: any KernelBackend) throws(EndpointError) {
         guard let (count, next, check, set) = staging, next == count, state.vcpus.count == count else {
             staging = nil
+            vcpuWorker.discard()
             throw EndpointError("\(role): the staging ended before every vcpu's state was set")
         }
         staging = nil
         let clock = ContinuousClock()
         let began = clock.now
-        var clockSet = began
+        // The worker's sets, before the clock (KVM's order) and before the staging answers.
+        if let (_, error) = vcpuWorker.waitForSets() {
+            vcpuWorker.discard()
+            throw EndpointError.from(error)
+        }
+        var clockSet = clock.now
         if readBack {
             try setClock(state.vm, kernel: kernel)
             clockSet = clock.now
@@ -655,7 +706,7 @@ public final class InProcessVMM: VMMEndpoint {
         let kernel = (backend as? FaultInjectingBackend)?.inner ?? backend
         do {
             // As a source sends it (`pause(sendingParts:)`) and a target stages it, part by part.
-            let own = VMState(vm: try kernel.vmState(vm.value.handle), vcpus: try vcpus.map { try kernel.vcpuState($0.value.handle) })
+            let own = VMState(vm: try kernel.vmState(vm.value.handle), vcpus: try saveVCPUs(kernel: kernel))
             var decoder = VMState.StreamDecoder()
             var sent: [UInt8] = []
             for part in [VMState.encodedHead(vm: own.vm, vcpus: own.vcpus.count)] + own.vcpus.map(VMState.encoded) {
@@ -669,7 +720,7 @@ public final class InProcessVMM: VMMEndpoint {
             lastTimings = [:]
             return decoded
         } catch {
-            vcpuReadBack.discard()
+            vcpuWorker.discard()
             throw EndpointError("\(role): the rehearsal of a staging: \(EndpointError.from(error).message)")
         }
     }
@@ -685,7 +736,7 @@ public final class InProcessVMM: VMMEndpoint {
         if clockUnset {
             clockUnset = false
             do { try setClock(state.vm, kernel: backend) } catch {
-                vcpuReadBack.discard()
+                vcpuWorker.discard()
                 throw error
             }
         }
@@ -700,17 +751,19 @@ public final class InProcessVMM: VMMEndpoint {
 
     /// Reads the VM's and every vcpu's state back and compares it with `state`: a difference
     /// fails, naming the section and field. A staging read some vcpus back already, as it set
-    /// them (`VCPUReadBack`); the rest are read now.
+    /// them (`VCPUWorker`); the rest are read now.
     private func readBack(_ state: VMState, vm: KernelHandle, kernel: (any KernelBackend)? = nil) throws {
         let kernel = kernel ?? backend
         let compared = Set(state.vm.map(\.name)).subtracting(VMState.uncomparedVMSections)
         let vmBack: [StateSection]
         do { vmBack = try kernel.vmState(vm, only: compared) } catch {
-            vcpuReadBack.discard()
+            vcpuWorker.discard()
             throw error
         }
-        let jobs = zip(vcpus, state.vcpus).enumerated().map { VCPUReadBack.Job(index: $0, vcpu: $1.0.value.handle, saved: $1.1, kernel: kernel, owner: $1.0) }
-        let outcomes = vcpuReadBack.finish(all: jobs)
+        let jobs = zip(vcpus, state.vcpus).enumerated().map {
+            VCPUWorker.Job(index: $0, vcpu: $1.0.value.handle, work: .readBack($1.1), kernel: kernel, owner: $1.0)
+        }
+        let outcomes = vcpuWorker.finish(all: jobs)
         if let difference = VMState.difference(restored: VMState(vm: vmBack, vcpus: []), saved: VMState(vm: state.vm, vcpus: [])) {
             throw EndpointError("\(role): the restored state read back differs: \(difference)")
         }
@@ -722,6 +775,7 @@ public final class InProcessVMM: VMMEndpoint {
             case .equal: continue
             case .differs(let difference): throw EndpointError("\(role): the restored state read back differs: vcpu \(index): \(difference)")
             case .failed(let error): throw error
+            case .saved?: throw EndpointError("\(role): vcpu \(index) was saved, not read back")
             case nil: throw EndpointError("\(role): vcpu \(index)'s state was not read back")
             }
         }
@@ -762,7 +816,7 @@ public final class InProcessVMM: VMMEndpoint {
         unverified = nil
         clockUnset = false
         staging = nil
-        vcpuReadBack.discard()
+        vcpuWorker.discard()
         let clock = ContinuousClock()
         let began = clock.now
         try setHead(state.vm, kernel: kernel)
@@ -821,7 +875,7 @@ public final class InProcessVMM: VMMEndpoint {
     }
 
     private func closeEverything() {
-        vcpuReadBack.discard()
+        vcpuWorker.discard()
         slots.removeAll()
         copySources.removeAll()
         mappings.removeAll()
