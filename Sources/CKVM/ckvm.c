@@ -423,6 +423,16 @@ int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base) {
 
 int ckvm_cpu_mask(void *saved) { return sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)saved) == 0 ? 0 : errno; }
 
+int ckvm_nth_cpu(int n) {
+    cpu_set_t mask;
+    if (n < 0 || sched_getaffinity(0, sizeof mask, &mask) != 0) return -1;
+    int count = CPU_COUNT(&mask);
+    if (count < 2) return -1;
+    int wanted = n % count;
+    for (int i = 0; i < CPU_SETSIZE; i++) if (CPU_ISSET(i, &mask) && wanted-- == 0) return i;
+    return -1;
+}
+
 int ckvm_last_cpu(void) {
     cpu_set_t mask;
     if (sched_getaffinity(0, sizeof mask, &mask) != 0 || CPU_COUNT(&mask) < 2) return -1;

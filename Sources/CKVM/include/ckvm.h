@@ -322,6 +322,9 @@ int ckvm_current_cpu(void);
 int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base);
 /** The calling thread's CPU mask, into `saved` (ckvm_cpu_mask_size bytes). 0, or an errno. */
 int ckvm_cpu_mask(void *saved);
+/** The CPU `n` modulo their count among those the calling thread may run on, or -1 where it
+ *  may run on one CPU only. */
+int ckvm_nth_cpu(int n);
 /** The last CPU the calling thread may run on, or -1 where it may run on one CPU only. */
 int ckvm_last_cpu(void);
 /** Confines the calling thread to `cpu` (`only` nonzero) or to every CPU it may use but `cpu`,
