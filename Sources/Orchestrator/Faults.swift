@@ -115,9 +115,9 @@ public final class FaultInjector: Sendable {
 public final class FaultInjectingBackend: KernelBackend {
     public let inner: any KernelBackend
     public let faults: FaultInjector
-    /// Whether a VMM makes its vcpus' calls on this kernel one after another, on one thread
-    /// (`InProcessVMM` saves and sets on two otherwise): so that a fault's count names one call
-    /// of one vcpu whatever the threads' timing. A test of the two threads turns it off.
+    /// Whether a VMM saves and sets its vcpus on this kernel one after another, on one thread
+    /// (`InProcessVMM` does both on two otherwise): so that a fault's count names one save or
+    /// set of one vcpu whatever the threads' timing. A test of the two threads turns it off.
     public let vcpuCallsInOrder: Bool
     public var name: String { inner.name }
 

@@ -268,9 +268,10 @@ public final class InProcessVMM: VMMEndpoint {
         return state
     }
 
-    /// Whether the vcpus' calls on `kernel` stay on one thread: a VM of one vcpu, or a kernel
-    /// under a fault injector (a VMM started with --allow-faults, a test), where a fault's count
-    /// must name one call of one vcpu whatever the threads' timing (`vcpuCallsInOrder`).
+    /// Whether the vcpus' saves and sets on `kernel` stay on one thread: a VM of one vcpu, or a
+    /// kernel under a fault injector (a VMM started with --allow-faults, a test), where a
+    /// fault's count must name one save or set of one vcpu whatever the threads' timing
+    /// (`vcpuCallsInOrder`). The read-backs go on beside the last vcpu's set as before.
     private static func onOneThread(_ kernel: any KernelBackend, vcpus count: Int) -> Bool {
         count < 2 || (kernel as? FaultInjectingBackend)?.vcpuCallsInOrder == true
     }
@@ -285,6 +286,7 @@ public final class InProcessVMM: VMMEndpoint {
     ) throws(KernelError) -> [VCPUState] {
         let count = vcpus.count
         let mine = Self.onOneThread(kernel, vcpus: count) ? count : (count + 1) / 2
+        vcpuWorker.discard()  // nothing of a staging that failed part-way answers for a save
         for index in mine..<count {
             vcpuWorker.add(.init(index: index, vcpu: vcpus[index].value.handle, work: .save, kernel: kernel, owner: vcpus[index]))
         }
@@ -617,9 +619,13 @@ public final class InProcessVMM: VMMEndpoint {
     private func stageVCPU(_ index: Int, _ state: VCPUState, kernel: any KernelBackend) throws(EndpointError) {
         guard let (count, next, check, set) = staging, index == next, index < count else {
             staging = nil
+            vcpuWorker.discard()
             throw EndpointError("\(role): vcpu \(index)'s state, out of order in the staging")
         }
         staging = nil
+        // A part that fails leaves nothing on the worker (the staging is over).
+        var failed = true
+        defer { if failed { vcpuWorker.discard() } }
         let clock = ContinuousClock()
         let began = clock.now
         try checkVCPU(index, state, kernel: kernel)
@@ -644,6 +650,7 @@ public final class InProcessVMM: VMMEndpoint {
             vcpuWorker.add(job(.readBack(state)))
             vcpuWorker.release()
         }
+        failed = false
         staging = (count, next + 1, check + (checked - began), set + (clock.now - checked))
     }
 
@@ -665,9 +672,10 @@ public final class InProcessVMM: VMMEndpoint {
         let clock = ContinuousClock()
         let began = clock.now
         // The worker's sets, before the clock (KVM's order) and before the staging answers.
-        if let (_, error) = vcpuWorker.waitForSets() {
+        if let (index, error) = vcpuWorker.waitForSets() {
             vcpuWorker.discard()
-            throw EndpointError.from(error)
+            let failure = EndpointError.from(error)
+            throw EndpointError("\(role): vcpu \(index): \(failure.message)", errno: failure.errno)
         }
         var clockSet = clock.now
         if readBack {

@@ -81,18 +81,21 @@ final class VCPUWorker: Sendable {
         /// The CPU of the last `release`'s caller: the one to keep the worker off.
         var releaserCPU: Int32 = -1
         var started = false
-        /// The CPUs the worker may use as it was made (the process's, before any placement).
+        /// The CPUs the worker may use: the mask of the thread that made its owner (a VMM is
+        /// made before any blackout's placement; the worker itself may be started by a placed
+        /// thread, whose mask it inherits).
         var base: [UInt8] = []
 
         /// Keeps the worker off the releaser's CPU, where it is not already (under `condition`).
         func keepOff() {
-            guard thread != 0, releaserCPU >= 0, releaserCPU != offCPU, !base.isEmpty, ckvm_keep_thread_off_cpu(thread, releaserCPU, base) == 0 else { return }
+            guard thread != 0, releaserCPU >= 0, releaserCPU != offCPU, !base.isEmpty else { return }
+            guard ckvm_keep_thread_off_cpu(thread, releaserCPU, base) == 0 else { return }
             offCPU = releaserCPU
         }
 
-        /// Takes the waiting job for vcpu `index`, if one waits (under `condition`).
-        func takeWaiting(_ index: Int) -> Job? {
-            guard let at = waiting.firstIndex(where: { $0.index == index }) else { return nil }
+        /// Takes the first waiting job `matching`, if one waits (under `condition`).
+        func takeWaiting(_ matching: (Job) -> Bool) -> Job? {
+            guard let at = waiting.firstIndex(where: matching) else { return nil }
             working += 1
             return waiting.remove(at: at)
         }
@@ -110,6 +113,11 @@ final class VCPUWorker: Sendable {
     }
 
     private let shared = Shared()
+
+    init() {
+        var base = [UInt8](repeating: 0, count: Int(ckvm_cpu_mask_size()))
+        if ckvm_cpu_mask(&base) == 0 { shared.base = base }
+    }
 
     deinit {
         shared.condition.withLock {
@@ -151,11 +159,8 @@ final class VCPUWorker: Sendable {
     /// The worker: takes, in order, what waits while released, until closed.
     private static func work(_ shared: Shared) {
         _ = ckvm_name_thread("blackout-worker")
-        var base = [UInt8](repeating: 0, count: Int(ckvm_cpu_mask_size()))
-        let known = ckvm_cpu_mask(&base) == 0
         shared.condition.withLock {
             shared.thread = UInt(ckvm_thread_self())
-            if known { shared.base = base }
             shared.keepOff()
         }
         while let job = take(shared) { run(job, in: shared) }
@@ -166,13 +171,17 @@ final class VCPUWorker: Sendable {
         shared.condition.withLock {
             while !shared.closed && !(shared.released && !shared.waiting.isEmpty) { shared.condition.wait() }
             guard !shared.closed else { return nil }
+            // A set first: the staging's answer waits for it, not for a read-back.
+            let at = shared.waiting.firstIndex { if case .set = $0.work { true } else { false } } ?? 0
             shared.working += 1
-            return shared.waiting.removeFirst()
+            return shared.waiting.remove(at: at)
         }
     }
 
-    /// Does `job` (on whichever thread took it) and keeps how it ended.
-    private static func run(_ job: Job, in shared: Shared) {
+    /// Does `job` (on whichever thread took it) and keeps how it ended. With `readingBackLater`,
+    /// a set is not read back here: its read-back waits with the others (a caller that took the
+    /// set answers before any read-back).
+    private static func run(_ job: Job, in shared: Shared, readingBackLater: Bool = false) {
         let outcome: Outcome
         do throws(KernelError) {
             switch job.work {
@@ -188,10 +197,16 @@ final class VCPUWorker: Sendable {
                     }
                     throw error
                 }
+                let later = readingBackLater ? Job(index: job.index, vcpu: job.vcpu, work: .readBack(state), kernel: job.kernel, owner: job.owner) : nil
                 shared.condition.withLock {
                     shared.setting.remove(job.index)
+                    if let later {
+                        shared.waiting.append(later)
+                        shared.working -= 1
+                    }
                     shared.condition.broadcast()
                 }
+                if later != nil { return }
                 let back = try job.kernel.vcpuState(job.vcpu)
                 outcome = VCPUState.difference(restored: back, saved: state).map(Outcome.differs) ?? .equal
             case .readBack(let saved):
@@ -211,7 +226,10 @@ final class VCPUWorker: Sendable {
     /// What the save of vcpu `index` read (done here if the worker has not taken it yet).
     func saved(_ index: Int) throws(KernelError) -> VCPUState {
         let shared = shared
-        if let job = shared.condition.withLock({ shared.takeWaiting(index) }) { VCPUWorker.run(job, in: shared) }
+        let waiting = shared.condition.withLock {
+            shared.takeWaiting { if case .save = $0.work { $0.index == index } else { false } }
+        }
+        if let waiting { VCPUWorker.run(waiting, in: shared) }
         let outcome = shared.condition.withLock {
             while shared.outcomes[index] == nil && !shared.closed { shared.condition.wait() }
             return shared.outcomes.removeValue(forKey: index)
@@ -223,15 +241,12 @@ final class VCPUWorker: Sendable {
         }
     }
 
-    /// Waits until every set handed over ended (doing here those the worker has not taken);
-    /// the first that failed, by vcpu.
+    /// Waits until every set handed over ended (setting here those the worker has not taken,
+    /// whose read-backs then wait with the others); the first that failed, by vcpu.
     func waitForSets() -> (index: Int, error: KernelError)? {
         let shared = shared
-        while let job = shared.condition.withLock({ () -> Job? in
-            guard let index = shared.setting.min() else { return nil }
-            return shared.takeWaiting(index)
-        }) {
-            VCPUWorker.run(job, in: shared)
+        while let job = shared.condition.withLock({ shared.takeWaiting { if case .set = $0.work { true } else { false } } }) {
+            VCPUWorker.run(job, in: shared, readingBackLater: true)
         }
         return shared.condition.withLock {
             while !shared.setting.isEmpty { shared.condition.wait() }

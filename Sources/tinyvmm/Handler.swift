@@ -144,7 +144,8 @@ final class TinyVMM: HandoffHandler {
             }
         }
         gate = gated ? VCPUGate() : nil
-        for (index, thread) in threads.enumerated() { thread.start(gate: gate, spreadTo: gated ? ckvm_nth_cpu(Int32(clamping: index)) : -1) }
+        let spread = gated && threads.count > 1
+        for (index, thread) in threads.enumerated() { thread.start(gate: gate, spreadTo: spread ? ckvm_nth_cpu(Int32(clamping: index)) : -1) }
     }
 
     /// Stops every vcpu: all are asked at once (immediate_exit and a signal), then each is

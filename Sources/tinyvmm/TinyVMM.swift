@@ -265,7 +265,10 @@ final class VCPUThread: @unchecked Sendable {
             }
             return
         }
-        if spread { _ = ckvm_set_cpu_mask(mask) }
+        if spread {
+            let result = ckvm_set_cpu_mask(mask)
+            if result != 0 { log.say("vcpu \(index): its CPU mask could not be put back (\(Errno(rawValue: result).name)): it stays on CPU \(cpu)") }
+        }
         condition.withLock {
             entered = MonotonicClock.nanoseconds
             condition.broadcast()

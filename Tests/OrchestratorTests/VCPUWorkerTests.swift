@@ -13,7 +13,9 @@ import Testing
 struct VCPUWorkerTests {
     /// A paused model source of `vcpus` vcpus (saved on two threads) with the parts its pause
     /// sent, and an empty target whose kernel lets its vcpus be set on two threads.
-    static func pair(vcpus: Int) throws -> (state: VMState, parts: [[UInt8]], target: InProcessVMM, injector: FaultInjector, kernel: KernelModel) {
+    static func pair(vcpus: Int) throws
+        -> (state: VMState, parts: [[UInt8]], target: InProcessVMM, injector: FaultInjector, kernel: KernelModel)
+    {
         var plan = try loadPlan("demo.yaml")
         plan.vm.vcpus = vcpus
         let host = ModelHost()
@@ -80,19 +82,36 @@ struct VCPUWorkerTests {
         #expect(target.isRunning)
     }
 
-    /// A read-back on the worker that finds a difference fails the staging's read-back,
-    /// naming the first vcpu that differs.
-    @Test func aDifferenceSetOnEitherThreadIsFound() throws {
-        let (state, parts, target, injector, _) = try Self.pair(vcpus: 3)
-        injector.arm([try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave*")])
-        _ = try Self.stage(parts, into: target)
+    /// A difference set by either thread is found by the read-back, naming its vcpu: vcpu 0 is
+    /// set on the worker, vcpu 1 on the staging thread, and the fault is armed while only that
+    /// vcpu's set is in flight.
+    @Test(arguments: [0, 1])
+    func aDifferenceSetOnEitherThreadIsFound(_ altered: Int) throws {
+        let (state, _, target, injector, kernel) = try Self.pair(vcpus: 2)
+        let first = try #require(target.vcpuHandles.first)
+        #expect(VCPUState.difference(restored: try kernel.vcpuState(first), saved: state.vcpus[0]) != nil, "a new vcpu holds another state")
+        let alter = try FaultSpec(parsing: "kernel:set-vcpu-state=alter:xsave")
+        try target.beginStaging(vm: state.vm, vcpus: 2)
+        if altered == 0 { injector.arm([alter]) }
+        try target.stageVCPU(0, state.vcpus[0])
+        // The worker's set of vcpu 0 has ended: altered or as saved.
+        let setOnWorker = waitUntil {
+            guard let back = try? kernel.vcpuState(first) else { return false }
+            let difference = VCPUState.difference(restored: back, saved: state.vcpus[0])
+            return altered == 0 ? difference?.contains("section fpu") == true : difference == nil
+        }
+        #expect(setOnWorker)
+        if altered == 1 { injector.arm([alter]) }
+        try target.stageVCPU(1, state.vcpus[1])
+        try target.finishStaging(state, readBack: false)
+        #expect(target.firedFaults.count == 1)
         #expect {
             try target.verifyStaged()
         } throws: { error in
-            (error as? EndpointError)?.message.contains("read back differs: vcpu 0: section fpu") == true
+            (error as? EndpointError)?.message.contains("read back differs: vcpu \(altered): section fpu") == true
         }
+        #expect(throws: EndpointError.self) { try target.restoreStaged() }
         #expect(!target.isRunning)
-        #expect(state.vcpus.count == 3)
     }
 
     /// A save that fails, on whichever thread, fails the pause with the kernel's errno; what
@@ -102,8 +121,8 @@ struct VCPUWorkerTests {
         var plan = try loadPlan("demo.yaml")
         plan.vm.vcpus = 2
         let injector = FaultInjector()
-        let source = InProcessVMM(
-            role: "source", backend: FaultInjectingBackend(KernelModel(host: ModelHost(), process: "two-threads/failing"), faults: injector, vcpuCallsInOrder: false))
+        let kernel = KernelModel(host: ModelHost(), process: "two-threads/failing")
+        let source = InProcessVMM(role: "source", backend: FaultInjectingBackend(kernel, faults: injector, vcpuCallsInOrder: false))
         try source.createSource(plan.vm)
         injector.arm([try FaultSpec(parsing: fault)])
         var sent: [UInt8] = []
