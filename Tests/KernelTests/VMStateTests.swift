@@ -121,6 +121,46 @@ struct VMStateTests {
         #expect(VCPUState.difference(restored: back, saved: saved) == nil, "\(VCPUState.difference(restored: back, saved: saved) ?? "")")
     }
 
+    /// A vcpu that never ran holds what its last save read of its events, MP state and debug
+    /// registers: a set of the same bytes changes nothing, so none is made (a vcpu ioctl less
+    /// each, inside a blackout). Different bytes are set, and once any vcpu ran nothing is
+    /// taken as held.
+    @Test("a section the vcpu holds is not set again; a changed one is, and a run forgets what it holds")
+    func heldSectionsAreNotSetAgain() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        let vcpu = try #require(vcpus.first)
+        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        let saved = try kernel.vcpuState(vcpu)
+        let held = saved.sections.filter { ["events", "mp-state", "debugregs"].contains($0.name) }.count
+        #expect(held > 0, "this host saves none of the sections a vcpu may hold")
+
+        let before = kernel.heldSetsSkipped
+        try kernel.setVCPUState(vcpu, saved)
+        #expect(kernel.heldSetsSkipped - before == held, "each held section's set was skipped")
+        #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpu), saved: saved) == nil)
+
+        // DR7 with local breakpoint 0 enabled: not what the vcpu holds, so it is set.
+        var debugregs = try #require(saved["debugregs"])
+        debugregs[40] |= 0x01
+        let changed = VCPUState(sections: saved.sections.map { $0.name == "debugregs" ? StateSection(name: "debugregs", bytes: debugregs) : $0 })
+        let beforeChange = kernel.heldSetsSkipped
+        try kernel.setVCPUState(vcpu, changed)
+        #expect(kernel.heldSetsSkipped - beforeChange == held - 1, "the changed debug registers were set")
+        let back = try kernel.vcpuState(vcpu)
+        #expect(back["debugregs"]?[40] == debugregs[40], "DR7 read back as set")
+        #expect(VCPUState.difference(restored: back, saved: changed) == nil)
+
+        // A run (one that enters no guest: immediate_exit) forgets what the vcpus held.
+        kernel.requestImmediateExit(vcpu, true)
+        _ = try kernel.run(vcpu)
+        kernel.requestImmediateExit(vcpu, false)
+        let afterRun = kernel.heldSetsSkipped
+        try kernel.setVCPUState(vcpu, changed)
+        #expect(kernel.heldSetsSkipped == afterRun, "nothing is taken as held once a vcpu ran")
+        #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpu), saved: changed) == nil)
+    }
+
     @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")
     func roundTrip() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)

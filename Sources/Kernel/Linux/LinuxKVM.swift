@@ -40,6 +40,14 @@ public final class LinuxKVM: KernelBackend {
         /// The vcpus that entered KVM_RUN through this instance (one that never did holds no TSC
         /// deadline, so a deadline of 0 need not be written into it).
         var ranVCPUs: Set<Int32> = []
+        /// Sections of a vcpu that never ran, as its last save or read-back read them (vcpu
+        /// events, MP state, debug registers): nothing but a run or a set through this
+        /// instance changes them while no vcpu of its VM runs, so a set of the same bytes is a
+        /// call that changes nothing, and is skipped (the read-back still compares them).
+        /// Dropped at any run.
+        var vcpuHeld: [Int32: [String: [UInt8]]] = [:]
+        /// How many sets `vcpuHeld` spared.
+        var heldSetsSkipped = 0
         /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
         var tscOffsetAttribute: Bool?
     }
@@ -489,6 +497,11 @@ public final class LinuxKVM: KernelBackend {
             bytes.appendLE(offset)
             sections.append(.init(name: "tsc-offset", bytes: bytes))
         }
+        state.withLock { state in
+            guard !state.ranVCPUs.contains(fd) else { return }
+            state.vcpuHeld[fd] = Dictionary(
+                sections.filter { LinuxKVM.skippedWhenHeld.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
+        }
         return VCPUState(sections: sections)
     }
 
@@ -546,6 +559,23 @@ public final class LinuxKVM: KernelBackend {
     /// and KVM_SET_REGS drops a pending exception set before it, so the events go once, after.
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
+        // A section the vcpu holds already, byte for byte (`vcpuHeld`), is not set again:
+        // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
+        // target's vcpus, read by its rehearsal and never run, hold the debug registers and
+        // often the events and MP state a running guest's vcpus are saved with.
+        var held = state.withLock { $0.vcpuHeld.removeValue(forKey: fd) } ?? [:]
+        defer {
+            let kept = held
+            state.withLock { state in if !state.ranVCPUs.contains(fd) && !kept.isEmpty { state.vcpuHeld[fd] = kept } }
+        }
+        func setUnlessHeld(_ name: String, _ request: UInt, _ bytes: [UInt8]) throws(KernelError) {
+            if held[name] == bytes {
+                state.withLock { $0.heldSetsSkipped += 1 }
+                return
+            }
+            held[name] = nil
+            try set(fd, request, bytes, section: name)
+        }
         if let cpuid = newState["cpuid"] {
             // KVM_SET_CPUID2 is the costliest call of a restore here (0.07-0.15 ms a vcpu: KVM
             // recomputes the vcpu's CPU model). A vcpu that holds these entries already, but for
@@ -575,8 +605,8 @@ public final class LinuxKVM: KernelBackend {
         if let bytes = newState["xcrs"] { try set(fd, CKVM_SET_XCRS, bytes, section: "xcrs") }
         let deadline: UInt32 = 0x6e0
         func setEventsMPStateAndLAPIC() throws(KernelError) {
-            if let events = newState["events"] { try set(fd, CKVM_SET_VCPU_EVENTS, events, section: "events") }
-            if let mp = newState["mp-state"] { try set(fd, CKVM_SET_MP_STATE, mp, section: "mp-state") }
+            if let events = newState["events"] { try setUnlessHeld("events", CKVM_SET_VCPU_EVENTS, events) }
+            if let mp = newState["mp-state"] { try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp) }
             if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
         }
         if let bytes = newState["msrs"] {
@@ -605,7 +635,7 @@ public final class LinuxKVM: KernelBackend {
         } else {
             try setEventsMPStateAndLAPIC()
         }
-        if let bytes = newState["debugregs"] { try set(fd, CKVM_SET_DEBUGREGS, bytes, section: "debugregs") }
+        if let bytes = newState["debugregs"] { try setUnlessHeld("debugregs", CKVM_SET_DEBUGREGS, bytes) }
         if let bytes = newState["tsc-offset"] {
             var value = bytes.loadLE(UInt64.self, at: 0)
             let result = withUnsafeMutablePointer(to: &value) { pointer -> Int32 in
@@ -620,6 +650,12 @@ public final class LinuxKVM: KernelBackend {
     }
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
+    /// How many section sets `setVCPUState` skipped because the vcpu held those bytes already.
+    public var heldSetsSkipped: Int { state.withLock { $0.heldSetsSkipped } }
+
+    /// The sections `setVCPUState` does not set again where the vcpu holds them (`vcpuHeld`).
+    static let skippedWhenHeld: Set<String> = ["events", "mp-state", "debugregs"]
+
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
         try vmState(vm, only: Set(LinuxKVM.irqchipSections.map(\.name) + ["pit2", "clock"]))
     }
@@ -679,6 +715,7 @@ public final class LinuxKVM: KernelBackend {
         // Under the one lock a run takes: the mapping, and that the vcpu ran.
         let mapping = state.withLock { state -> UInt? in
             state.ranVCPUs.insert(vcpu.raw)
+            if !state.vcpuHeld.isEmpty { state.vcpuHeld.removeAll() }
             return state.runMappings[vcpu.raw]
         }
         guard let base = mapping, let run = UnsafeMutableRawPointer(bitPattern: base)
@@ -811,6 +848,7 @@ public final class LinuxKVM: KernelBackend {
             state.vcpuCPUID[handle.raw] = nil
             state.vcpuTSCKhz[handle.raw] = nil
             state.ranVCPUs.remove(handle.raw)
+            state.vcpuHeld[handle.raw] = nil
             state.irqchips.remove(handle.raw)
             return state.runMappings.removeValue(forKey: handle.raw)
         }
