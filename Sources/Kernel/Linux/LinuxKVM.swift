@@ -48,6 +48,9 @@ public final class LinuxKVM: KernelBackend {
         var vcpuHeld: [Int32: [String: [UInt8]]] = [:]
         /// How many sets `vcpuHeld` spared.
         var heldSetsSkipped = 0
+        /// How many KVM_RUNs began through this instance: what was read or set while one began
+        /// is not taken as held.
+        var runs: UInt64 = 0
         /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
         var tscOffsetAttribute: Bool?
     }
@@ -451,7 +454,7 @@ public final class LinuxKVM: KernelBackend {
     /// offers KVM_CAP_NESTED_STATE, and a state that would need it says so (`nested` section).
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
         let support = stateSupport()
-        let hasIRQChip = state.withLock { s in s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false }
+        let (hasIRQChip, runsBefore) = state.withLock { s in (s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false, s.runs) }
         let fd = vcpu.raw
         var sections: [StateSection] = []
         if support.events { sections.append(.init(name: "events", bytes: try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
@@ -498,7 +501,7 @@ public final class LinuxKVM: KernelBackend {
             sections.append(.init(name: "tsc-offset", bytes: bytes))
         }
         state.withLock { state in
-            guard !state.ranVCPUs.contains(fd) else { return }
+            guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
             state.vcpuHeld[fd] = Dictionary(
                 sections.filter { LinuxKVM.skippedWhenHeld.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
         }
@@ -563,10 +566,10 @@ public final class LinuxKVM: KernelBackend {
         // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
         // target's vcpus, read by its rehearsal and never run, hold the debug registers and
         // often the events and MP state a running guest's vcpus are saved with.
-        var held = state.withLock { $0.vcpuHeld.removeValue(forKey: fd) } ?? [:]
+        var (held, runsBefore) = state.withLock { ($0.vcpuHeld.removeValue(forKey: fd) ?? [:], $0.runs) }
         defer {
             let kept = held
-            state.withLock { state in if !state.ranVCPUs.contains(fd) && !kept.isEmpty { state.vcpuHeld[fd] = kept } }
+            state.withLock { state in if !state.ranVCPUs.contains(fd) && state.runs == runsBefore && !kept.isEmpty { state.vcpuHeld[fd] = kept } }
         }
         func setUnlessHeld(_ name: String, _ request: UInt, _ bytes: [UInt8]) throws(KernelError) {
             if held[name] == bytes {
@@ -715,6 +718,7 @@ public final class LinuxKVM: KernelBackend {
         // Under the one lock a run takes: the mapping, and that the vcpu ran.
         let mapping = state.withLock { state -> UInt? in
             state.ranVCPUs.insert(vcpu.raw)
+            state.runs &+= 1
             if !state.vcpuHeld.isEmpty { state.vcpuHeld.removeAll() }
             return state.runMappings[vcpu.raw]
         }
