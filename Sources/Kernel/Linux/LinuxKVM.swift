@@ -40,14 +40,14 @@ public final class LinuxKVM: KernelBackend {
         /// The vcpus that entered KVM_RUN through this instance (one that never did holds no TSC
         /// deadline, so a deadline of 0 need not be written into it).
         var ranVCPUs: Set<Int32> = []
-        /// Sections of a vcpu that never ran, as its last save or read-back read them (vcpu
-        /// events, MP state, debug registers): nothing but a run or a set through this
-        /// instance changes them while no vcpu of its VM runs, so a set of the same bytes is a
-        /// call that changes nothing, and is skipped (the read-back still compares them).
-        /// Dropped at any run.
+        /// Sections of a vcpu that never ran, as KVM last answered them (vcpu events, MP
+        /// state, debug registers): nothing but a run or a set through this instance changes
+        /// them while no vcpu of its VM runs, so a set of the same bytes is a call that changes
+        /// nothing, and is skipped, and a read answers these bytes without asking KVM again (as
+        /// the CPUID section does). A set of other bytes drops the section; any run drops all.
         var vcpuHeld: [Int32: [String: [UInt8]]] = [:]
-        /// How many sets `vcpuHeld` spared.
-        var heldSetsSkipped = 0
+        /// How many vcpu calls `vcpuHeld` spared (sets and reads).
+        var heldCallsSkipped = 0
         /// How many KVM_RUNs began through this instance: what was read or set while one began
         /// is not taken as held.
         var runs: UInt64 = 0
@@ -454,11 +454,22 @@ public final class LinuxKVM: KernelBackend {
     /// offers KVM_CAP_NESTED_STATE, and a state that would need it says so (`nested` section).
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
         let support = stateSupport()
-        let (hasIRQChip, runsBefore) = state.withLock { s in (s.vcpuVMs[vcpu.raw].map { s.irqchips.contains($0) } ?? false, s.runs) }
         let fd = vcpu.raw
+        let (hasIRQChip, runsBefore, held) = state.withLock { s in
+            (s.vcpuVMs[fd].map { s.irqchips.contains($0) } ?? false, s.runs, s.ranVCPUs.contains(fd) ? [:] : s.vcpuHeld[fd] ?? [:])
+        }
+        // What the vcpu holds (`vcpuHeld`) is answered without a vcpu ioctl.
+        var spared = 0
+        func heldOrGet(_ name: String, _ request: UInt, size: Int) throws(KernelError) -> [UInt8] {
+            if let bytes = held[name] {
+                spared += 1
+                return bytes
+            }
+            return try get(fd, request, size: size)
+        }
         var sections: [StateSection] = []
-        if support.events { sections.append(.init(name: "events", bytes: try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
-        if support.mpState { sections.append(.init(name: "mp-state", bytes: try get(fd, CKVM_GET_MP_STATE, size: 4))) }
+        if support.events { sections.append(.init(name: "events", bytes: try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
+        if support.mpState { sections.append(.init(name: "mp-state", bytes: try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4))) }
         sections.append(.init(name: "regs", bytes: try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))))
         if support.xsaveSize > 0 {
             sections.append(.init(name: "xsave", bytes: try get(fd, CKVM_GET_XSAVE2, size: support.xsaveSize)))
@@ -488,7 +499,7 @@ public final class LinuxKVM: KernelBackend {
         guard msrIoctl(vcpu, CKVM_GET_MSRS, &msrs) == Int32(indices.count) else { throw .failed(operation: .getVCPUState, errno: .current) }
         sections.append(.init(name: "msrs", bytes: msrs))
         if hasIRQChip { sections.append(.init(name: "lapic", bytes: try get(fd, CKVM_GET_LAPIC, size: Int(CKVM_SIZEOF_LAPIC)))) }
-        if support.debugRegisters { sections.append(.init(name: "debugregs", bytes: try get(fd, CKVM_GET_DEBUGREGS, size: Int(CKVM_SIZEOF_DEBUGREGS)))) }
+        if support.debugRegisters { sections.append(.init(name: "debugregs", bytes: try heldOrGet("debugregs", CKVM_GET_DEBUGREGS, size: Int(CKVM_SIZEOF_DEBUGREGS)))) }
         if let cpuidSection { sections.append(cpuidSection) }
         if support.tscKhz {
             var bytes: [UInt8] = []
@@ -501,9 +512,10 @@ public final class LinuxKVM: KernelBackend {
             sections.append(.init(name: "tsc-offset", bytes: bytes))
         }
         state.withLock { state in
+            state.heldCallsSkipped += spared
             guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
             state.vcpuHeld[fd] = Dictionary(
-                sections.filter { LinuxKVM.skippedWhenHeld.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
+                sections.filter { LinuxKVM.heldSections.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
         }
         return VCPUState(sections: sections)
     }
@@ -573,7 +585,7 @@ public final class LinuxKVM: KernelBackend {
         }
         func setUnlessHeld(_ name: String, _ request: UInt, _ bytes: [UInt8]) throws(KernelError) {
             if held[name] == bytes {
-                state.withLock { $0.heldSetsSkipped += 1 }
+                state.withLock { $0.heldCallsSkipped += 1 }
                 return
             }
             held[name] = nil
@@ -653,11 +665,12 @@ public final class LinuxKVM: KernelBackend {
     }
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
-    /// How many section sets `setVCPUState` skipped because the vcpu held those bytes already.
-    public var heldSetsSkipped: Int { state.withLock { $0.heldSetsSkipped } }
+    /// How many vcpu calls of a save, a set or a read-back were spared because the vcpu held
+    /// the section's bytes already (a set of them skipped, a read answered from them).
+    public var heldCallsSkipped: Int { state.withLock { $0.heldCallsSkipped } }
 
-    /// The sections `setVCPUState` does not set again where the vcpu holds them (`vcpuHeld`).
-    static let skippedWhenHeld: Set<String> = ["events", "mp-state", "debugregs"]
+    /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`).
+    static let heldSections: Set<String> = ["events", "mp-state", "debugregs"]
 
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
         try vmState(vm, only: Set(LinuxKVM.irqchipSections.map(\.name) + ["pit2", "clock"]))
