@@ -664,7 +664,6 @@ public final class LinuxKVM: KernelBackend {
         }
     }
 
-    /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
     /// How many vcpu calls of a save, a set or a read-back were spared because the vcpu held
     /// the section's bytes already (a set of them skipped, a read answered from them).
     public var heldCallsSkipped: Int { state.withLock { $0.heldCallsSkipped } }
@@ -672,6 +671,7 @@ public final class LinuxKVM: KernelBackend {
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`).
     static let heldSections: Set<String> = ["events", "mp-state", "debugregs"]
 
+    /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
         try vmState(vm, only: Set(LinuxKVM.irqchipSections.map(\.name) + ["pit2", "clock"]))
     }
