@@ -461,7 +461,8 @@ public final class LinuxKVM: KernelBackend {
         // What the vcpu holds (`vcpuHeld`) is answered without a vcpu ioctl.
         var spared = 0
         func heldOrGet(_ name: String, _ request: UInt, size: Int) throws(KernelError) -> [UInt8] {
-            if let bytes = held[name] {
+            // Only while no run began since the held bytes were taken.
+            if let bytes = held[name], state.withLock({ $0.runs == runsBefore }) {
                 spared += 1
                 return bytes
             }
@@ -578,14 +579,20 @@ public final class LinuxKVM: KernelBackend {
         // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
         // target's vcpus, read by its rehearsal and never run, hold the debug registers and
         // often the events and MP state a running guest's vcpus are saved with.
-        var (held, runsBefore) = state.withLock { ($0.vcpuHeld.removeValue(forKey: fd) ?? [:], $0.runs) }
+        var held: [String: [UInt8]]
+        let runsBefore: UInt64
+        (held, runsBefore) = state.withLock { ($0.vcpuHeld.removeValue(forKey: fd) ?? [:], $0.runs) }
         defer {
             let kept = held
             state.withLock { state in if !state.ranVCPUs.contains(fd) && state.runs == runsBefore && !kept.isEmpty { state.vcpuHeld[fd] = kept } }
         }
         func setUnlessHeld(_ name: String, _ request: UInt, _ bytes: [UInt8]) throws(KernelError) {
-            if held[name] == bytes {
-                state.withLock { $0.heldCallsSkipped += 1 }
+            // Only while no run began since the held bytes were taken.
+            if held[name] == bytes, state.withLock({ state in
+                guard state.runs == runsBefore else { return false }
+                state.heldCallsSkipped += 1
+                return true
+            }) {
                 return
             }
             held[name] = nil
