@@ -48,8 +48,8 @@ public final class LinuxKVM: KernelBackend {
         var vcpuHeld: [Int32: [String: [UInt8]]] = [:]
         /// How many vcpu calls `vcpuHeld` spared (sets and reads).
         var heldCallsSkipped = 0
-        /// How many KVM_RUNs began through this instance: what was read or set while one began
-        /// is not taken as held.
+        /// How many KVM_RUNs began through this instance: what was read while one began is not
+        /// taken as held.
         var runs: UInt64 = 0
         /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
         var tscOffsetAttribute: Bool?
@@ -455,17 +455,10 @@ public final class LinuxKVM: KernelBackend {
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
         let support = stateSupport()
         let fd = vcpu.raw
-        let (hasIRQChip, runsBefore, held) = state.withLock { s in
-            (s.vcpuVMs[fd].map { s.irqchips.contains($0) } ?? false, s.runs, s.ranVCPUs.contains(fd) ? [:] : s.vcpuHeld[fd] ?? [:])
-        }
+        let (hasIRQChip, runsBefore) = state.withLock { s in (s.vcpuVMs[fd].map { s.irqchips.contains($0) } ?? false, s.runs) }
         // What the vcpu holds (`vcpuHeld`) is answered without a vcpu ioctl.
-        var spared = 0
         func heldOrGet(_ name: String, _ request: UInt, size: Int) throws(KernelError) -> [UInt8] {
-            // Only while no run began since the held bytes were taken.
-            if let bytes = held[name], state.withLock({ $0.runs == runsBefore }) {
-                spared += 1
-                return bytes
-            }
+            if let bytes = spare(fd, name) { return bytes }
             return try get(fd, request, size: size)
         }
         var sections: [StateSection] = []
@@ -513,7 +506,6 @@ public final class LinuxKVM: KernelBackend {
             sections.append(.init(name: "tsc-offset", bytes: bytes))
         }
         state.withLock { state in
-            state.heldCallsSkipped += spared
             guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
             state.vcpuHeld[fd] = Dictionary(
                 sections.filter { LinuxKVM.heldSections.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
@@ -579,23 +571,9 @@ public final class LinuxKVM: KernelBackend {
         // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
         // target's vcpus, read by its rehearsal and never run, hold the debug registers and
         // often the events and MP state a running guest's vcpus are saved with.
-        var held: [String: [UInt8]]
-        let runsBefore: UInt64
-        (held, runsBefore) = state.withLock { ($0.vcpuHeld.removeValue(forKey: fd) ?? [:], $0.runs) }
-        defer {
-            let kept = held
-            state.withLock { state in if !state.ranVCPUs.contains(fd) && state.runs == runsBefore && !kept.isEmpty { state.vcpuHeld[fd] = kept } }
-        }
         func setUnlessHeld(_ name: String, _ request: UInt, _ bytes: [UInt8]) throws(KernelError) {
-            // Only while no run began since the held bytes were taken.
-            if held[name] == bytes, state.withLock({ state in
-                guard state.runs == runsBefore else { return false }
-                state.heldCallsSkipped += 1
-                return true
-            }) {
-                return
-            }
-            held[name] = nil
+            guard spare(fd, name, if: { $0 == bytes }) == nil else { return }
+            state.withLock { $0.vcpuHeld[fd]?[name] = nil }
             try set(fd, request, bytes, section: name)
         }
         if let cpuid = newState["cpuid"] {
@@ -677,6 +655,16 @@ public final class LinuxKVM: KernelBackend {
 
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`).
     static let heldSections: Set<String> = ["events", "mp-state", "debugregs"]
+
+    /// What vcpu `fd` holds of section `name` (`vcpuHeld`: a run since it was read empties
+    /// it), where `matches` accepts it, counting the call it spares.
+    private func spare(_ fd: Int32, _ name: String, if matches: ([UInt8]) -> Bool = { _ in true }) -> [UInt8]? {
+        state.withLock { state in
+            guard let bytes = state.vcpuHeld[fd]?[name], matches(bytes) else { return nil }
+            state.heldCallsSkipped += 1
+            return bytes
+        }
+    }
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
     public func vmState(_ vm: KernelHandle) throws(KernelError) -> [StateSection] {
