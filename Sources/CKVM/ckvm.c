@@ -546,3 +546,57 @@ uint32_t ckvm_crc32c(uint32_t crc, const void *data, unsigned long length) {
 #endif
     return crc32c_software(crc, data, length);
 }
+
+/* ---- registers through the kvm_run's sync area ------------------------------------------ */
+
+int ckvm_sync_run(int fd, void *run, int set, int v2, void *regs, void *sregs, void *events) {
+    struct kvm_run *r = run;
+    /* struct kvm_sregs2 begins with struct kvm_sregs up to its interrupt_bitmap. */
+    const size_t common = offsetof(struct kvm_sregs, interrupt_bitmap);
+    if (set) {
+        if (v2 && ((struct kvm_sregs2 *)sregs)->flags != 0) return 3;
+        memcpy(&r->s.regs.regs, regs, sizeof(struct kvm_regs));
+        if (v2) {
+            memset(&r->s.regs.sregs, 0, sizeof(struct kvm_sregs));
+            memcpy(&r->s.regs.sregs, sregs, common);
+        } else {
+            memcpy(&r->s.regs.sregs, sregs, sizeof(struct kvm_sregs));
+        }
+    }
+    uint8_t immediate = r->immediate_exit;
+    r->kvm_dirty_regs = set ? (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) : 0;
+    r->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | (events ? KVM_SYNC_X86_EVENTS : 0);
+    r->immediate_exit = 1;
+    int result = ioctl(fd, KVM_RUN, 0);
+    int error = errno;
+    uint64_t left = r->kvm_dirty_regs;
+    r->kvm_dirty_regs = 0;
+    r->kvm_valid_regs = 0;
+    r->immediate_exit = immediate;
+    /* With immediate_exit KVM_RUN answers EINTR; anything else is a failure (EINVAL: the
+       registers were refused). */
+    if (result == 0) return -EIO;
+    if (error != EINTR) return -error;
+    if (left != 0) return 1;
+    memcpy(regs, &r->s.regs.regs, sizeof(struct kvm_regs));
+    if (events) memcpy(events, &r->s.regs.events, sizeof(struct kvm_vcpu_events));
+    if (!v2) {
+        memcpy(sregs, &r->s.regs.sregs, sizeof(struct kvm_sregs));
+        return 0;
+    }
+    memset(sregs, 0, sizeof(struct kvm_sregs2));
+    memcpy(sregs, &r->s.regs.sregs, common);
+    const struct kvm_sregs *s = &r->s.regs.sregs;
+    /* is_pae_paging(): CR0.PG and CR4.PAE outside long mode (EFER.LMA). */
+    int pae_paging = (s->cr0 & (1ull << 31)) && (s->cr4 & (1ull << 5)) && !(s->efer & (1ull << 10));
+    return pae_paging ? 2 : 0;
+}
+
+#include <sys/utsname.h>
+
+int ckvm_kernel_version(void) {
+    struct utsname name;
+    unsigned major = 0, minor = 0;
+    if (uname(&name) != 0 || sscanf(name.release, "%u.%u", &major, &minor) != 2 || major > 100000 || minor > 999) return -1;
+    return (int)(major * 1000 + minor);
+}

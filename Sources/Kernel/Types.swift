@@ -136,6 +136,7 @@ public struct Capability: RawRepresentable, Hashable, Sendable, Codable {
     public static let multiAddressSpace = Capability(rawValue: CKVM_CAP_MULTI_ADDRESS_SPACE)
     public static let maxVCPUID = Capability(rawValue: CKVM_CAP_MAX_VCPU_ID)
     public static let immediateExit = Capability(rawValue: CKVM_CAP_IMMEDIATE_EXIT)
+    public static let syncRegs = Capability(rawValue: CKVM_CAP_SYNC_REGS)
     public static let vmCopyEncContextFrom = Capability(rawValue: CKVM_CAP_VM_COPY_ENC_CONTEXT_FROM)
     public static let vmMoveEncContextFrom = Capability(rawValue: CKVM_CAP_VM_MOVE_ENC_CONTEXT_FROM)
     public static let userMemory2 = Capability(rawValue: CKVM_CAP_USER_MEMORY2)

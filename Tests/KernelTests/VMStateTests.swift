@@ -125,10 +125,14 @@ struct VMStateTests {
     /// answered them: a set of the same bytes changes nothing, so none is made, and a read
     /// answers them without asking KVM again (a vcpu ioctl less each, inside a blackout).
     /// Different bytes are set (and read from KVM again), and once any vcpu ran nothing is
-    /// taken as held.
+    /// taken as held. Where the registers move through the sync area, the regs and sregs are
+    /// held too (as the KVM_RUN that set them stored them), and read from them while the MP
+    /// state is held.
     @Test("a section the vcpu holds is neither set nor read again; a changed one is, and a run forgets what it holds")
     func heldSectionsAreNotSetAgain() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let registers = kernel.movesRegistersThroughSyncArea ? 2 : 0
+        let compared = ["events", "mp-state", "debugregs", "regs", "sregs2", "sregs"]
         let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
         let vcpu = try #require(vcpus.first)
         defer { for handle in vcpus + [vm] { kernel.close(handle) } }
@@ -139,11 +143,12 @@ struct VMStateTests {
         var before = kernel.heldCallsSkipped
         let again = try kernel.vcpuState(vcpu)
         #expect(VCPUState.difference(restored: again, saved: saved) == nil, "a second read answers the same")
-        // What KVM itself reports, read through a new instance each time (one that holds nothing).
-        func reportedByKVM() throws -> VCPUState { try #require(try Backend.linux.make() as? LinuxKVM).vcpuState(vcpu) }
+        // What KVM itself reports, read through a new instance each time (one that holds nothing
+        // and asks KVM's own GET ioctls).
+        func reportedByKVM() throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
         let fromKVM = try reportedByKVM()
-        for name in ["events", "mp-state", "debugregs"] { #expect(again[name] == fromKVM[name], "\(name) is what KVM reports") }
-        #expect(kernel.heldCallsSkipped - before == held, "each held section was answered without KVM")
+        for name in compared { #expect(again[name] == fromKVM[name], "\(name) is what KVM reports") }
+        #expect(kernel.heldCallsSkipped - before == held + registers, "each held section was answered without KVM")
         before = kernel.heldCallsSkipped
         try kernel.setVCPUState(vcpu, saved)
         #expect(kernel.heldCallsSkipped - before == held, "each held section's set was skipped")
@@ -159,10 +164,12 @@ struct VMStateTests {
         #expect(kernel.heldCallsSkipped - before == held - 1, "the changed debug registers were set")
         before = kernel.heldCallsSkipped
         let back = try kernel.vcpuState(vcpu)
-        #expect(kernel.heldCallsSkipped - before == held - 1, "the debug registers were read from KVM")
-        for name in ["events", "mp-state", "debugregs"] { #expect(back[name] == (try reportedByKVM())[name], "\(name) is what KVM reports") }
+        #expect(kernel.heldCallsSkipped - before == held - 1 + registers, "the debug registers were read from KVM")
+        for name in compared { #expect(back[name] == (try reportedByKVM())[name], "\(name) is what KVM reports") }
         #expect(back["debugregs"]?[40] == debugregs[40], "DR7 read back as set")
         #expect(VCPUState.difference(restored: back, saved: changed) == nil)
+        // Nothing held once the vcpu's descriptor is read through an instance that asks KVM.
+        for name in ["regs", "sregs2", "sregs", "xsave", "xcrs"] { #expect(back[name] == (try reportedByKVM())[name], "\(name) is what KVM reports") }
 
         // A run (one that enters no guest: immediate_exit) forgets what the vcpus held.
         kernel.requestImmediateExit(vcpu, true)
@@ -172,6 +179,83 @@ struct VMStateTests {
         try kernel.setVCPUState(vcpu, changed)
         #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpu), saved: changed) == nil)
         #expect(kernel.heldCallsSkipped == before, "nothing is taken as held once a vcpu ran")
+    }
+
+    /// The regs and sregs set through the kvm_run's sync area (one KVM_RUN that enters no
+    /// guest) are what KVM_SET_REGS and KVM_SET_SREGS2 would have set, and what that KVM_RUN
+    /// stored is what KVM_GET_REGS, KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS answer: checked
+    /// against an instance that uses the ioctls only, on an AP of a new VM (which takes no
+    /// synced registers before its MP state is set), on a vcpu that ran, and on a state KVM
+    /// cannot take through the sync area (an AP that never started: its MP state uninitialized).
+    @Test("registers moved through the sync area are what the ioctls move")
+    func syncAreaMovesWhatTheIoctlsMove() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        guard kernel.movesRegistersThroughSyncArea else {
+            try Gate.missing("needs KVM_CAP_SYNC_REGS (regs, sregs, events) on a kernel 6.13 or later")
+        }
+        // What KVM's own GET ioctls report, read through a new instance each time (one that
+        // holds nothing). Not compared: the LAPIC (that instance does not know the VM has one)
+        // and the MSRs (the TSC's advances between two reads).
+        let names = ["events", "mp-state", "regs", "sregs2", "xsave", "xcrs", "debugregs"]
+        func reportedByKVM(_ vcpu: KernelHandle) throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
+        func expectSame(_ a: VCPUState, _ b: VCPUState, _ what: String) {
+            for name in names { #expect(a[name] == b[name], "\(what): section \(name)") }
+        }
+        let cpuid = try kernel.supportedCPUID()
+        let (sourceVM, sources) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 2)
+        let (targetVM, targets) = try Self.makeVM(kernel, cpuid: cpuid, vcpus: 2)
+        defer { for handle in sources + targets + [sourceVM, targetVM] { kernel.close(handle) } }
+        // A long-mode vcpu, RUNNABLE, with registers no new vcpu has.
+        var state = try kernel.vcpuState(sources[0])
+        var regs = try #require(state["regs"])
+        regs.replaceSubrange(0..<8, with: withUnsafeBytes(of: UInt64(0x1122_3344_5566_7788).littleEndian, Array.init))  // rax
+        regs.replaceSubrange(128..<136, with: withUnsafeBytes(of: UInt64(0x40_1000).littleEndian, Array.init))  // rip
+        // Long mode: paging (CR0.PG, PE), PAE, EFER.LME and LMA, a 64-bit code segment.
+        var sregs2 = try #require(state["sregs2"])
+        sregs2.withUnsafeMutableBytes { buffer in
+            var s = buffer.loadUnaligned(as: kvm_sregs2.self)
+            s.cr0 = 0x8000_0011
+            s.cr3 = 0x9000
+            s.cr4 = 0x20
+            s.efer = 0x500
+            s.cs.l = 1
+            s.cs.db = 0
+            buffer.storeBytes(of: s, as: kvm_sregs2.self)
+        }
+        state.sections = state.sections.map {
+            switch $0.name {
+            case "regs": StateSection(name: "regs", bytes: regs)
+            case "sregs2": StateSection(name: "sregs2", bytes: sregs2)
+            case "mp-state": StateSection(name: "mp-state", bytes: [0, 0, 0, 0])
+            default: $0
+            }
+        }
+        // The boot vcpu and an AP (uninitialized in a new VM until its MP state is set).
+        #expect(try reportedByKVM(targets[1])["mp-state"] == [1, 0, 0, 0], "a new VM's AP is uninitialized")
+        for target in targets {
+            #expect(try reportedByKVM(target)["regs"] != regs, "a new vcpu does not hold these registers")
+            try kernel.setVCPUState(target, state)
+            let asKVM = try reportedByKVM(target)
+            expectSame(asKVM, state, "set")
+            let answered = try kernel.vcpuState(target)
+            expectSame(answered, asKVM, "answered")
+            #expect(VCPUState.difference(restored: answered, saved: state) == nil, "\(VCPUState.difference(restored: answered, saved: state) ?? "")")
+        }
+        // A vcpu that ran: read through the sync area, the same as through the ioctls.
+        kernel.requestImmediateExit(targets[0], true)
+        _ = try kernel.run(targets[0])
+        kernel.requestImmediateExit(targets[0], false)
+        expectSame(try kernel.vcpuState(targets[0]), try reportedByKVM(targets[0]), "after a run")
+        // An AP that never started (uninitialized): KVM takes no synced registers (it returns
+        // before it syncs them), so the ioctls set them.
+        let never = try kernel.vcpuState(sources[1])
+        #expect(never["mp-state"] == [1, 0, 0, 0])
+        var apState = never
+        apState.sections = apState.sections.map { $0.name == "regs" ? StateSection(name: "regs", bytes: regs) : $0 }
+        try kernel.setVCPUState(targets[1], apState)
+        let ap = try reportedByKVM(targets[1])
+        expectSame(ap, apState, "an uninitialized AP")
+        expectSame(try kernel.vcpuState(targets[1]), ap, "an uninitialized AP, answered")
     }
 
     @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")

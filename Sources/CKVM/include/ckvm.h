@@ -178,6 +178,7 @@ static const long CKVM_CAP_MAX_VCPUS = 66;
 static const long CKVM_CAP_MULTI_ADDRESS_SPACE = 118;
 static const long CKVM_CAP_MAX_VCPU_ID = 128;
 static const long CKVM_CAP_IMMEDIATE_EXIT = 136;
+static const long CKVM_CAP_SYNC_REGS = 74;
 static const long CKVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197;
 static const long CKVM_CAP_VM_MOVE_ENC_CONTEXT_FROM = 206;
 static const long CKVM_CAP_USER_MEMORY2 = 231;
@@ -215,6 +216,23 @@ static inline int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {
 }
 
 /* Defined in ckvm.c (built with _GNU_SOURCE). */
+
+/** One KVM_RUN on vcpu `fd` (its kvm_run mapped at `run`) that runs no guest instruction
+ *  (immediate_exit), for the registers it moves through the kvm_run's sync area
+ *  (KVM_CAP_SYNC_REGS): with `set`, KVM takes `regs` and `sregs` from it before the exit (as
+ *  KVM_SET_REGS and KVM_SET_SREGS would), and on the way out it stores the regs, the sregs and,
+ *  where `events` is given, the vcpu events, which are copied into `regs`, `sregs`, `events`.
+ *  `v2`: `sregs` is a struct kvm_sregs2, moved as the struct kvm_sregs it begins with (flags 0,
+ *  no PDPTRs: a vcpu not in PAE paging). The kvm_run's immediate_exit is put back and the sync
+ *  fields cleared. Returns 0; 1 where KVM left the registers unset (a vcpu in
+ *  KVM_MP_STATE_UNINITIALIZED exits before it syncs); 2 where the sregs read are of a vcpu in
+ *  PAE paging (KVM_GET_SREGS2 has its PDPTRs); 3 where `v2` sregs to set carry flags; or
+ *  -errno. */
+int ckvm_sync_run(int fd, void *run, int set, int v2, void *regs, void *sregs, void *events);
+
+/** The running kernel's version as major * 1000 + minor (uname's release), or -1. */
+int ckvm_kernel_version(void);
+
 
 /** fallocate(2), which Swift's Glibc module does not export. Returns -1 and sets errno. */
 int ckvm_fallocate(int fd, int mode, int64_t offset, int64_t length);

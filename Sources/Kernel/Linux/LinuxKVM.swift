@@ -15,6 +15,7 @@ public final class LinuxKVM: KernelBackend {
     public let devicePath: String
     private let systemFD: Int32
     private let vcpuMmapSize: Int
+    private let usesSyncArea: Bool
 
     private struct State {
         /// kvm_run mappings of open vcpu descriptors.
@@ -67,15 +68,23 @@ public final class LinuxKVM: KernelBackend {
         var tscControl: Bool
         var vcpuAttributes: Bool
         var nested: Bool
+        /// Whether the regs, sregs and vcpu events move through the kvm_run's sync area
+        /// (KVM_CAP_SYNC_REGS), on a kernel where a KVM_RUN from a thread other than the vcpu's
+        /// last is cheap (6.13 and later guard its PID with a rwlock; before, such a KVM_RUN
+        /// waited for an RCU grace period, milliseconds): `syncRun`.
+        var syncRegs: Bool
         /// The MSRs of KVM_GET_MSR_INDEX_LIST (filtered to those a vcpu reads back, at first use).
         var msrIndices: [UInt32]
         var msrsFiltered: Bool
     }
     private let state = Mutex(State())
 
-    /// Opens `/dev/kvm` and checks the API version (12).
+    /// Opens `/dev/kvm` and checks the API version (12). `syncArea: false` moves the regs,
+    /// sregs and events by their own ioctls only, never through the kvm_run (`syncRun`): a
+    /// test's oracle.
     /// - Throws: `.failed(.openSystem, errno)` (ENOENT without KVM, EACCES without permission).
-    public init(devicePath: String = "/dev/kvm") throws(KernelError) {
+    public init(devicePath: String = "/dev/kvm", syncArea: Bool = true) throws(KernelError) {
+        usesSyncArea = syncArea
         let fd = Syscalls.open(devicePath, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { throw .failed(operation: .openSystem, errno: .current) }
         let version = Syscalls.ioctl(fd, CKVM_GET_API_VERSION, value: 0)
@@ -404,6 +413,7 @@ public final class LinuxKVM: KernelBackend {
             sregs2: check(.sregs2) > 0, xsaveSize: check(.xsave2), xcrs: check(.xcrs) > 0, events: check(.vcpuEvents) > 0,
             debugRegisters: check(.debugRegisters) > 0, mpState: check(.mpState) > 0, tscKhz: check(.getTSCKhz) > 0,
             tscControl: check(.tscControl) > 0, vcpuAttributes: check(.vcpuAttributes) > 0, nested: check(.nestedState) > 0,
+            syncRegs: check(.syncRegs) & LinuxKVM.syncedFields == LinuxKVM.syncedFields && ckvm_kernel_version() >= 6013,
             msrIndices: indices, msrsFiltered: false)
         state.withLock { $0.stateSupport = support }
         return support
@@ -450,7 +460,9 @@ public final class LinuxKVM: KernelBackend {
     /// Every section this host offers, in QEMU's save order: vcpu events first (reading MP state
     /// may act on a pending INIT/SIPI), MP state, regs, xsave (or fpu), xcrs, sregs2 (or sregs),
     /// MSRs (the paravirtual ones the vcpu's CPUID offers), LAPIC, debug registers; then CPUID,
-    /// the TSC frequency and offset. Nested state is not saved: no host gmigrate was tested on
+    /// the TSC frequency and offset. Where the sync area serves the vcpu (`syncArea`), the MP
+    /// state is read first and the events with the regs and sregs, after it: what a read of
+    /// the MP state did to a pending INIT or SIPI is then in all three. Nested state is not saved: no host gmigrate was tested on
     /// offers KVM_CAP_NESTED_STATE, and a state that would need it says so (`nested` section).
     public func vcpuState(_ vcpu: KernelHandle) throws(KernelError) -> VCPUState {
         let support = stateSupport()
@@ -461,21 +473,51 @@ public final class LinuxKVM: KernelBackend {
             if let bytes = spare(fd, name) { return bytes }
             return try get(fd, request, size: size)
         }
+        let sregsName = support.sregs2 ? "sregs2" : "sregs"
+        let sregsRequest = support.sregs2 ? CKVM_GET_SREGS2 : CKVM_GET_SREGS
+        let sregsSize = Int(support.sregs2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS)
+        var events: [UInt8]?
+        var mpState: [UInt8]?
+        var regs: [UInt8]
+        var sregs: [UInt8]
+        if let run = syncArea(fd) {
+            // MP state first: reading it may act on a pending INIT or SIPI, which changes the
+            // registers and drops the events (QEMU reads it before the registers for this). Then
+            // one KVM_RUN that enters no guest stores the regs, the sregs and the events in the
+            // kvm_run (`syncRun`): one vcpu call for three. Held regs and sregs are answered only
+            // where the MP state was too (no read of it acted on anything).
+            let heldMPState = support.mpState ? spare(fd, "mp-state") : nil
+            if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
+            events = support.events ? spare(fd, "events") : nil
+            if heldMPState != nil || !support.mpState, let held = spareRegisters(fd, sregsName) {
+                (regs, sregs) = held
+                if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
+            } else if let synced = try syncRun(fd, run, setting: nil, v2: support.sregs2, events: support.events && events == nil) {
+                regs = synced.regs
+                if let synced = synced.sregs { sregs = synced } else { sregs = try get(fd, sregsRequest, size: sregsSize) }
+                events = events ?? synced.events
+            } else {
+                if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
+                regs = try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))
+                sregs = try get(fd, sregsRequest, size: sregsSize)
+            }
+        } else {
+            if support.events { events = try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
+            if support.mpState { mpState = try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4) }
+            regs = try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))
+            sregs = try get(fd, sregsRequest, size: sregsSize)
+        }
         var sections: [StateSection] = []
-        if support.events { sections.append(.init(name: "events", bytes: try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)))) }
-        if support.mpState { sections.append(.init(name: "mp-state", bytes: try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4))) }
-        sections.append(.init(name: "regs", bytes: try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))))
+        if let events { sections.append(.init(name: "events", bytes: events)) }
+        if let mpState { sections.append(.init(name: "mp-state", bytes: mpState)) }
+        sections.append(.init(name: "regs", bytes: regs))
         if support.xsaveSize > 0 {
             sections.append(.init(name: "xsave", bytes: try get(fd, CKVM_GET_XSAVE2, size: support.xsaveSize)))
         } else {
             sections.append(.init(name: "fpu", bytes: try get(fd, CKVM_GET_FPU, size: Int(CKVM_SIZEOF_FPU))))
         }
         if support.xcrs { sections.append(.init(name: "xcrs", bytes: try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)))) }
-        if support.sregs2 {
-            sections.append(.init(name: "sregs2", bytes: try get(fd, CKVM_GET_SREGS2, size: Int(CKVM_SIZEOF_SREGS2))))
-        } else {
-            sections.append(.init(name: "sregs", bytes: try get(fd, CKVM_GET_SREGS, size: Int(CKVM_SIZEOF_SREGS))))
-        }
+        sections.append(.init(name: sregsName, bytes: sregs))
         // CPUID as KVM holds it, without the runtime bits (none before KVM_SET_CPUID2: then there
         // is nothing to carry). Where this process set it, what KVM took then: KVM refuses a
         // different CPUID once a vcpu ran, and changes nothing of it itself but the runtime
@@ -565,6 +607,10 @@ public final class LinuxKVM: KernelBackend {
     /// (which decides the guest TSC whatever the TSC MSR wrote). QEMU also sets the events
     /// before the regs, so that the SMM flag precedes nested state; no nested state moves here,
     /// and KVM_SET_REGS drops a pending exception set before it, so the events go once, after.
+    /// Where the sync area serves the vcpu (`syncArea`), the MP state goes before the sregs (a
+    /// vcpu in KVM_MP_STATE_UNINITIALIZED, an AP of a new VM, takes no synced registers), and
+    /// the sregs and regs go in one KVM_RUN that enters no guest (`syncRun`), which reads them
+    /// back as well: the vcpu then holds what KVM stored (`vcpuHeld`).
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
         // A section the vcpu holds already, byte for byte (`vcpuHeld`), is not set again:
@@ -597,16 +643,40 @@ public final class LinuxKVM: KernelBackend {
                 }
             }
         }
-        if let bytes = newState["sregs2"] { try set(fd, CKVM_SET_SREGS2, bytes, section: "sregs2") }
-        if let bytes = newState["sregs"] { try set(fd, CKVM_SET_SREGS, bytes, section: "sregs") }
-        if let bytes = newState["regs"] { try set(fd, CKVM_SET_REGS, bytes, section: "regs") }
+        let v2 = newState["sregs2"] != nil
+        let sregsName = v2 ? "sregs2" : "sregs"
+        var mpStateSet = false
+        var registersSynced = false
+        if let run = syncArea(fd), let regs = newState["regs"], let sregs = newState[sregsName], newState["sregs2"] == nil || newState["sregs"] == nil {
+            if let mp = newState["mp-state"] {
+                try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp)
+                mpStateSet = true
+            }
+            let runsBefore = state.withLock { $0.runs }
+            if let synced = try syncRun(fd, run, setting: (regs, sregs), v2: v2, events: false) {
+                registersSynced = true
+                state.withLock { state in
+                    guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
+                    state.vcpuHeld[fd, default: [:]]["regs"] = synced.regs
+                    state.vcpuHeld[fd, default: [:]][sregsName] = synced.sregs
+                }
+            }
+        }
+        if !registersSynced {
+            state.withLock { state in
+                for name in ["regs", "sregs2", "sregs"] { state.vcpuHeld[fd]?[name] = nil }
+            }
+            if let bytes = newState["sregs2"] { try set(fd, CKVM_SET_SREGS2, bytes, section: "sregs2") }
+            if let bytes = newState["sregs"] { try set(fd, CKVM_SET_SREGS, bytes, section: "sregs") }
+            if let bytes = newState["regs"] { try set(fd, CKVM_SET_REGS, bytes, section: "regs") }
+        }
         if let bytes = newState["xsave"] { try set(fd, CKVM_SET_XSAVE, bytes, section: "xsave") }
         if let bytes = newState["fpu"] { try set(fd, CKVM_SET_FPU, bytes, section: "fpu") }
         if let bytes = newState["xcrs"] { try set(fd, CKVM_SET_XCRS, bytes, section: "xcrs") }
         let deadline: UInt32 = 0x6e0
         func setEventsMPStateAndLAPIC() throws(KernelError) {
             if let events = newState["events"] { try setUnlessHeld("events", CKVM_SET_VCPU_EVENTS, events) }
-            if let mp = newState["mp-state"] { try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp) }
+            if let mp = newState["mp-state"], !mpStateSet { try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp) }
             if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
         }
         if let bytes = newState["msrs"] {
@@ -653,8 +723,84 @@ public final class LinuxKVM: KernelBackend {
     /// the section's bytes already (a set of them skipped, a read answered from them).
     public var heldCallsSkipped: Int { state.withLock { $0.heldCallsSkipped } }
 
-    /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`).
-    static let heldSections: Set<String> = ["events", "mp-state", "debugregs"]
+    /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`); the
+    /// regs and sregs too, which a read answers only with the MP state held as well.
+    static let heldSections: Set<String> = ["events", "mp-state", "debugregs", "regs", "sregs2", "sregs"]
+
+    /// Whether this instance moves the regs, sregs and events of a VM with an in-kernel LAPIC
+    /// through the kvm_run's sync area (`syncRun`): the host offers it and it was not declined.
+    public var movesRegistersThroughSyncArea: Bool { usesSyncArea && stateSupport().syncRegs }
+
+    /// KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS and KVM_SYNC_X86_EVENTS.
+    static let syncedFields = 0x7
+
+    /// The kvm_run of vcpu `fd`, where its regs, sregs and events can move through the sync area
+    /// (`syncRun`): this host offers it (`StateSupport.syncRegs`), the VM has an in-kernel LAPIC
+    /// (without one KVM_RUN first sets CR8 from the kvm_run's own field) and no encryption
+    /// context (its state is the guest's own).
+    private func syncArea(_ fd: Int32) -> UnsafeMutableRawPointer? {
+        guard movesRegistersThroughSyncArea else { return nil }
+        return state.withLock { state -> UnsafeMutableRawPointer? in
+            guard let vm = state.vcpuVMs[fd], state.irqchips.contains(vm), !(state.vmTypes[vm] ?? .default).hasEncryptionContext,
+                let base = state.runMappings[fd]
+            else { return nil }
+            return UnsafeMutableRawPointer(bitPattern: base)
+        }
+    }
+
+    /// What one KVM_RUN that entered no guest stored: the regs, the sregs (nil for a vcpu in PAE
+    /// paging, whose PDPTRs only KVM_GET_SREGS2 reads) and, where asked, the vcpu events.
+    private struct Synced {
+        var regs: [UInt8]
+        var sregs: [UInt8]?
+        var events: [UInt8]?
+    }
+
+    /// One KVM_RUN with immediate_exit on vcpu `fd`, which runs no guest instruction (KVM
+    /// returns before it enters the guest), for the registers it moves through the kvm_run's
+    /// sync area (`ckvm_sync_run`): with `setting`, KVM takes those regs and sregs first, as
+    /// KVM_SET_REGS and KVM_SET_SREGS(2) would; on the way out it stores the regs, the sregs and
+    /// the events, as the KVM_GET calls would answer them. One vcpu call for up to six (each
+    /// 9-13 µs on this nested host, inside the blackout). Not a run for `ranVCPUs` or
+    /// `vcpuHeld`: the guest did not enter. Nil where KVM did not take the registers (a vcpu
+    /// in KVM_MP_STATE_UNINITIALIZED exits before it syncs) or sregs2 carry PDPTRs: the
+    /// caller uses the ioctls.
+    private func syncRun(
+        _ fd: Int32, _ run: UnsafeMutableRawPointer, setting: (regs: [UInt8], sregs: [UInt8])?, v2: Bool, events: Bool
+    ) throws(KernelError) -> Synced? {
+        let sregsSize = Int(v2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS)
+        var regs = setting?.regs ?? []
+        var sregs = setting?.sregs ?? []
+        // Sizes as KVM's: a section of another size is left to the ioctl, which refuses it.
+        guard setting == nil || (regs.count == Int(CKVM_SIZEOF_REGS) && sregs.count == sregsSize) else { return nil }
+        regs = regs.isEmpty ? [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_REGS)) : regs
+        sregs = sregs.isEmpty ? [UInt8](repeating: 0, count: sregsSize) : sregs
+        var eventBytes = [UInt8](repeating: 0, count: events ? Int(CKVM_SIZEOF_VCPU_EVENTS) : 0)
+        let operation: KernelOperation = setting == nil ? .getVCPUState : .setVCPUState
+        let result = regs.withUnsafeMutableBytes { r in
+            sregs.withUnsafeMutableBytes { s in
+                eventBytes.withUnsafeMutableBytes { e in
+                    ckvm_sync_run(fd, run, setting == nil ? 0 : 1, v2 ? 1 : 0, r.baseAddress, s.baseAddress, events ? e.baseAddress : nil)
+                }
+            }
+        }
+        switch result {
+        case 0: return Synced(regs: regs, sregs: sregs, events: events ? eventBytes : nil)
+        case 2: return Synced(regs: regs, sregs: nil, events: events ? eventBytes : nil)
+        case 1, 3: return nil
+        default: throw .failed(operation: operation, errno: Errno(rawValue: -result))
+        }
+    }
+
+    /// The regs and sregs vcpu `fd` holds (`vcpuHeld`), both or neither, counting the two
+    /// calls they spare.
+    private func spareRegisters(_ fd: Int32, _ sregsName: String) -> (regs: [UInt8], sregs: [UInt8])? {
+        state.withLock { state in
+            guard let held = state.vcpuHeld[fd], let regs = held["regs"], let sregs = held[sregsName] else { return nil }
+            state.heldCallsSkipped += 2
+            return (regs, sregs)
+        }
+    }
 
     /// What vcpu `fd` holds of section `name` (`vcpuHeld`: a run since it was read empties
     /// it), where `matches` accepts it, counting the call it spares.
