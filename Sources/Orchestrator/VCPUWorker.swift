@@ -7,7 +7,8 @@ import Kernel
 /// the other half; a target sets every other vcpu here while it sets the rest, and reads back
 /// here what it set, while it answers and sets the clock. Every vcpu call costs 10-17 µs on
 /// this nested host (vcpu_load/vcpu_put), about ten of them a vcpu on each of save, set and
-/// read-back: they were most of a blackout, and all on one thread.
+/// read-back (five to eight since the registers move through the kvm_run's sync area,
+/// docs/vmstate.md): they were most of a blackout, and all on one thread.
 ///
 /// The worker runs off the CPU of the thread that releases it (`release`): the source's
 /// pausing thread keeps off the host's last CPU and the target's staging thread keeps to it
