@@ -234,7 +234,9 @@ struct VMStateTests {
         #expect(try reportedByKVM(targets[1])["mp-state"] == [1, 0, 0, 0], "a new VM's AP is uninitialized")
         for target in targets {
             #expect(try reportedByKVM(target)["regs"] != regs, "a new vcpu does not hold these registers")
+            let runs = kernel.syncRunsTaken
             try kernel.setVCPUState(target, state)
+            #expect(kernel.syncRunsTaken == runs + 1, "the registers were set through the sync area")
             let asKVM = try reportedByKVM(target)
             expectSame(asKVM, state, "set")
             let answered = try kernel.vcpuState(target)
@@ -252,10 +254,61 @@ struct VMStateTests {
         #expect(never["mp-state"] == [1, 0, 0, 0])
         var apState = never
         apState.sections = apState.sections.map { $0.name == "regs" ? StateSection(name: "regs", bytes: regs) : $0 }
+        let runs = kernel.syncRunsTaken
         try kernel.setVCPUState(targets[1], apState)
+        #expect(kernel.syncRunsTaken == runs, "an uninitialized AP took no synced registers")
         let ap = try reportedByKVM(targets[1])
         expectSame(ap, apState, "an uninitialized AP")
         expectSame(try kernel.vcpuState(targets[1]), ap, "an uninitialized AP, answered")
+
+        // PAE paging outside long mode: the sregs2 carry PDPTRs, which struct kvm_sregs has not,
+        // so the set goes by KVM_SET_SREGS2 (and a read of a vcpu in PAE paging takes them from
+        // KVM_GET_SREGS2).
+        var pae = try #require(state["sregs2"])
+        pae.withUnsafeMutableBytes { buffer in
+            var s = buffer.loadUnaligned(as: kvm_sregs2.self)
+            s.cr0 = 0x8000_0011
+            s.cr4 = 0x20
+            s.efer = 0
+            s.cs.l = 0
+            s.cs.db = 1
+            s.flags = UInt64(KVM_SREGS2_FLAGS_PDPTRS_VALID)
+            s.pdptrs = (0x1001, 0x2001, 0x3001, 0x4001)
+            buffer.storeBytes(of: s, as: kvm_sregs2.self)
+        }
+        var paeState = state
+        paeState.sections = paeState.sections.map { $0.name == "sregs2" ? StateSection(name: "sregs2", bytes: pae) : $0 }
+        let runsBeforePAE = kernel.syncRunsTaken
+        try kernel.setVCPUState(targets[0], paeState)
+        #expect(kernel.syncRunsTaken == runsBeforePAE, "sregs2 with PDPTRs were not set through the sync area")
+        // What KVM made of it is what a read answers. (This host's KVM keeps CR0.PG off outside
+        // long mode, PVM running 64-bit guests only, so no read here finds PAE paging.)
+        #expect(try kernel.vcpuState(targets[0])["sregs2"] == (try reportedByKVM(targets[0]))["sregs2"], "a read answers what KVM holds")
+    }
+
+    /// A section of another length than KVM's struct for it is refused before anything is set
+    /// (KVM would read past it), naming the section; nothing traps on it.
+    @Test("a section of the wrong size is refused, naming it")
+    func wrongSizesAreRefused() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        let saved = try kernel.vcpuState(vcpus[0])
+        for (name, length) in [("regs", 100), ("lapic", 16), ("tsc-khz", 2), ("xsave", 512)] {
+            var bad = saved
+            bad.sections = bad.sections.map { $0.name == name ? StateSection(name: name, bytes: Array($0.bytes.prefix(length))) : $0 }
+            #expect(throws: KernelError.self) { try kernel.setVCPUState(vcpus[0], bad) }
+            do { try kernel.setVCPUState(vcpus[0], bad) } catch { #expect("\(error)".contains("section \(name)"), "\(error)") }
+        }
+        let sections = try kernel.vmState(vm)
+        let short = sections.map { $0.name == "clock" ? StateSection(name: "clock", bytes: [1, 2]) : $0 }
+        do {
+            try kernel.setVMState(vm, short)
+            Issue.record("a 2-byte clock section was set")
+        } catch {
+            #expect("\(error)".contains("section clock"), "\(error)")
+        }
+        #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpus[0]), saved: saved) == nil, "nothing was set")
     }
 
     @Test("every section of a vcpu and a VM round trips into a new VM on the real kernel")

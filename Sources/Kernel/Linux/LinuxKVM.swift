@@ -49,6 +49,8 @@ public final class LinuxKVM: KernelBackend {
         var vcpuHeld: [Int32: [String: [UInt8]]] = [:]
         /// How many vcpu calls `vcpuHeld` spared (sets and reads).
         var heldCallsSkipped = 0
+        /// How many KVM_RUNs that entered no guest moved registers through the sync area.
+        var syncRuns = 0
         /// How many KVM_RUNs began through this instance: what was read while one began is not
         /// taken as held.
         var runs: UInt64 = 0
@@ -488,13 +490,20 @@ public final class LinuxKVM: KernelBackend {
             // where the MP state was too (no read of it acted on anything).
             let heldMPState = support.mpState ? spare(fd, "mp-state") : nil
             if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
-            events = support.events ? spare(fd, "events") : nil
-            if heldMPState != nil || !support.mpState, let held = spareRegisters(fd, sregsName) {
+            // Held events and registers only where the MP state was held as well (no read of it
+            // acted on a pending INIT, which resets both).
+            let mpStateUntouched = heldMPState != nil || !support.mpState
+            events = support.events && mpStateUntouched ? spare(fd, "events") : nil
+            if mpStateUntouched, let held = spareRegisters(fd, sregsName) {
                 (regs, sregs) = held
                 if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
             } else if let synced = try syncRun(fd, run, setting: nil, v2: support.sregs2, events: support.events && events == nil) {
                 regs = synced.regs
-                if let synced = synced.sregs { sregs = synced } else { sregs = try get(fd, sregsRequest, size: sregsSize) }
+                // KVM stores the sregs before the events, and reading the events delivers a
+                // queued #PF's payload into CR2 (KVM_CAP_EXCEPTION_PAYLOAD is not enabled): with
+                // a #PF in the events, the sregs are read again, after it.
+                let pageFault = synced.events.map { ($0[0] != 0 || $0[3] != 0) && $0[1] == 14 } ?? false
+                if let synced = synced.sregs, !pageFault { sregs = synced } else { sregs = try get(fd, sregsRequest, size: sregsSize) }
                 events = events ?? synced.events
             } else {
                 if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
@@ -613,6 +622,7 @@ public final class LinuxKVM: KernelBackend {
     /// back as well: the vcpu then holds what KVM stored (`vcpuHeld`).
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
+        try checkSizes(newState.sections, operation: .setVCPUState)
         // A section the vcpu holds already, byte for byte (`vcpuHeld`), is not set again:
         // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
         // target's vcpus, read by its rehearsal and never run, hold the debug registers and
@@ -652,7 +662,12 @@ public final class LinuxKVM: KernelBackend {
                 try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp)
                 mpStateSet = true
             }
-            let runsBefore = state.withLock { $0.runs }
+            // Dropped first: a set that fails part-way (KVM takes the regs before the sregs)
+            // leaves nothing held.
+            let runsBefore = state.withLock { state in
+                for name in ["regs", "sregs2", "sregs"] { state.vcpuHeld[fd]?[name] = nil }
+                return state.runs
+            }
             if let synced = try syncRun(fd, run, setting: (regs, sregs), v2: v2, events: false) {
                 registersSynced = true
                 state.withLock { state in
@@ -727,6 +742,44 @@ public final class LinuxKVM: KernelBackend {
     /// regs and sregs too, which a read answers only with the MP state held as well.
     static let heldSections: Set<String> = ["events", "mp-state", "debugregs", "regs", "sregs2", "sregs"]
 
+    /// The size of KVM's struct for each section a set hands KVM by pointer (KVM copies the
+    /// struct's size from it, whatever the section's length), or the least an XSAVE area has.
+    private func structSize(_ name: String) -> (bytes: Int, atLeast: Bool)? {
+        switch name {
+        case "regs": (Int(CKVM_SIZEOF_REGS), false)
+        case "sregs": (Int(CKVM_SIZEOF_SREGS), false)
+        case "sregs2": (Int(CKVM_SIZEOF_SREGS2), false)
+        case "fpu": (Int(CKVM_SIZEOF_FPU), false)
+        case "xsave": (max(4096, stateSupport().xsaveSize), true)
+        case "xcrs": (Int(CKVM_SIZEOF_XCRS), false)
+        case "events": (Int(CKVM_SIZEOF_VCPU_EVENTS), false)
+        case "mp-state", "tsc-khz": (4, false)
+        case "tsc-offset": (8, false)
+        case "lapic": (Int(CKVM_SIZEOF_LAPIC), false)
+        case "debugregs": (Int(CKVM_SIZEOF_DEBUGREGS), false)
+        case "pic-master", "pic-slave", "ioapic": (Int(CKVM_SIZEOF_IRQCHIP), false)
+        case "pit2": (Int(CKVM_SIZEOF_PIT_STATE2), false)
+        case "clock": (Int(CKVM_SIZEOF_CLOCK_DATA), false)
+        default: nil  // cpuid and msrs are parsed entry by entry
+        }
+    }
+
+    /// Refuses, before anything is set, a section shorter or longer than KVM's struct for it:
+    /// KVM would read past the bytes given (a state from a peer or the journal is input).
+    private func checkSizes(_ sections: [StateSection], operation: KernelOperation) throws(KernelError) {
+        for section in sections {
+            guard let (size, atLeast) = structSize(section.name) else { continue }
+            guard atLeast ? section.bytes.count >= size : section.bytes.count == size else {
+                throw .refused(
+                    operation: operation, errno: .invalidArgument,
+                    detail: "section \(section.name): \(section.bytes.count) bytes, where KVM's struct has \(atLeast ? "at least " : "")\(size)")
+            }
+        }
+    }
+
+    /// How many KVM_RUNs that entered no guest moved a vcpu's registers (`syncRun`).
+    public var syncRunsTaken: Int { state.withLock { $0.syncRuns } }
+
     /// Whether this instance moves the regs, sregs and events of a VM with an in-kernel LAPIC
     /// through the kvm_run's sync area (`syncRun`): the host offers it and it was not declined.
     public var movesRegistersThroughSyncArea: Bool { usesSyncArea && stateSupport().syncRegs }
@@ -764,14 +817,15 @@ public final class LinuxKVM: KernelBackend {
     /// 9-13 µs on this nested host, inside the blackout). Not a run for `ranVCPUs` or
     /// `vcpuHeld`: the guest did not enter. Nil where KVM did not take the registers (a vcpu
     /// in KVM_MP_STATE_UNINITIALIZED exits before it syncs) or sregs2 carry PDPTRs: the
-    /// caller uses the ioctls.
+    /// caller uses the ioctls. Only for a vcpu whose thread is not in KVM_RUN (a paused source's,
+    /// a target's before its restore): it writes the vcpu's kvm_run page.
     private func syncRun(
         _ fd: Int32, _ run: UnsafeMutableRawPointer, setting: (regs: [UInt8], sregs: [UInt8])?, v2: Bool, events: Bool
     ) throws(KernelError) -> Synced? {
         let sregsSize = Int(v2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS)
         var regs = setting?.regs ?? []
         var sregs = setting?.sregs ?? []
-        // Sizes as KVM's: a section of another size is left to the ioctl, which refuses it.
+        // Sizes as KVM's (`checkSizes` refused any other before).
         guard setting == nil || (regs.count == Int(CKVM_SIZEOF_REGS) && sregs.count == sregsSize) else { return nil }
         regs = regs.isEmpty ? [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_REGS)) : regs
         sregs = sregs.isEmpty ? [UInt8](repeating: 0, count: sregsSize) : sregs
@@ -784,6 +838,7 @@ public final class LinuxKVM: KernelBackend {
                 }
             }
         }
+        if result == 0 || result == 2 { state.withLock { $0.syncRuns += 1 } }
         switch result {
         case 0: return Synced(regs: regs, sregs: sregs, events: events ? eventBytes : nil)
         case 2: return Synced(regs: regs, sregs: nil, events: events ? eventBytes : nil)
@@ -844,6 +899,7 @@ public final class LinuxKVM: KernelBackend {
     /// Restores the VM's sections: the irqchips and the PIT; the clock last, with the flags
     /// KVM_GET_CLOCK returned, so that guest time advances by the real time that passed.
     public func setVMState(_ vm: KernelHandle, _ sections: [StateSection]) throws(KernelError) {
+        try checkSizes(sections, operation: .setVMState)
         for name in ["pic-master", "pic-slave", "ioapic"] {
             guard let bytes = sections.first(where: { $0.name == name })?.bytes else { continue }
             try set(vm.raw, CKVM_SET_IRQCHIP, bytes, section: name, operation: .setVMState)
