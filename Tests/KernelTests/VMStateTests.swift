@@ -239,7 +239,11 @@ struct VMStateTests {
             #expect(kernel.syncRunsTaken == runs + 1, "the registers were set through the sync area")
             let asKVM = try reportedByKVM(target)
             expectSame(asKVM, state, "set")
+            let spared = kernel.heldCallsSkipped
             let answered = try kernel.vcpuState(target)
+            // The MP state set (RUNNABLE, with events that latch no INIT) and the registers the
+            // sync run stored are answered without a call, and are what KVM reports.
+            #expect(kernel.heldCallsSkipped - spared >= 3, "the MP state, regs and sregs were answered from what the vcpu holds")
             expectSame(answered, asKVM, "answered")
             #expect(VCPUState.difference(restored: answered, saved: state) == nil, "\(VCPUState.difference(restored: answered, saved: state) ?? "")")
         }
@@ -260,6 +264,19 @@ struct VMStateTests {
         let ap = try reportedByKVM(targets[1])
         expectSame(ap, apState, "an uninitialized AP")
         expectSame(try kernel.vcpuState(targets[1]), ap, "an uninitialized AP, answered")
+
+        // Events that latch an INIT: the MP state set with them is not held, and the read's
+        // KVM_GET_MP_STATE accepts the INIT (the vcpu resets: the state's APIC base makes it a
+        // boot vcpu, so it stays RUNNABLE), which the read answers, registers and all.
+        var latched = try #require(state["events"])
+        latched[20] |= 0x8  // KVM_VCPUEVENT_VALID_SMM
+        latched[27] = 1  // smi.latched_init
+        var initState = state
+        initState.sections = initState.sections.map { $0.name == "events" ? StateSection(name: "events", bytes: latched) : $0 }
+        try kernel.setVCPUState(targets[1], initState)
+        let afterINIT = try kernel.vcpuState(targets[1])
+        expectSame(afterINIT, try reportedByKVM(targets[1]), "after an INIT")
+        #expect(afterINIT["regs"].map { $0.loadLE(UInt64.self, at: 128) } == 0xfff0, "the INIT reset the registers set (RIP 0xfff0)")
 
         // PAE paging outside long mode: the sregs2 carry PDPTRs, which struct kvm_sregs has not,
         // so the set goes by KVM_SET_SREGS2 (and a read of a vcpu in PAE paging takes them from

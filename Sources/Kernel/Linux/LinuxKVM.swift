@@ -632,6 +632,23 @@ public final class LinuxKVM: KernelBackend {
             state.withLock { $0.vcpuHeld[fd]?[name] = nil }
             try set(fd, request, bytes, section: name)
         }
+        // KVM keeps an MP state of RUNNABLE or HALTED as given (kvm_arch_vcpu_ioctl_set_mpstate),
+        // and before the vcpu runs only a pending INIT or SIPI changes it, which the next
+        // KVM_GET_MP_STATE would accept. None is pending once the events set with it latch no
+        // INIT (KVM_VCPUEVENT_VALID_SMM with smi.latched_init 0 clears KVM_APIC_INIT; a SIPI acts
+        // only on INIT_RECEIVED; no other vcpu runs to send one): a vcpu that never ran then
+        // holds it, and a read-back answers it, and the registers it holds, without a call.
+        let latchesNoINIT = newState["events"].map { $0.count > 27 && $0.loadLE(UInt32.self, at: 20) & 0x8 != 0 && $0[27] == 0 } ?? false
+        func setMPState(_ bytes: [UInt8]) throws(KernelError) {
+            let runsBefore = state.withLock { $0.runs }
+            try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, bytes)
+            let value = bytes.loadLE(UInt32.self, at: 0)
+            guard latchesNoINIT, value == 0 || value == 3 else { return }  // RUNNABLE, HALTED
+            state.withLock { state in
+                guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
+                state.vcpuHeld[fd, default: [:]]["mp-state"] = bytes
+            }
+        }
         if let cpuid = newState["cpuid"] {
             // KVM_SET_CPUID2 is the costliest call of a restore here (0.07-0.15 ms a vcpu: KVM
             // recomputes the vcpu's CPU model). A vcpu that holds these entries already, but for
@@ -659,7 +676,7 @@ public final class LinuxKVM: KernelBackend {
         var registersSynced = false
         if let run = syncArea(fd), let regs = newState["regs"], let sregs = newState[sregsName], newState["sregs2"] == nil || newState["sregs"] == nil {
             if let mp = newState["mp-state"] {
-                try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp)
+                try setMPState(mp)
                 mpStateSet = true
             }
             // Dropped first: a set that fails part-way (KVM takes the regs before the sregs)
@@ -691,7 +708,7 @@ public final class LinuxKVM: KernelBackend {
         let deadline: UInt32 = 0x6e0
         func setEventsMPStateAndLAPIC() throws(KernelError) {
             if let events = newState["events"] { try setUnlessHeld("events", CKVM_SET_VCPU_EVENTS, events) }
-            if let mp = newState["mp-state"], !mpStateSet { try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, mp) }
+            if let mp = newState["mp-state"], !mpStateSet { try setMPState(mp) }
             if let lapic = newState["lapic"] { try set(fd, CKVM_SET_LAPIC, lapic, section: "lapic") }
         }
         if let bytes = newState["msrs"] {
