@@ -309,9 +309,27 @@ final class VCPUThread: @unchecked Sendable {
         }
         // An I/O exit is complete only once KVM_RUN is entered again (api.rst): with
         // immediate_exit set, KVM finishes it and returns at once, running no guest instruction.
+        // An MMIO access split in fragments exits again for the next one, which is completed
+        // the same way, until KVM answers EINTR (a save then finds nothing pending).
         if lastExitWasIO, let linux {
             linux.requestImmediateExit(vcpu, true)
-            _ = try? kernel.run(vcpu)
+            for _ in 0..<16 {
+                guard let exit = try? kernel.run(vcpu) else { break }
+                switch exit {
+                case .io(InProcessVMM.counterPort, true, _, let data):
+                    let value = UInt32(littleEndianBytes: data)
+                    condition.withLock { reported = value }
+                    continue
+                case .io(let port, _, _, _):
+                    onPort(port)
+                    continue
+                case .mmio:
+                    continue
+                default:
+                    break
+                }
+                break
+            }
         }
         // Parked until released: a thread that ended here would hold the CPU its waiter (woken
         // on the same CPU) needs for tens of microseconds of thread teardown, inside the blackout.
