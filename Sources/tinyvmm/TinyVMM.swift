@@ -280,17 +280,9 @@ final class VCPUThread: @unchecked Sendable {
                 log.say("vcpu \(index): KVM_RUN failed: \(error)")
                 break
             }
-            lastExitWasIO = false
+            lastExitWasIO = handledIO(exit)
+            if lastExitWasIO { continue }
             switch exit {
-            case .io(InProcessVMM.counterPort, true, _, let data):
-                lastExitWasIO = true
-                let value = UInt32(littleEndianBytes: data)
-                condition.withLock { reported = value }
-            case .io(let port, _, _, _):
-                lastExitWasIO = true
-                onPort(port)
-            case .mmio:
-                lastExitWasIO = true
             case .interrupted where kernel is KernelModel:
                 // A model vcpu ran its instruction budget holding the shared host's lock: let the
                 // request thread (and the other VMMs on the host) have it before the next run.
@@ -314,21 +306,7 @@ final class VCPUThread: @unchecked Sendable {
         if lastExitWasIO, let linux {
             linux.requestImmediateExit(vcpu, true)
             for _ in 0..<16 {
-                guard let exit = try? kernel.run(vcpu) else { break }
-                switch exit {
-                case .io(InProcessVMM.counterPort, true, _, let data):
-                    let value = UInt32(littleEndianBytes: data)
-                    condition.withLock { reported = value }
-                    continue
-                case .io(let port, _, _, _):
-                    onPort(port)
-                    continue
-                case .mmio:
-                    continue
-                default:
-                    break
-                }
-                break
+                guard let exit = try? kernel.run(vcpu), handledIO(exit) else { break }
             }
         }
         // Parked until released: a thread that ended here would hold the CPU its waiter (woken
@@ -338,6 +316,23 @@ final class VCPUThread: @unchecked Sendable {
             condition.broadcast()
             while !released { condition.wait() }
         }
+    }
+
+    /// Handles an I/O or MMIO exit (the counter's port write, a port the VMM watches, MMIO the
+    /// guest does not expect an answer from); false for any other exit.
+    private func handledIO(_ exit: VCPUExit) -> Bool {
+        switch exit {
+        case .io(InProcessVMM.counterPort, true, _, let data):
+            let value = UInt32(littleEndianBytes: data)
+            condition.withLock { reported = value }
+        case .io(let port, _, _, _):
+            onPort(port)
+        case .mmio:
+            break
+        default:
+            return false
+        }
+        return true
     }
 
     /// Lets a stopped thread end (`stopGuest` releases it once nobody waits on the stop).

@@ -187,6 +187,17 @@ struct VMStateTests {
     /// against an instance that uses the ioctls only, on an AP of a new VM (which takes no
     /// synced registers before its MP state is set), on a vcpu that ran, and on a state KVM
     /// cannot take through the sync area (an AP that never started: its MP state uninitialized).
+    /// `sregs2` bytes with `change` made to their struct.
+    static func changed(_ sregs2: [UInt8], _ change: (inout kvm_sregs2) -> Void) -> [UInt8] {
+        var bytes = sregs2
+        bytes.withUnsafeMutableBytes { buffer in
+            var s = buffer.loadUnaligned(as: kvm_sregs2.self)
+            change(&s)
+            buffer.storeBytes(of: s, as: kvm_sregs2.self)
+        }
+        return bytes
+    }
+
     @Test("registers moved through the sync area are what the ioctls move")
     func syncAreaMovesWhatTheIoctlsMove() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
@@ -211,25 +222,17 @@ struct VMStateTests {
         regs.replaceSubrange(0..<8, with: withUnsafeBytes(of: UInt64(0x1122_3344_5566_7788).littleEndian, Array.init))  // rax
         regs.replaceSubrange(128..<136, with: withUnsafeBytes(of: UInt64(0x40_1000).littleEndian, Array.init))  // rip
         // Long mode: paging (CR0.PG, PE), PAE, EFER.LME and LMA, a 64-bit code segment.
-        var sregs2 = try #require(state["sregs2"])
-        sregs2.withUnsafeMutableBytes { buffer in
-            var s = buffer.loadUnaligned(as: kvm_sregs2.self)
+        let sregs2 = Self.changed(try #require(state["sregs2"])) { s in
             s.cr0 = 0x8000_0011
             s.cr3 = 0x9000
             s.cr4 = 0x20
             s.efer = 0x500
             s.cs.l = 1
             s.cs.db = 0
-            buffer.storeBytes(of: s, as: kvm_sregs2.self)
         }
-        state.sections = state.sections.map {
-            switch $0.name {
-            case "regs": StateSection(name: "regs", bytes: regs)
-            case "sregs2": StateSection(name: "sregs2", bytes: sregs2)
-            case "mp-state": StateSection(name: "mp-state", bytes: [0, 0, 0, 0])
-            default: $0
-            }
-        }
+        state["regs"] = regs
+        state["sregs2"] = sregs2
+        state["mp-state"] = [0, 0, 0, 0]
         // The boot vcpu and an AP (uninitialized in a new VM until its MP state is set).
         #expect(try reportedByKVM(targets[1])["mp-state"] == [1, 0, 0, 0], "a new VM's AP is uninitialized")
         for target in targets {
@@ -257,7 +260,7 @@ struct VMStateTests {
         let never = try kernel.vcpuState(sources[1])
         #expect(never["mp-state"] == [1, 0, 0, 0])
         var apState = never
-        apState.sections = apState.sections.map { $0.name == "regs" ? StateSection(name: "regs", bytes: regs) : $0 }
+        apState["regs"] = regs
         let runs = kernel.syncRunsTaken
         try kernel.setVCPUState(targets[1], apState)
         #expect(kernel.syncRunsTaken == runs, "an uninitialized AP took no synced registers")
@@ -272,7 +275,7 @@ struct VMStateTests {
         latched[20] |= 0x8  // KVM_VCPUEVENT_VALID_SMM
         latched[27] = 1  // smi.latched_init
         var initState = state
-        initState.sections = initState.sections.map { $0.name == "events" ? StateSection(name: "events", bytes: latched) : $0 }
+        initState["events"] = latched
         try kernel.setVCPUState(targets[1], initState)
         let afterINIT = try kernel.vcpuState(targets[1])
         expectSame(afterINIT, try reportedByKVM(targets[1]), "after an INIT")
@@ -281,9 +284,7 @@ struct VMStateTests {
         // PAE paging outside long mode: the sregs2 carry PDPTRs, which struct kvm_sregs has not,
         // so the set goes by KVM_SET_SREGS2 (and a read of a vcpu in PAE paging takes them from
         // KVM_GET_SREGS2).
-        var pae = try #require(state["sregs2"])
-        pae.withUnsafeMutableBytes { buffer in
-            var s = buffer.loadUnaligned(as: kvm_sregs2.self)
+        let pae = Self.changed(try #require(state["sregs2"])) { s in
             s.cr0 = 0x8000_0011
             s.cr4 = 0x20
             s.efer = 0
@@ -291,10 +292,9 @@ struct VMStateTests {
             s.cs.db = 1
             s.flags = UInt64(KVM_SREGS2_FLAGS_PDPTRS_VALID)
             s.pdptrs = (0x1001, 0x2001, 0x3001, 0x4001)
-            buffer.storeBytes(of: s, as: kvm_sregs2.self)
         }
         var paeState = state
-        paeState.sections = paeState.sections.map { $0.name == "sregs2" ? StateSection(name: "sregs2", bytes: pae) : $0 }
+        paeState["sregs2"] = pae
         let runsBeforePAE = kernel.syncRunsTaken
         try kernel.setVCPUState(targets[0], paeState)
         #expect(kernel.syncRunsTaken == runsBeforePAE, "sregs2 with PDPTRs were not set through the sync area")
@@ -313,7 +313,7 @@ struct VMStateTests {
         let saved = try kernel.vcpuState(vcpus[0])
         for (name, length) in [("regs", 100), ("lapic", 16), ("tsc-khz", 2), ("xsave", 512)] {
             var bad = saved
-            bad.sections = bad.sections.map { $0.name == name ? StateSection(name: name, bytes: Array($0.bytes.prefix(length))) : $0 }
+            bad[name] = bad[name].map { Array($0.prefix(length)) }
             #expect(throws: KernelError.self) { try kernel.setVCPUState(vcpus[0], bad) }
             do { try kernel.setVCPUState(vcpus[0], bad) } catch { #expect("\(error)".contains("section \(name)"), "\(error)") }
         }

@@ -233,7 +233,6 @@ int ckvm_sync_run(int fd, void *run, int set, int v2, void *regs, void *sregs, v
 /** The running kernel's version as major * 1000 + minor (uname's release), or -1. */
 int ckvm_kernel_version(void);
 
-
 /** fallocate(2), which Swift's Glibc module does not export. Returns -1 and sets errno. */
 int ckvm_fallocate(int fd, int mode, int64_t offset, int64_t length);
 

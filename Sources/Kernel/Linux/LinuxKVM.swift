@@ -476,8 +476,11 @@ public final class LinuxKVM: KernelBackend {
             return try get(fd, request, size: size)
         }
         let sregsName = support.sregs2 ? "sregs2" : "sregs"
-        let sregsRequest = support.sregs2 ? CKVM_GET_SREGS2 : CKVM_GET_SREGS
-        let sregsSize = Int(support.sregs2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS)
+        func getEvents() throws(KernelError) -> [UInt8] { try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
+        func getRegs() throws(KernelError) -> [UInt8] { try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS)) }
+        func getSregs() throws(KernelError) -> [UInt8] {
+            try get(fd, support.sregs2 ? CKVM_GET_SREGS2 : CKVM_GET_SREGS, size: Int(support.sregs2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS))
+        }
         var events: [UInt8]?
         var mpState: [UInt8]?
         var regs: [UInt8]
@@ -496,25 +499,25 @@ public final class LinuxKVM: KernelBackend {
             events = support.events && mpStateUntouched ? spare(fd, "events") : nil
             if mpStateUntouched, let held = spareRegisters(fd, sregsName) {
                 (regs, sregs) = held
-                if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
+                if support.events && events == nil { events = try getEvents() }
             } else if let synced = try syncRun(fd, run, setting: nil, v2: support.sregs2, events: support.events && events == nil) {
                 regs = synced.regs
                 // KVM stores the sregs before the events, and reading the events delivers a
                 // queued #PF's payload into CR2 (KVM_CAP_EXCEPTION_PAYLOAD is not enabled): with
                 // a #PF in the events, the sregs are read again, after it.
                 let pageFault = synced.events.map { ($0[0] != 0 || $0[3] != 0) && $0[1] == 14 } ?? false
-                if let synced = synced.sregs, !pageFault { sregs = synced } else { sregs = try get(fd, sregsRequest, size: sregsSize) }
+                if let synced = synced.sregs, !pageFault { sregs = synced } else { sregs = try getSregs() }
                 events = events ?? synced.events
             } else {
-                if support.events && events == nil { events = try get(fd, CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
-                regs = try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))
-                sregs = try get(fd, sregsRequest, size: sregsSize)
+                if support.events && events == nil { events = try getEvents() }
+                regs = try getRegs()
+                sregs = try getSregs()
             }
         } else {
             if support.events { events = try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
             if support.mpState { mpState = try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4) }
-            regs = try get(fd, CKVM_GET_REGS, size: Int(CKVM_SIZEOF_REGS))
-            sregs = try get(fd, sregsRequest, size: sregsSize)
+            regs = try getRegs()
+            sregs = try getSregs()
         }
         var sections: [StateSection] = []
         if let events { sections.append(.init(name: "events", bytes: events)) }
@@ -674,16 +677,16 @@ public final class LinuxKVM: KernelBackend {
         let sregsName = v2 ? "sregs2" : "sregs"
         var mpStateSet = false
         var registersSynced = false
+        // The registers held are dropped first: a set that fails part-way (KVM takes the regs
+        // before the sregs) leaves nothing held.
+        let runsBefore = state.withLock { state in
+            for name in LinuxKVM.registerSections { state.vcpuHeld[fd]?[name] = nil }
+            return state.runs
+        }
         if let run = syncArea(fd), let regs = newState["regs"], let sregs = newState[sregsName], newState["sregs2"] == nil || newState["sregs"] == nil {
             if let mp = newState["mp-state"] {
                 try setMPState(mp)
                 mpStateSet = true
-            }
-            // Dropped first: a set that fails part-way (KVM takes the regs before the sregs)
-            // leaves nothing held.
-            let runsBefore = state.withLock { state in
-                for name in ["regs", "sregs2", "sregs"] { state.vcpuHeld[fd]?[name] = nil }
-                return state.runs
             }
             if let synced = try syncRun(fd, run, setting: (regs, sregs), v2: v2, events: false) {
                 registersSynced = true
@@ -695,9 +698,6 @@ public final class LinuxKVM: KernelBackend {
             }
         }
         if !registersSynced {
-            state.withLock { state in
-                for name in ["regs", "sregs2", "sregs"] { state.vcpuHeld[fd]?[name] = nil }
-            }
             if let bytes = newState["sregs2"] { try set(fd, CKVM_SET_SREGS2, bytes, section: "sregs2") }
             if let bytes = newState["sregs"] { try set(fd, CKVM_SET_SREGS, bytes, section: "sregs") }
             if let bytes = newState["regs"] { try set(fd, CKVM_SET_REGS, bytes, section: "regs") }
@@ -757,7 +757,10 @@ public final class LinuxKVM: KernelBackend {
 
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`); the
     /// regs and sregs too, which a read answers only with the MP state held as well.
-    static let heldSections: Set<String> = ["events", "mp-state", "debugregs", "regs", "sregs2", "sregs"]
+    static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs"]).union(registerSections)
+
+    /// The sections a sync run moves but the events.
+    static let registerSections: Set<String> = ["regs", "sregs2", "sregs"]
 
     /// The size of KVM's struct for each section a set hands KVM by pointer (KVM copies the
     /// struct's size from it, whatever the section's length), or the least an XSAVE area has.
@@ -840,12 +843,10 @@ public final class LinuxKVM: KernelBackend {
         _ fd: Int32, _ run: UnsafeMutableRawPointer, setting: (regs: [UInt8], sregs: [UInt8])?, v2: Bool, events: Bool
     ) throws(KernelError) -> Synced? {
         let sregsSize = Int(v2 ? CKVM_SIZEOF_SREGS2 : CKVM_SIZEOF_SREGS)
-        var regs = setting?.regs ?? []
-        var sregs = setting?.sregs ?? []
-        // Sizes as KVM's (`checkSizes` refused any other before).
-        guard setting == nil || (regs.count == Int(CKVM_SIZEOF_REGS) && sregs.count == sregsSize) else { return nil }
-        regs = regs.isEmpty ? [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_REGS)) : regs
-        sregs = sregs.isEmpty ? [UInt8](repeating: 0, count: sregsSize) : sregs
+        var regs = setting?.regs ?? [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_REGS))
+        var sregs = setting?.sregs ?? [UInt8](repeating: 0, count: sregsSize)
+        // The C side copies KVM's sizes (`checkSizes` refused any other before a set).
+        guard regs.count == Int(CKVM_SIZEOF_REGS) && sregs.count == sregsSize else { return nil }
         var eventBytes = [UInt8](repeating: 0, count: events ? Int(CKVM_SIZEOF_VCPU_EVENTS) : 0)
         let operation: KernelOperation = setting == nil ? .getVCPUState : .setVCPUState
         let result = regs.withUnsafeMutableBytes { r in
