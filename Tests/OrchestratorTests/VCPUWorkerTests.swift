@@ -137,3 +137,70 @@ struct VCPUWorkerTests {
         #expect(sent.count < whole.count && Array(whole.prefix(sent.count)) == sent)
     }
 }
+
+/// A VMM with a thread per vcpu (tinyvmm) has each thread save its vcpu as it stops, all at
+/// once; the pause then takes those states (`pause(saved:sendingParts:)`) and saves only the
+/// VM's sections. Where they cannot be taken, it saves every vcpu itself.
+@Suite("Vcpus saved by their own threads")
+struct SavedByThreadsTests {
+    /// A model source of two vcpus, and the states of another's: states the source's own
+    /// kernel calls would not answer, so that what the pause sends says which it took.
+    static func source(inOrder: Bool? = nil) throws -> (source: InProcessVMM, kernel: KernelModel, others: [VCPUState]) {
+        var plan = try loadPlan("demo.yaml")
+        plan.vm.vcpus = 2
+        let host = ModelHost()
+        let other = InProcessVMM(role: "other", backend: KernelModel(host: host, process: "threads/other"))
+        try other.createSource(plan.vm)
+        let others = try other.pause().vcpus.map { vcpu in
+            var changed = vcpu
+            var regs = try #require(vcpu["regs"])
+            regs[0] ^= 0x5a  // rax: another guest's
+            changed["regs"] = regs
+            return changed
+        }
+        let kernel = KernelModel(host: host, process: "threads/source")
+        let backend: any KernelBackend = inOrder.map { FaultInjectingBackend(kernel, faults: FaultInjector(), vcpuCallsInOrder: $0) } ?? kernel
+        let source = InProcessVMM(role: "source", backend: backend)
+        try source.createSource(plan.vm)
+        return (source, kernel, others)
+    }
+
+    @Test func theThreadsSavesAreSentAfterTheVMsSections() throws {
+        let (source, kernel, others) = try Self.source()
+        #expect(source.savesVCPUsConcurrently)
+        var parts: [[UInt8]] = []
+        let state = try source.pause(saved: others, sendingParts: { part throws(EndpointError) in parts.append(part) })
+        #expect(state.vcpus == others)
+        // The VM's sections are the source's own, read here apart from the pause.
+        let vm = try #require(source.vmHandle)
+        let sections = try kernel.vmState(vm)
+        #expect(state.vm.map(\.name) == sections.map(\.name))
+        #expect(state.vm.filter { $0.name != "clock" } == sections.filter { $0.name != "clock" })
+        #expect(parts.count == 3)
+        #expect(parts.flatMap { $0 } == VMState.encodedHead(vm: state.vm, vcpus: 2) + others.flatMap(VMState.encoded))
+        // Paused: a later pause answers the same state.
+        #expect(try source.pause() == state)
+    }
+
+    @Test(arguments: [0, 1, 3])
+    func withoutAStateForEveryVCPUThePauseSavesThemItself(_ count: Int) throws {
+        let (source, kernel, others) = try Self.source()
+        let given = Array((others + others).prefix(count))
+        let state = try source.pause(saved: given, sendingParts: nil)
+        let own = try source.vcpuHandles.map { try kernel.vcpuState($0) }
+        #expect(state.vcpus.count == 2)
+        for index in 0..<2 { #expect(VCPUState.difference(restored: own[index], saved: state.vcpus[index]) == nil, "vcpu \(index)") }
+        #expect(state.vcpus[0] != others[0])
+    }
+
+    /// Under a fault injector that counts vcpu calls in order, every vcpu is saved by the
+    /// pause, on one thread, so that a fault's count names one vcpu's save.
+    @Test func underAnInjectorCountingInOrderThePauseSavesThemItself() throws {
+        let (source, _, others) = try Self.source(inOrder: true)
+        #expect(!source.savesVCPUsConcurrently)
+        let state = try source.pause(saved: others, sendingParts: nil)
+        #expect(state.vcpus[0] != others[0] && state.vcpus[1] != others[1])
+        let (unordered, _, _) = try Self.source(inOrder: false)
+        #expect(unordered.savesVCPUsConcurrently)
+    }
+}
