@@ -421,16 +421,6 @@ int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base) {
     return pthread_setaffinity_np((pthread_t)thread, sizeof mask, &mask);
 }
 
-int ckvm_keep_thread_on_cpu(unsigned long thread, int cpu, const void *base) {
-    cpu_set_t mask = *(const cpu_set_t *)base;
-    if (cpu >= 0) {
-        if (cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, (const cpu_set_t *)base)) return EINVAL;
-        CPU_ZERO(&mask);
-        CPU_SET(cpu, &mask);
-    }
-    return pthread_setaffinity_np((pthread_t)thread, sizeof mask, &mask);
-}
-
 int ckvm_cpu_mask(void *saved) { return sched_getaffinity(0, sizeof(cpu_set_t), (cpu_set_t *)saved) == 0 ? 0 : errno; }
 
 int ckvm_nth_cpu(int n) {

@@ -232,14 +232,7 @@ public final class InProcessVMM: VMMEndpoint {
     /// that a target sets one part while this VMM saves the next. The whole state is saved even
     /// if a `send` fails (the VMM is paused, and the rollback's `resume` is taken); the first
     /// failure is then thrown, and no part is sent after it.
-    ///
-    /// `saved`: the vcpus' states as their own threads saved them once stopped, in vcpu order
-    /// (a VMM with a thread per vcpu saves them all at once, each where its vcpu last ran). Taken
-    /// only where there is one for every vcpu and the vcpus may be saved on several threads
-    /// (`savesVCPUsConcurrently`); otherwise every vcpu is saved here.
-    public func pause(
-        saved savedByThreads: [VCPUState]? = nil, sendingParts send: (([UInt8]) throws(EndpointError) -> Void)?
-    ) throws(EndpointError) -> VMState {
+    public func pause(sendingParts send: (([UInt8]) throws(EndpointError) -> Void)?) throws(EndpointError) -> VMState {
         var failure: EndpointError?
         func emit(_ part: @autoclosure () -> [UInt8]) {
             guard let send, failure == nil else { return }
@@ -255,23 +248,15 @@ public final class InProcessVMM: VMMEndpoint {
             let clock = ContinuousClock()
             let began = clock.now
             do {
-                if savesVCPUsConcurrently, let saves = savedByThreads, saves.count == vcpus.count {
-                    // The vcpus are saved: the VM's sections, then every vcpu in order.
-                    let sections = try backend.vmState(vm.value.handle)
-                    emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
-                    for vcpu in saves { emit(VMState.encoded(vcpu)) }
-                    state = VMState(vm: sections, vcpus: saves)
-                } else {
-                    var sections: [StateSection] = []
-                    let saves = try saveVCPUs(
-                        kernel: backend,
-                        handedOver: { () throws(KernelError) in
-                            sections = try backend.vmState(vm.value.handle)
-                            emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
-                        },
-                        each: { emit(VMState.encoded($0)) })
-                    state = VMState(vm: sections, vcpus: saves)
-                }
+                var sections: [StateSection] = []
+                let saves = try saveVCPUs(
+                    kernel: backend,
+                    handedOver: { () throws(KernelError) in
+                        sections = try backend.vmState(vm.value.handle)
+                        emit(VMState.encodedHead(vm: sections, vcpus: vcpus.count))
+                    },
+                    each: { emit(VMState.encoded($0)) })
+                state = VMState(vm: sections, vcpus: saves)
             } catch {
                 throw EndpointError.from(error)
             }
@@ -290,11 +275,6 @@ public final class InProcessVMM: VMMEndpoint {
     private static func onOneThread(_ kernel: any KernelBackend, vcpus count: Int) -> Bool {
         count < 2 || (kernel as? FaultInjectingBackend)?.vcpuCallsInOrder == true
     }
-
-    /// Whether this VMM's vcpus may be saved on several threads at once: a caller with a thread
-    /// per vcpu has each save its own as it stops (`pause(saved:sendingParts:)`). Not with one
-    /// vcpu (nothing to gain) nor under a fault injector that counts vcpu calls in order.
-    public var savesVCPUsConcurrently: Bool { !Self.onOneThread(backend, vcpus: vcpus.count) }
 
     /// Saves every vcpu's state (its vcpus stopped): the second half on the worker
     /// (`VCPUWorker`) while this thread saves the first. `handedOver` runs once the worker has

@@ -143,7 +143,6 @@ final class TinyVMM: HandoffHandler {
                 log.say("guest violation: \(text)")
             }
         }
-        _ = collectStopSaves()
         gate = gated ? VCPUGate() : nil
         let spread = gated && threads.count > 1
         for (index, thread) in threads.enumerated() { thread.start(gate: gate, spreadTo: spread ? ckvm_nth_cpu(Int32(clamping: index)) : -1) }
@@ -156,75 +155,18 @@ final class TinyVMM: HandoffHandler {
     /// `parking`: the stopped threads wait, parked, until the guest starts again or the VMM
     /// retires, instead of ending now (a pause: their teardown would take the CPU the state's
     /// save needs, inside the blackout).
-    ///
-    /// `saving`: each vcpu thread saves its vcpu's state as soon as it stopped, all at once
-    /// (`stopSaves`, for `InProcessVMM.pause(saved:sendingParts:)`).
     @discardableResult
-    func stopGuest(parking: Bool = false, saving: Bool = false) -> Duration {
+    func stopGuest(parking: Bool = false) -> Duration {
         let clock = ContinuousClock()
         let began = clock.now
-        for thread in threads { thread.requestStop(saving: saving) }
+        for thread in threads { thread.requestStop() }
         for thread in threads { thread.waitStopped() }
-        stopSaves = saving ? collectStopSaves() : .none
-        var last: UInt64? = nil
-        for thread in threads { if let at = thread.stoppedAt, at > (last ?? 0) { last = at } }
-        guestStoppedAt = last
         parked += threads
         threads = []
         gate = nil
         let stopped = clock.now - began
         if !parking { releaseParked() }
         return stopped
-    }
-
-    /// Keeps vcpu thread `i` on the `i`th CPU (modulo their count) until it parks; true where
-    /// every one was kept.
-    private func spreadVCPUThreads() -> Bool {
-        var all = !threads.isEmpty
-        for (index, thread) in threads.enumerated() {
-            let cpu = ckvm_nth_cpu(Int32(clamping: index))
-            if cpu < 0 || !thread.keep(onCPU: cpu) { all = false }
-        }
-        return all
-    }
-
-    /// When the last vcpu thread the last `stopGuest` stopped left KVM_RUN (`MonotonicClock`;
-    /// before the saves of `saving`); nil where no thread ran.
-    private var guestStoppedAt: UInt64?
-
-    /// What the vcpu threads saved as the last `stopGuest(saving: true)` stopped them.
-    private var stopSaves: StopSaves = .none
-
-    enum StopSaves {
-        /// Not every thread saved (or none was asked): the pause saves every vcpu itself.
-        case none
-        /// Every vcpu's state, in vcpu order.
-        case saved([VCPUState])
-        /// A thread's save failed: the pause fails with it.
-        case failed(KernelError)
-
-        /// The states, or nil; the failure thrown.
-        func states() throws(EndpointError) -> [VCPUState]? {
-            switch self {
-            case .none: return nil
-            case .saved(let states): return states
-            case .failed(let error): throw EndpointError.from(error)
-            }
-        }
-    }
-
-    /// What the stopped vcpu threads saved. Called once as the threads are made, where none
-    /// saved anything, so that the types it uses are set up then and not inside a blackout
-    /// (the first use of a generic type costs the runtime tens of microseconds here).
-    private func collectStopSaves() -> StopSaves {
-        var states: [VCPUState] = []
-        states.reserveCapacity(threads.count)
-        do {
-            for thread in threads { guard try thread.takeStopSave(into: &states) else { return .none } }
-        } catch {
-            return .failed(error)
-        }
-        return states.count == threads.count && !states.isEmpty ? .saved(states) : .none
     }
 
     /// The vcpu threads a pause stopped and left parked (`stopGuest(parking:)`).
@@ -256,12 +198,9 @@ final class TinyVMM: HandoffHandler {
             // The host's CPU latency request at 0, as a coordinator holds it through a blackout.
             let hold = CPULatencyHold()
             defer { withExtendedLifetime(hold) {} }
-            // Each vcpu thread on a CPU of its own, as a pause's arming does before its trigger.
-            let saving = from.vmm.savesVCPUsConcurrently
-            if saving { _ = from.spreadVCPUThreads() }
             let began = MonotonicClock.nanoseconds
-            from.stopGuest(parking: true, saving: saving)
-            let state = try from.vmm.pause(saved: try from.stopSaves.states(), sendingParts: nil)
+            from.stopGuest(parking: true)
+            let state = try from.vmm.pause()
             try to.vmm.restore(state, verify: false)
             to.startGuest()
             let entered = to.threads.map { $0.waitEntered() }.max() ?? MonotonicClock.nanoseconds
@@ -456,28 +395,25 @@ final class TinyVMM: HandoffHandler {
                 // one arms the pause: it happens when the coordinator's byte comes on it.
                 let sockets = try sockets(descriptors, atMost: 2)
                 let channel = sockets.first
-                // Each vcpu thread on a CPU of its own until it stops and saves, and this thread
-                // off the CPU where the target stages, before the trigger (outside the blackout).
-                let spread = channel != nil && sockets.count == 2 && vmm.savesVCPUsConcurrently ? spreadVCPUThreads() : false
+                // Off the CPU where the target stages, before the trigger (outside the blackout).
                 let placement = channel != nil ? BlackoutPlacement.pausingThread() : nil
                 defer { placement?.end() }
                 if let trigger = sockets.dropFirst().first {
                     defer { close(trigger) }
                     guard !paused, PauseTrigger.armed(trigger, spin: .milliseconds(5), timeout: Self.timeout(of: request)) else {
                         if let channel { close(channel) }  // the target hears that no state comes
-                        if spread { for thread in threads { thread.keep(onCPU: -1) } }
                         throw EndpointError(
                             paused ? "pause: armed while paused already" : "pause: not requested: the coordinator closed the trigger; the guest runs on")
                     }
                 }
-                let began = MonotonicClock.nanoseconds
-                stopGuest(parking: true, saving: vmm.savesVCPUsConcurrently)
-                // When the last vcpu left KVM_RUN, before the saves its thread made since.
-                let stopped = max(began, guestStoppedAt ?? MonotonicClock.nanoseconds)
+                let clock = ContinuousClock()
+                let began = clock.now
+                stopGuest(parking: true)
                 // Once its vcpus are stopped the VMM is paused, even if saving the state fails:
                 // the coordinator's rollback must be able to resume it.
-                if !paused { stoppedAt = stopped }
+                if !paused { stoppedAt = MonotonicClock.nanoseconds }
                 paused = true
+                let stopped = clock.now
                 reply.stoppedAt = stoppedAt
                 let state: VMState
                 if let channel {
@@ -486,7 +422,7 @@ final class TinyVMM: HandoffHandler {
                     // state itself from a later pause, which answers the saved state).
                     defer { close(channel) }  // the target hears the end of the socket: no more comes
                     var sent = VMState.Digest()
-                    state = try vmm.pause(saved: try stopSaves.states(), sendingParts: { part throws(EndpointError) in
+                    state = try vmm.pause(sendingParts: { part throws(EndpointError) in
                         sent.add(part)
                         do throws(HandoffError) {
                             try StateChannel.send(part, on: channel, timeout: .seconds(5))
@@ -500,12 +436,11 @@ final class TinyVMM: HandoffHandler {
                     // the target's reply longer than for this one.
                     reply.stateDigest = sent.text
                 } else {
-                    state = try vmm.pause(saved: try stopSaves.states(), sendingParts: nil)
+                    state = try vmm.pause()
                     replyAttachment = state.encoded
                 }
                 // With a state channel, `save` counts the sends between the parts.
-                let saved = max(stopped, MonotonicClock.nanoseconds)
-                reply.timings = ["stop": Int64(clamping: stopped - began), "save": Int64(clamping: saved - stopped)]
+                reply.timings = ["stop": (stopped - began).nanoseconds, "save": (clock.now - stopped).nanoseconds]
                 reply.running = false
                 reply.counter = counter
                 pausedForTarget = channel != nil

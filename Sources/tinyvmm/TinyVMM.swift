@@ -192,15 +192,6 @@ final class VCPUThread: @unchecked Sendable {
     private var gate: VCPUGate?
     private var threadID: UInt = 0
     private var reported: UInt32?
-    /// Whether the thread saves its vcpu's state once stopped (`requestStop(saving:)`), and
-    /// what that save gave (`takeStopSave`).
-    private var savesOnStop = false
-    private var savedAtStop: VCPUState?
-    private var saveFailure: KernelError?
-    /// When the thread last left KVM_RUN to stop (`MonotonicClock`; before its save).
-    private var leftAt: UInt64?
-    /// The CPUs the thread may use as it started (before a spread), for `keep(onCPU:)`.
-    private var baseMask: [UInt8] = []
     static let kickSignal = SIGUSR1
 
     init(kernel: any KernelBackend, vcpu: KernelHandle, index: Int, log: Log, onPort: @escaping @Sendable (UInt16) -> Void) {
@@ -247,10 +238,6 @@ final class VCPUThread: @unchecked Sendable {
             running = true
             self.gate = gate
             entered = nil
-            savesOnStop = false
-            savedAtStop = nil
-            saveFailure = nil
-            leftAt = nil
             spreadCPU = gate != nil ? cpu : -1
         }
         linux?.requestImmediateExit(vcpu, false)
@@ -271,7 +258,6 @@ final class VCPUThread: @unchecked Sendable {
         var mask = [UInt8](repeating: 0, count: Int(ckvm_cpu_mask_size()))
         let cpu = condition.withLock { spreadCPU }
         let spread = cpu >= 0 && ckvm_place_self(cpu, 1, &mask) == 0
-        if spread || ckvm_cpu_mask(&mask) == 0 { condition.withLock { baseMask = mask } }
         if let gate = condition.withLock({ self.gate }), !gate.pass() || condition.withLock({ stopRequested }) {
             condition.withLock {
                 running = false
@@ -323,20 +309,9 @@ final class VCPUThread: @unchecked Sendable {
                 guard let exit = try? kernel.run(vcpu), handledIO(exit) else { break }
             }
         }
-        // A pause's save, here where the vcpu last ran and as soon as it stopped: the vcpus
-        // save at once, each on its own thread, instead of one after the other once all stopped.
-        let left = MonotonicClock.nanoseconds
-        var saved: VCPUState? = nil
-        var failure: KernelError? = nil
-        if condition.withLock({ savesOnStop }) {
-            do { saved = try kernel.vcpuState(vcpu) } catch { failure = error }
-        }
         // Parked until released: a thread that ended here would hold the CPU its waiter (woken
         // on the same CPU) needs for tens of microseconds of thread teardown, inside the blackout.
         condition.withLock {
-            savedAtStop = saved
-            saveFailure = failure
-            leftAt = left
             running = false
             condition.broadcast()
             while !released { condition.wait() }
@@ -369,13 +344,11 @@ final class VCPUThread: @unchecked Sendable {
     }
 
     /// Asks the vcpu to stop: immediate_exit, then a signal if it is in KVM_RUN (a gated thread
-    /// leaves without running). `saving`: once stopped, the thread saves its vcpu's state
-    /// (`takeStopSave`) before it parks.
-    func requestStop(saving: Bool = false) {
+    /// leaves without running).
+    func requestStop() {
         condition.withLock {
             guard running else { return }
             stopRequested = true
-            savesOnStop = saving
             gate?.cancel()
             condition.broadcast()
             linux?.requestImmediateExit(vcpu, true)
@@ -392,31 +365,6 @@ final class VCPUThread: @unchecked Sendable {
         }
         condition.unlock()
         linux?.requestImmediateExit(vcpu, false)
-    }
-
-    /// Keeps the running thread on `cpu` (-1: on every CPU it could use as it started): a pause
-    /// about to come spreads the vcpu threads, so that each saves on a CPU of its own. False
-    /// where the thread does not run or its mask was not changed.
-    @discardableResult
-    func keep(onCPU cpu: Int32) -> Bool {
-        condition.withLock {
-            guard running, threadID != 0, !baseMask.isEmpty else { return false }
-            return ckvm_keep_thread_on_cpu(threadID, cpu, baseMask) == 0
-        }
-    }
-
-    /// When the stopped thread left KVM_RUN (`MonotonicClock`), before any save; nil while it runs.
-    var stoppedAt: UInt64? { condition.withLock { running ? nil : leftAt } }
-
-    /// Appends the state the stopped thread saved (`requestStop(saving: true)`) to `states`;
-    /// false where it saved none (it had stopped before it was asked, or was not asked to
-    /// save). A save that failed throws its error.
-    func takeStopSave(into states: inout [VCPUState]) throws(KernelError) -> Bool {
-        let (saved, failure) = condition.withLock { running ? (nil, nil) : (savedAtStop, saveFailure) }
-        if let failure { throw failure }
-        guard let saved else { return false }
-        states.append(saved)
-        return true
     }
 
     func stop() {

@@ -337,9 +337,6 @@ int ckvm_current_cpu(void);
 /** Lets `thread` run on the CPUs of `base` (a mask ckvm_cpu_mask saved) but `cpu` (on all of
  *  them where `cpu` is the only one). Returns 0, or an errno. */
 int ckvm_keep_thread_off_cpu(unsigned long thread, int cpu, const void *base);
-/** Keeps `thread` on `cpu`, one of `base` (a mask ckvm_cpu_mask saved), or lets it run on all
- *  of `base` again where `cpu` is negative. Returns 0, or an errno (EINVAL: `cpu` not in `base`). */
-int ckvm_keep_thread_on_cpu(unsigned long thread, int cpu, const void *base);
 /** The calling thread's CPU mask, into `saved` (ckvm_cpu_mask_size bytes). 0, or an errno. */
 int ckvm_cpu_mask(void *saved);
 /** The CPU `n` modulo their count among those the calling thread may run on, or -1 where it
