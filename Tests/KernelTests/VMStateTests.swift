@@ -314,8 +314,11 @@ struct VMStateTests {
         for (name, length) in [("regs", 100), ("lapic", 16), ("tsc-khz", 2), ("xsave", 512)] {
             var bad = saved
             bad[name] = bad[name].map { Array($0.prefix(length)) }
-            #expect(throws: KernelError.self) { try kernel.setVCPUState(vcpus[0], bad) }
-            do { try kernel.setVCPUState(vcpus[0], bad) } catch { #expect("\(error)".contains("section \(name)"), "\(error)") }
+            #expect {
+                try kernel.setVCPUState(vcpus[0], bad)
+            } throws: { error in
+                error is KernelError && "\(error)".contains("section \(name)")
+            }
         }
         let sections = try kernel.vmState(vm)
         let short = sections.map { $0.name == "clock" ? StateSection(name: "clock", bytes: [1, 2]) : $0 }
