@@ -418,6 +418,8 @@ public final class RemoteVMM: VMMEndpoint {
     public func preparePause(stagingIn target: any VMMEndpoint) {
         guard let target = target as? RemoteVMM else { return }
         abandonPreparedPause()  // the target's own, if another source prepared one, goes with its send
+        // The pause reply's first decode, out of the blackout.
+        HandoffMessage.rehearseBlackoutMessages()
         guard var ends = RemoteVMM.stateChannel() else { return }
         var staging: Sent?
         if let sent = try? target.send(RemoteVMM.stageMessage(target), descriptors: [ends[1]]) {

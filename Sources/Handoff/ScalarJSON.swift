@@ -69,6 +69,26 @@ extension HandoffMessage {
         return out.bytes
     }
 
+    /// Codes, once, out and back, the messages of the shapes a process decodes first inside
+    /// the blackout: the pause's reply (a digest, the stop's time, timings, a counter), which
+    /// the coordinator reads, and the restore, which the target reads. Why: the coordinator's
+    /// first decode of the pause's reply took 50-60 µs on this machine kind, and its decode of
+    /// the target's reply right after 12-14 µs: the first use of what the reader needs for
+    /// those fields. Rehearsed before the pause, the pause's reply took 30 µs (16 migrations a
+    /// side, medians). Answers whether each message came back the same.
+    @discardableResult
+    public static func rehearseBlackoutMessages() -> Bool {
+        var reply = HandoffMessage(type: "ok", id: 1)
+        reply.stateDigest = "rehearsal"
+        reply.stoppedAt = 1
+        reply.timings = ["save": 1, "stop": 2]
+        reply.running = false
+        reply.counter = 1
+        return [reply, HandoffMessage(type: "restore", id: 2)].allSatisfy { message in
+            message.scalarJSON().flatMap(HandoffMessage.init(scalarJSON:)) == message
+        }
+    }
+
     /// The message these bytes hold, or nil where they need JSONDecoder (see the type's doc).
     init?(scalarJSON payload: [UInt8]) {
         guard let message = payload.withUnsafeBufferPointer({ buffer -> HandoffMessage? in

@@ -91,9 +91,11 @@ final class TinyVMM: HandoffHandler {
 
     /// Saving and staging gone through once before any vcpu of this VM runs
     /// (`InProcessVMM.rehearseStaging`), and the state sent and received as the state channel
-    /// carries it (`StateChannel.rehearse`), so that the blackout pays no first-time costs. Not
+    /// carries it (`StateChannel.rehearse`), and the blackout's messages coded once
+    /// (`HandoffMessage.rehearseBlackoutMessages`), so that the blackout pays no first-time costs. Not
     /// needed for the migration: a failure is only logged.
     private func rehearse(vcpusNeverRan: Bool = false) {
+        if !HandoffMessage.rehearseBlackoutMessages() { log.say("the rehearsal of the blackout's messages failed; the blackout may be longer") }
         do {
             guard let state = try vmm.rehearseStaging(vcpusNeverRan: vcpusNeverRan) else { return }
             if !StateChannel.rehearse(state) { log.say("the rehearsal of the state channel failed; the blackout may be longer") }

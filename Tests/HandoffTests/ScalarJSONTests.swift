@@ -147,4 +147,11 @@ struct ScalarJSONTests {
         // Some damage leaves valid JSON (a digit changed): the comparison above did run.
         #expect(accepted > 0)
     }
+
+    /// The rehearsal before the pause is worth its call only if the messages it codes take
+    /// the fast path both ways: a field the fast path stopped handling would send them
+    /// through Foundation, and the blackout's first decode would be cold again.
+    @Test func theBlackoutsMessagesAreRehearsedOnTheFastPath() {
+        #expect(HandoffMessage.rehearseBlackoutMessages())
+    }
 }
