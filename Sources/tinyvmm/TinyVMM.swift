@@ -302,7 +302,9 @@ final class VCPUThread: @unchecked Sendable {
         // An I/O exit is complete only once KVM_RUN is entered again (api.rst): with
         // immediate_exit set, KVM finishes it and returns at once, running no guest instruction.
         // An MMIO access split in fragments exits again for the next one, which is completed
-        // the same way, until KVM answers EINTR (a save then finds nothing pending).
+        // the same way, until KVM answers EINTR (a save then finds nothing pending). An access
+        // has at most a few fragments; the bound only keeps a misbehaving guest from holding
+        // the stop here.
         if lastExitWasIO, let linux {
             linux.requestImmediateExit(vcpu, true)
             for _ in 0..<16 {

@@ -181,12 +181,6 @@ struct VMStateTests {
         #expect(kernel.heldCallsSkipped == before, "nothing is taken as held once a vcpu ran")
     }
 
-    /// The regs and sregs set through the kvm_run's sync area (one KVM_RUN that enters no
-    /// guest) are what KVM_SET_REGS and KVM_SET_SREGS2 would have set, and what that KVM_RUN
-    /// stored is what KVM_GET_REGS, KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS answer: checked
-    /// against an instance that uses the ioctls only, on an AP of a new VM (which takes no
-    /// synced registers before its MP state is set), on a vcpu that ran, and on a state KVM
-    /// cannot take through the sync area (an AP that never started: its MP state uninitialized).
     /// `sregs2` bytes with `change` made to their struct.
     static func changed(_ sregs2: [UInt8], _ change: (inout kvm_sregs2) -> Void) -> [UInt8] {
         var bytes = sregs2
@@ -198,6 +192,12 @@ struct VMStateTests {
         return bytes
     }
 
+    /// The regs and sregs set through the kvm_run's sync area (one KVM_RUN that enters no
+    /// guest) are what KVM_SET_REGS and KVM_SET_SREGS2 would have set, and what that KVM_RUN
+    /// stored is what KVM_GET_REGS, KVM_GET_SREGS2 and KVM_GET_VCPU_EVENTS answer: checked
+    /// against an instance that uses the ioctls only, on an AP of a new VM (which takes no
+    /// synced registers before its MP state is set), on a vcpu that ran, and on a state KVM
+    /// cannot take through the sync area (an AP that never started: its MP state uninitialized).
     @Test("registers moved through the sync area are what the ioctls move")
     func syncAreaMovesWhatTheIoctlsMove() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
