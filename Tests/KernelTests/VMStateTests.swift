@@ -52,6 +52,57 @@ struct VMStateTests {
         }
     }
 
+    /// The read-back compares MSRs record by record where both lists come in one order, and by
+    /// index otherwise: either way the same answers.
+    @Test("a read-back compares MSRs by index, in any order, the TSC's only where no offset carries it")
+    func msrsComparedByIndex() {
+        let entries: [MSRList.Entry] = [.init(index: 0x10, value: 100), .init(index: 0x174, value: 8), .init(index: 0xc000_0082, value: 0xffff_8000_0000_1000)]
+        func state(_ list: [MSRList.Entry], offset: Bool) -> VCPUState {
+            let msrs = StateSection(name: "msrs", bytes: MSRList(entries: list).bytes)
+            return VCPUState(sections: offset ? [msrs, StateSection(name: "tsc-offset", bytes: [UInt8](repeating: 0, count: 8))] : [msrs])
+        }
+        var tscLater = entries
+        tscLater[0].value = 900
+        var lstarChanged = entries
+        lstarChanged[2].value += 0x10
+        for offset in [true, false] {
+            let saved = state(entries, offset: offset)
+            #expect(VCPUState.difference(restored: state(entries, offset: offset), saved: saved) == nil)
+            #expect(VCPUState.difference(restored: state(entries.reversed(), offset: offset), saved: saved) == nil, "another order")
+            for restored in [lstarChanged, lstarChanged.reversed()] {
+                #expect(VCPUState.difference(restored: state(restored, offset: offset), saved: saved) == "section msrs: MSR LSTAR saved 0xffff800000001000, read back 0xffff800000001010")
+            }
+            #expect(VCPUState.difference(restored: state(Array(entries.dropLast()), offset: offset), saved: saved) == "section msrs: MSR LSTAR not read back")
+            let tsc = VCPUState.difference(restored: state(tscLater, offset: offset), saved: saved)
+            #expect(offset ? tsc == nil : tsc == "section msrs: MSR IA32_TSC saved 0x64, read back 0x384", "the TSC moved; an offset carries it")
+        }
+    }
+
+    /// A save reads the paravirtual MSRs only where the vcpu's CPUID offers their feature, and
+    /// what it reads follows a CPUID set again before the vcpu runs (what a save derives from
+    /// the CPUID is made once and dropped with it).
+    @Test("a CPUID set again changes the MSRs a save reads")
+    func theMSRsFollowTheCPUIDSetLast() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let offered = try kernel.supportedCPUID()
+        guard MSRList.paravirtualFeatures(offered) & (1 << 3) != 0 else {
+            try Gate.missing("needs KVM_FEATURE_CLOCKSOURCE2 in KVM's supported CPUID")
+        }
+        var withdrawn = offered
+        for index in withdrawn.indices where withdrawn[index].function == 0x4000_0001 { withdrawn[index].eax = 0 }
+        let (vm, vcpus) = try VMStateTests.makeVM(kernel, cpuid: offered, vcpus: 1)
+        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        func paravirtualMSRs() throws -> Set<UInt32> {
+            let msrs = try #require(try kernel.vcpuState(vcpus[0])["msrs"])
+            return Set(MSRList(bytes: msrs).entries.map(\.index).filter { MSRList.paravirtual[$0] != nil })
+        }
+        #expect(try paravirtualMSRs().contains(0x4b56_4d01), "KVM_SYSTEM_TIME_NEW, offered")
+        try kernel.setCPUID(vcpus[0], withdrawn)
+        #expect(try paravirtualMSRs() == [], "none offered")
+        try kernel.setCPUID(vcpus[0], offered)
+        #expect(try paravirtualMSRs().contains(0x4b56_4d01), "offered again")
+    }
+
     /// A save carries the CPUID KVM took, without the bits KVM rewrites from CR4, the APIC base,
     /// XCR0 and XSS (which move in their own sections); a read-back compares it so.
     @Test("a read-back compares CPUID without its runtime bits, and every other bit")

@@ -37,6 +37,9 @@ public final class LinuxKVM: KernelBackend {
         /// runtime bits (KVM adds only those), and the TSC frequency as KVM_GET_TSC_KHZ answered or
         /// KVM_SET_TSC_KHZ set it. Dropped when the vcpu's descriptor closes.
         var vcpuCPUID: [Int32: [CPUIDEntry]] = [:]
+        /// What a save and a read-back derive from `vcpuCPUID` (`SaveShape`), made at the first
+        /// and dropped with it.
+        var vcpuSaveShapes: [Int32: SaveShape] = [:]
         var vcpuTSCKhz: [Int32: UInt32] = [:]
         /// The vcpus that entered KVM_RUN through this instance (one that never did holds no TSC
         /// deadline, so a deadline of 0 need not be written into it).
@@ -398,7 +401,27 @@ public final class LinuxKVM: KernelBackend {
         // What KVM took, read back (it is what a save carries, `vcpuState`): KVM keeps the
         // entries as given but for the runtime bits it rewrites, which are not kept here.
         let held = heldCPUID(vcpu) ?? entries
-        state.withLock { $0.vcpuCPUID[vcpu.raw] = CPUIDEntry.withoutRuntimeBits(held) }
+        state.withLock {
+            $0.vcpuCPUID[vcpu.raw] = CPUIDEntry.withoutRuntimeBits(held)
+            $0.vcpuSaveShapes[vcpu.raw] = nil
+        }
+    }
+
+    /// What a vcpu's save and read-back derive from the CPUID this instance set in it: the
+    /// `cpuid` section's bytes and the MSRs to read (those KVM reads on this host, the
+    /// paravirtual ones only where that CPUID offers them). Made once a CPUID: each took
+    /// 10-12 µs of a save or a read-back inside the blackout (the entries coded to bytes and
+    /// parsed back, the MSR list filtered).
+    struct SaveShape {
+        /// Nil where the vcpu holds no CPUID (none was set): there is nothing to carry.
+        var cpuid: [UInt8]?
+        var msrIndices: [UInt32]
+    }
+
+    /// The vcpu's `SaveShape`, made from `entries` (its CPUID without the runtime bits).
+    private func saveShape(_ vcpu: KernelHandle, _ entries: [CPUIDEntry]?) -> SaveShape {
+        let features = MSRList.paravirtualFeatures(entries ?? [])
+        return SaveShape(cpuid: entries.map(CPUIDEntry.bytes), msrIndices: readableMSRs(vcpu).filter { MSRList.isOffered($0, features: features) })
     }
 
     private func stateSupport() -> StateSupport {
@@ -536,13 +559,21 @@ public final class LinuxKVM: KernelBackend {
         // bits, which follow from CR4, the APIC base, XCR0 and XSS (the sregs, xcrs and MSRs
         // carry those), so the section needs no ioctl (each costs 5-15 µs on this nested host,
         // inside the blackout, on both sides: the save and the read-back).
-        let cpuidSection = (state.withLock { $0.vcpuCPUID[fd] }.map(CPUIDEntry.bytes)
-            ?? heldCPUID(vcpu).map { CPUIDEntry.bytes(CPUIDEntry.withoutRuntimeBits($0)) })
-            .map { StateSection(name: "cpuid", bytes: $0) }
         // Like QEMU, a KVM paravirtual MSR moves only where the vcpu's CPUID offers its feature:
-        // KVM refuses to set one the guest was not offered (MSR_KVM_ASYNC_PF_INT, say).
-        let features = MSRList.paravirtualFeatures(CPUIDEntry.list(cpuidSection?.bytes ?? []))
-        let indices = readableMSRs(vcpu).filter { MSRList.isOffered($0, features: features) }
+        // KVM refuses to set one the guest was not offered (MSR_KVM_ASYNC_PF_INT, say). Both
+        // follow from the CPUID, so where this process set it they are made once (`SaveShape`).
+        let shape: SaveShape
+        let (set, made) = state.withLock { ($0.vcpuCPUID[fd], $0.vcpuSaveShapes[fd]) }
+        if let made {
+            shape = made
+        } else if let set {
+            shape = saveShape(vcpu, set)
+            state.withLock { state in if state.vcpuCPUID[fd] == set { state.vcpuSaveShapes[fd] = shape } }
+        } else {
+            shape = saveShape(vcpu, heldCPUID(vcpu).map(CPUIDEntry.withoutRuntimeBits))
+        }
+        let cpuidSection = shape.cpuid.map { StateSection(name: "cpuid", bytes: $0) }
+        let indices = shape.msrIndices
         var msrs = MSRList(entries: indices.map { .init(index: $0, value: 0) }).bytes
         guard msrIoctl(vcpu, CKVM_GET_MSRS, &msrs) == Int32(indices.count) else { throw .failed(operation: .getVCPUState, errno: .current) }
         sections.append(.init(name: "msrs", bytes: msrs))
@@ -1078,6 +1109,7 @@ public final class LinuxKVM: KernelBackend {
             state.open.remove(handle.raw)
             state.vcpuVMs[handle.raw] = nil
             state.vcpuCPUID[handle.raw] = nil
+            state.vcpuSaveShapes[handle.raw] = nil
             state.vcpuTSCKhz[handle.raw] = nil
             state.ranVCPUs.remove(handle.raw)
             state.vcpuHeld[handle.raw] = nil
