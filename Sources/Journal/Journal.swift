@@ -174,49 +174,6 @@ public final class MigrationJournal: @unchecked Sendable {
         return record(entry, event: #"{"saved":{"state":""# + state + #"","step":""# + step.rawValue + #""}}"#)
     }
 
-    /// The entry of `event` as record `sequence`, its CRC (chained from `previous`) and the
-    /// bytes `append` writes for it.
-    private static func record(
-        _ event: JournalEntry.Event, sequence: Int, after previous: UInt32, path: String
-    ) throws(JournalError) -> (entry: JournalEntry, crc: UInt32, bytes: Data) {
-        let entry = JournalEntry(sequence: sequence, time: Date().timeIntervalSince1970, event: event)
-        let payload: Data
-        if let fast = MigrationJournal.directPayload(entry) {
-            payload = fast
-        } else {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
-            guard let encoded = try? encoder.encode(entry) else { throw JournalError(.io, "\(path): record \(entry.sequence) cannot be encoded") }
-            payload = encoded
-        }
-        guard payload.count <= MigrationJournal.maxRecordBytes else {
-            throw JournalError(.io, "\(path): record \(entry.sequence) is larger than \(MigrationJournal.maxRecordBytes) bytes")
-        }
-        // Pair assertion: what is written must read back as the same entry.
-        assert((try? JSONDecoder().decode(JournalEntry.self, from: payload)) == entry)
-        let crc = CRC32C.update(CRC32C.update(0, Journal.littleEndian(previous)), payload)
-        var record = Data()
-        record.append(contentsOf: Journal.littleEndian(UInt32(payload.count)))
-        record.append(contentsOf: Journal.littleEndian(~UInt32(payload.count)))
-        record.append(contentsOf: Journal.littleEndian(crc))
-        record.append(payload)
-        return (entry, crc, record)
-    }
-
-    /// Makes the records of `events` as `append` would, one after the other, and writes none:
-    /// nothing in the journal changes. The coordinator does it before a pause is requested with
-    /// the records the blackout will append, so that their first making in the process (lazy
-    /// runtime work on first use, 15-20 µs for the pause's outcome here) is not inside it.
-    public func rehearse(_ events: [JournalEntry.Event]) {
-        lock.lock()
-        defer { lock.unlock() }
-        var crc = lastCRC
-        for (offset, event) in events.enumerated() {
-            guard let made = try? MigrationJournal.record(event, sequence: nextSequence + offset, after: crc, path: path) else { return }
-            crc = made.crc
-        }
-    }
-
     /// Appends one event and returns only once it is on stable storage (`fdatasync`), with
     /// every record written before it.
     ///
@@ -236,7 +193,27 @@ public final class MigrationJournal: @unchecked Sendable {
         if case .finished(let finished) = event, !finished.state.isTerminal {
             preconditionFailure("a finished record holds a terminal state, not \(finished.state)")
         }
-        let (entry, crc, record) = try MigrationJournal.record(event, sequence: nextSequence, after: lastCRC, path: path)
+        let entry = JournalEntry(sequence: nextSequence, time: Date().timeIntervalSince1970, event: event)
+        let payload: Data
+        if let fast = MigrationJournal.directPayload(entry) {
+            payload = fast
+        } else {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            guard let encoded = try? encoder.encode(entry) else { throw JournalError(.io, "\(path): record \(entry.sequence) cannot be encoded") }
+            payload = encoded
+        }
+        guard payload.count <= MigrationJournal.maxRecordBytes else {
+            throw JournalError(.io, "\(path): record \(entry.sequence) is larger than \(MigrationJournal.maxRecordBytes) bytes")
+        }
+        // Pair assertion: what is written must read back as the same entry.
+        assert((try? JSONDecoder().decode(JournalEntry.self, from: payload)) == entry)
+        let crc = CRC32C.update(CRC32C.update(0, Journal.littleEndian(lastCRC)), payload)
+        var record = Data()
+        record.append(contentsOf: Journal.littleEndian(UInt32(payload.count)))
+        record.append(contentsOf: Journal.littleEndian(~UInt32(payload.count)))
+        record.append(contentsOf: Journal.littleEndian(crc))
+        record.append(payload)
         try Journal.writeAll(fd, record, path: path)
         if durable {
             guard fdatasync(fd) == 0 else { throw JournalError(.io, "\(path): fdatasync: \(String(cString: strerror(errno)))", errno: errno) }

@@ -639,6 +639,8 @@ extension VCPUState {
 
     /// Whether two MSR lists hold the same indices in the same order and the same values (the
     /// TSC's aside where `skippingTSC`); false says only that a comparison by index is needed.
+    /// For lists of distinct indices (a save reads KVM's index list, which names each MSR once)
+    /// it answers what that comparison would.
     static func sameMSRsInOrder(_ a: [UInt8], _ b: [UInt8], skippingTSC: Bool) -> Bool {
         guard a.count == b.count, a.count % 16 == 0 else { return false }
         return a.withUnsafeBytes { x in

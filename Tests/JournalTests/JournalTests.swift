@@ -40,24 +40,6 @@ struct JournalTests {
         #expect(contents.corruption == nil && contents.tornTailBytes == 0)
     }
 
-    /// A rehearsal makes the records and writes none: the file and the entries stay as they
-    /// were, and the next append goes on the chain as if none had been made.
-    @Test func aRehearsalWritesNothing() throws {
-        let (state, id, path) = try unfinishedJournal()
-        let before = try #require(FileManager.default.contents(atPath: path))
-        let store = try Journal(stateDirectory: state)
-        let (file, _) = try store.reopen(id: id)
-        let outcome = JournalEntry.Outcome(step: .handOverMemory, direction: .forward, ok: true, durationNanoseconds: 5, details: ["inode.ram": "12"])
-        file.rehearse([.outcome(outcome), .pointOfNoReturn, .intent(step: .resumeTarget, direction: .forward)])
-        #expect(FileManager.default.contents(atPath: path) == before)
-        #expect(file.entries.count == 6)
-        try file.append(.outcome(outcome))
-        let contents = try Journal.read(path: path)
-        #expect(contents.entries.map(\.sequence) == Array(1...7))
-        #expect(contents.corruption == nil && contents.tornTailBytes == 0)
-        #expect(contents.entries.last?.event == .outcome(outcome))
-    }
-
     static let corruptions: [(String, Bool, Corruption)] = [
         // (what, is it corruption (true) or a torn tail (false), how)
         ("truncated in the last payload", false, { path in try truncate(path, by: 7) }),

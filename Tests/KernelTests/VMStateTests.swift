@@ -53,7 +53,8 @@ struct VMStateTests {
     }
 
     /// The read-back compares MSRs record by record where both lists come in one order, and by
-    /// index otherwise: either way the same answers.
+    /// index otherwise: either way the same answers for lists of distinct indices (a save reads
+    /// KVM's index list, which names each MSR once).
     @Test("a read-back compares MSRs by index, in any order, the TSC's only where no offset carries it")
     func msrsComparedByIndex() {
         let entries: [MSRList.Entry] = [.init(index: 0x10, value: 100), .init(index: 0x174, value: 8), .init(index: 0xc000_0082, value: 0xffff_8000_0000_1000)]
