@@ -479,11 +479,7 @@ public final class MigrationExecutor {
                 state = staged.state
                 digest = staged.digest
             }
-            // A target asked to stage before the pause waited for the state from then on: its
-            // whole request (`stage`) and its wait (`receive`) are no parts of the blackout.
-            let waitedBeforeThePause: Set<String> = state == nil ? ["receive", "stage"] : []
-            for (part, nanoseconds) in target.lastTimings where !waitedBeforeThePause.contains(part) { vmmTimings["stage-" + part] = nanoseconds }
-            vmmTimings["pause-and-stage"] = (clock.now - max(staging, pauseRequested ?? staging)).nanoseconds
+            addStagingTimings(to: &vmmTimings, target: target, stagedBeforeThePause: state == nil, staging: staging)
             rehearsedTimings = [:]
             pausedState = state
             // The state itself is journaled before the source retires.
@@ -555,12 +551,21 @@ public final class MigrationExecutor {
     /// of 10 runs: the instants' `max` alone; 1.4 µs when run again right after it; neither
     /// demangling nor lazy binding), which this run before the pause takes out.
     private func rehearseBlackout(staging: ContinuousClock.Instant, source: any VMMEndpoint, target: any VMMEndpoint) {
-        var timings = vmmTimings
-        timings.merge(source.lastTimings) { _, b in b }
-        let waited: Set<String> = ["receive", "stage"]
-        for (part, nanoseconds) in target.lastTimings where !waited.contains(part) { timings["stage-" + part] = nanoseconds }
-        timings["pause-and-stage"] = (clock.now - max(staging, pauseRequested ?? staging)).nanoseconds
+        var timings = vmmTimings.merging(source.lastTimings) { _, b in b }
+        addStagingTimings(to: &timings, target: target, stagedBeforeThePause: true, staging: staging)
         rehearsedTimings = timings
+    }
+
+    /// Adds to `timings` the target's staging's parts (`stage-` and its name) and the pause and
+    /// stage's whole time from the later of `staging` and the pause request. A target asked to
+    /// stage before the pause (`stagedBeforeThePause`) waited for the state from then on: its
+    /// whole request (`stage`) and its wait (`receive`) are no parts of the blackout.
+    private func addStagingTimings(
+        to timings: inout [String: Int64], target: any VMMEndpoint, stagedBeforeThePause: Bool, staging: ContinuousClock.Instant
+    ) {
+        let waitedBeforeThePause: Set<String> = stagedBeforeThePause ? ["receive", "stage"] : []
+        for (part, nanoseconds) in target.lastTimings where !waitedBeforeThePause.contains(part) { timings["stage-" + part] = nanoseconds }
+        timings["pause-and-stage"] = (clock.now - max(staging, pauseRequested ?? staging)).nanoseconds
     }
 
     private func undo(_ step: MigrationStep, _ machine: MigrationMachine, timeout: Duration) throws(EndpointError) -> [String: String] {
