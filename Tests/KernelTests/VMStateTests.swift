@@ -173,7 +173,7 @@ struct VMStateTests {
         #expect(VCPUState.difference(restored: back, saved: saved) == nil, "\(VCPUState.difference(restored: back, saved: saved) ?? "")")
     }
 
-    /// A vcpu that never ran holds its events, MP state and debug registers as KVM last
+    /// A vcpu that never ran holds its events, MP state, debug registers and XCR0 as KVM last
     /// answered them: a set of the same bytes changes nothing, so none is made, and a read
     /// answers them without asking KVM again (a vcpu ioctl less each, inside a blackout).
     /// Different bytes are set (and read from KVM again), and once any vcpu ran nothing is
@@ -184,12 +184,12 @@ struct VMStateTests {
     func heldSectionsAreNotSetAgain() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let registers = kernel.movesRegistersThroughSyncArea ? 2 : 0
-        let compared = ["events", "mp-state", "debugregs", "regs", "sregs2", "sregs"]
+        let compared = ["events", "mp-state", "debugregs", "xcrs", "regs", "sregs2", "sregs"]
         let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
         let vcpu = try #require(vcpus.first)
         defer { for handle in vcpus + [vm] { kernel.close(handle) } }
         let saved = try kernel.vcpuState(vcpu)
-        let held = saved.sections.filter { ["events", "mp-state", "debugregs"].contains($0.name) }.count
+        let held = saved.sections.filter { ["events", "mp-state", "debugregs", "xcrs"].contains($0.name) }.count
         #expect(held > 0, "this host saves none of the sections a vcpu may hold")
 
         var before = kernel.heldCallsSkipped
@@ -231,6 +231,54 @@ struct VMStateTests {
         try kernel.setVCPUState(vcpu, changed)
         #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpu), saved: changed) == nil)
         #expect(kernel.heldCallsSkipped == before, "nothing is taken as held once a vcpu ran")
+    }
+
+    /// The XCR0 a set gave a vcpu that never ran is what KVM then reports (KVM takes it exactly
+    /// or refuses it), and a read answers it from what the set gave, without asking KVM (a vcpu
+    /// ioctl less in a read-back inside the blackout): a change made behind the instance's back
+    /// (through another instance) is not seen until a run drops what the vcpu holds. Bytes that
+    /// are not what KVM_GET_XCRS answers (a reserved field set) are not held.
+    @Test("the XCR0 a set gave is what KVM reports, and a read answers it without a call")
+    func xcr0HeldAfterItsSet() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        let vcpu = try #require(vcpus.first)
+        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        func reportedByKVM() throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
+        func xcrs(_ xcr0: UInt64, reserved: UInt32 = 0) -> [UInt8] {
+            var bytes = [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_XCRS))
+            bytes.replaceSubrange(0..<4, with: withUnsafeBytes(of: UInt32(1).littleEndian, Array.init))
+            bytes.replaceSubrange(12..<16, with: withUnsafeBytes(of: reserved.littleEndian, Array.init))
+            bytes.replaceSubrange(16..<24, with: withUnsafeBytes(of: xcr0.littleEndian, Array.init))
+            return bytes
+        }
+        var state = try kernel.vcpuState(vcpu)
+        guard state["xcrs"] != nil else { try Gate.missing("needs KVM_CAP_XCRS") }
+        #expect(state["xcrs"] == xcrs(1), "a new vcpu's XCR0 is x87 alone, as KVM answers it")
+        state["xcrs"] = xcrs(0x3)  // x87 and SSE
+        try kernel.setVCPUState(vcpu, state)
+        #expect(try reportedByKVM()["xcrs"] == xcrs(0x3), "KVM took XCR0 as set")
+        #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "the read answers what KVM reports")
+
+        // Behind the instance's back: XCR0 x87 alone again. This instance answers what it set.
+        var behind = state
+        behind["xcrs"] = xcrs(1)
+        try LinuxKVM(syncArea: false).setVCPUState(vcpu, behind)
+        #expect(try reportedByKVM()["xcrs"] == xcrs(1))
+        #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "XCR0 answered as this instance set it, without asking KVM")
+
+        // A reserved field KVM ignores: KVM takes XCR0, the bytes are not held, a read asks KVM.
+        state["xcrs"] = xcrs(0x3, reserved: 1)
+        try kernel.setVCPUState(vcpu, state)
+        #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "bytes KVM_GET_XCRS would not answer are read from KVM")
+
+        // A run (one that enters no guest) drops what the vcpu held: KVM is asked again.
+        try kernel.setVCPUState(vcpu, behind)
+        try LinuxKVM(syncArea: false).setVCPUState(vcpu, state)
+        kernel.requestImmediateExit(vcpu, true)
+        _ = try kernel.run(vcpu)
+        kernel.requestImmediateExit(vcpu, false)
+        #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "after a run XCR0 is what KVM reports")
     }
 
     /// `sregs2` bytes with `change` made to their struct.

@@ -45,7 +45,8 @@ public final class LinuxKVM: KernelBackend {
         /// deadline, so a deadline of 0 need not be written into it).
         var ranVCPUs: Set<Int32> = []
         /// Sections of a vcpu that never ran, as KVM last answered them (vcpu events, MP
-        /// state, debug registers): nothing but a run or a set through this instance changes
+        /// state, debug registers, XCR0) or as a set gave them where KVM stores them exactly
+        /// (XCR0): nothing but a run or a set through this instance changes
         /// them while no vcpu of its VM runs, so a set of the same bytes is a call that changes
         /// nothing, and is skipped, and a read answers these bytes without asking KVM again (as
         /// the CPUID section does). A set of other bytes drops the section; any run drops all.
@@ -404,6 +405,7 @@ public final class LinuxKVM: KernelBackend {
         state.withLock {
             $0.vcpuCPUID[vcpu.raw] = CPUIDEntry.withoutRuntimeBits(held)
             $0.vcpuSaveShapes[vcpu.raw] = nil
+            $0.vcpuHeld[vcpu.raw]?["xcrs"] = nil  // KVM recomputes what XCR0 may hold
         }
     }
 
@@ -508,6 +510,9 @@ public final class LinuxKVM: KernelBackend {
         var mpState: [UInt8]?
         var regs: [UInt8]
         var sregs: [UInt8]
+        // Whether no KVM_GET_MP_STATE of this read acted on a pending INIT (which resets the
+        // registers, XCR0 among them): what the vcpu holds of those is answered only then.
+        var mpStateUntouched: Bool
         if let run = syncArea(fd) {
             // MP state first: reading it may act on a pending INIT or SIPI, which changes the
             // registers and drops the events (QEMU reads it before the registers for this). Then
@@ -518,7 +523,7 @@ public final class LinuxKVM: KernelBackend {
             if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
             // Held events and registers only where the MP state was held as well (no read of it
             // acted on a pending INIT, which resets both).
-            let mpStateUntouched = heldMPState != nil || !support.mpState
+            mpStateUntouched = heldMPState != nil || !support.mpState
             events = support.events && mpStateUntouched ? spare(fd, "events") : nil
             if mpStateUntouched, let held = spareRegisters(fd, sregsName) {
                 (regs, sregs) = held
@@ -538,7 +543,9 @@ public final class LinuxKVM: KernelBackend {
             }
         } else {
             if support.events { events = try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
-            if support.mpState { mpState = try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4) }
+            let heldMPState = support.mpState ? spare(fd, "mp-state") : nil
+            if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
+            mpStateUntouched = heldMPState != nil || !support.mpState
             regs = try getRegs()
             sregs = try getSregs()
         }
@@ -551,7 +558,11 @@ public final class LinuxKVM: KernelBackend {
         } else {
             sections.append(.init(name: "fpu", bytes: try get(fd, CKVM_GET_FPU, size: Int(CKVM_SIZEOF_FPU))))
         }
-        if support.xcrs { sections.append(.init(name: "xcrs", bytes: try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)))) }
+        if support.xcrs {
+            let bytes: [UInt8]
+            if mpStateUntouched, let held = spare(fd, "xcrs") { bytes = held } else { bytes = try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)) }
+            sections.append(.init(name: "xcrs", bytes: bytes))
+        }
         sections.append(.init(name: sregsName, bytes: sregs))
         // CPUID as KVM holds it, without the runtime bits (none before KVM_SET_CPUID2: then there
         // is nothing to carry). Where this process set it, what KVM took then: KVM refuses a
@@ -714,6 +725,13 @@ public final class LinuxKVM: KernelBackend {
             for name in LinuxKVM.registerSections { state.vcpuHeld[fd]?[name] = nil }
             return state.runs
         }
+        /// Holds `bytes` as the vcpu's section `name` unless a run began since this set did.
+        func hold(_ name: String, _ bytes: [UInt8]) {
+            state.withLock { state in
+                guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
+                state.vcpuHeld[fd, default: [:]][name] = bytes
+            }
+        }
         if let run = syncArea(fd), let regs = newState["regs"], let sregs = newState[sregsName], newState["sregs2"] == nil || newState["sregs"] == nil {
             if let mp = newState["mp-state"] {
                 try setMPState(mp)
@@ -735,7 +753,13 @@ public final class LinuxKVM: KernelBackend {
         }
         if let bytes = newState["xsave"] { try set(fd, CKVM_SET_XSAVE, bytes, section: "xsave") }
         if let bytes = newState["fpu"] { try set(fd, CKVM_SET_FPU, bytes, section: "fpu") }
-        if let bytes = newState["xcrs"] { try set(fd, CKVM_SET_XCRS, bytes, section: "xcrs") }
+        if let bytes = newState["xcrs"] {
+            try setUnlessHeld("xcrs", CKVM_SET_XCRS, bytes)
+            // KVM_SET_XCRS takes XCR0 exactly or refuses it (`__kvm_set_xcr`), and
+            // KVM_GET_XCRS answers a zeroed struct with XCR0 alone: bytes of that form are what
+            // a read answers until a run or an INIT resets XCR0.
+            if LinuxKVM.isXCR0Alone(bytes) { hold("xcrs", bytes) }
+        }
         let deadline: UInt32 = 0x6e0
         func setEventsMPStateAndLAPIC() throws(KernelError) {
             if let events = newState["events"] { try setUnlessHeld("events", CKVM_SET_VCPU_EVENTS, events) }
@@ -788,7 +812,14 @@ public final class LinuxKVM: KernelBackend {
 
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`); the
     /// regs and sregs too, which a read answers only with the MP state held as well.
-    static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs"]).union(registerSections)
+    static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs", "xcrs"]).union(registerSections)
+
+    /// Whether `bytes` are a `struct kvm_xcrs` as KVM_GET_XCRS answers it: one XCR, XCR0, and
+    /// zeros but for its value.
+    static func isXCR0Alone(_ bytes: [UInt8]) -> Bool {
+        guard bytes.count == Int(CKVM_SIZEOF_XCRS), bytes.loadLE(UInt32.self, at: 0) == 1 else { return false }
+        return bytes.indices.allSatisfy { (0..<4).contains($0) || (16..<24).contains($0) || bytes[$0] == 0 }
+    }
 
     /// The sections a sync run moves but the events.
     static let registerSections: Set<String> = ["regs", "sregs2", "sregs"]
