@@ -173,7 +173,8 @@ struct VMStateTests {
         #expect(VCPUState.difference(restored: back, saved: saved) == nil, "\(VCPUState.difference(restored: back, saved: saved) ?? "")")
     }
 
-    /// A vcpu that never ran holds its events, MP state, debug registers and XCR0 as KVM last
+    /// A vcpu that never ran holds its events, MP state, debug registers, XCR0 and (on a stable
+    /// TSC) its TSC offset as KVM last
     /// answered them: a set of the same bytes changes nothing, so none is made, and a read
     /// answers them without asking KVM again (a vcpu ioctl less each, inside a blackout).
     /// Different bytes are set (and read from KVM again), and once any vcpu ran nothing is
@@ -184,12 +185,14 @@ struct VMStateTests {
     func heldSectionsAreNotSetAgain() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let registers = kernel.movesRegistersThroughSyncArea ? 2 : 0
-        let compared = ["events", "mp-state", "debugregs", "xcrs", "regs", "sregs2", "sregs"]
+        let compared = ["events", "mp-state", "debugregs", "xcrs", "tsc-offset", "regs", "sregs2", "sregs"]
         let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
         let vcpu = try #require(vcpus.first)
         defer { for handle in vcpus + [vm] { kernel.close(handle) } }
         let saved = try kernel.vcpuState(vcpu)
-        let held = saved.sections.filter { ["events", "mp-state", "debugregs", "xcrs"].contains($0.name) }.count
+        // The TSC offset is held on a host whose clock source is the TSC (`clockSourceIsTSC`).
+        let heldNames = ["events", "mp-state", "debugregs", "xcrs"] + (LinuxKVM.clockSourceIsTSC() ? ["tsc-offset"] : [])
+        let held = saved.sections.filter { heldNames.contains($0.name) }.count
         #expect(held > 0, "this host saves none of the sections a vcpu may hold")
 
         var before = kernel.heldCallsSkipped
@@ -279,6 +282,38 @@ struct VMStateTests {
         _ = try kernel.run(vcpu)
         kernel.requestImmediateExit(vcpu, false)
         #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "after a run XCR0 is what KVM reports")
+    }
+
+    /// The TSC offset a read answered is held on a stable TSC: a set of the same offset is
+    /// skipped, and the TSC is then not written (the offset decides the guest's TSC, and the
+    /// write would move it); a set without the offset writes the TSC, which drops the offset
+    /// held, so that the next read asks KVM.
+    @Test("a TSC write drops the TSC offset a vcpu holds; a set with the offset does not write the TSC")
+    func tscWriteDropsTheHeldOffset() throws {
+        let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
+        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        let vcpu = try #require(vcpus.first)
+        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        let saved = try kernel.vcpuState(vcpu)
+        guard saved["tsc-offset"] != nil else { try Gate.missing("needs the vcpu's TSC-offset attribute") }
+        let stable = LinuxKVM.clockSourceIsTSC()
+        func sparedByRead() throws -> Int {
+            let before = kernel.heldCallsSkipped
+            let read = try kernel.vcpuState(vcpu)
+            #expect(read["tsc-offset"] == (try LinuxKVM(syncArea: false).vcpuState(vcpu))["tsc-offset"], "the offset is what KVM reports")
+            return kernel.heldCallsSkipped - before
+        }
+        var before = kernel.heldCallsSkipped
+        try kernel.setVCPUState(vcpu, saved)
+        let sparedBySet = kernel.heldCallsSkipped - before
+        let withOffset = try sparedByRead()
+        var withoutOffset = saved
+        withoutOffset.sections.removeAll { $0.name == "tsc-offset" }
+        before = kernel.heldCallsSkipped
+        try kernel.setVCPUState(vcpu, withoutOffset)
+        #expect(kernel.heldCallsSkipped - before == sparedBySet - (stable ? 1 : 0), "the offset's set was skipped where it is held")
+        let afterTSCWrite = try sparedByRead()
+        #expect(withOffset - afterTSCWrite == (stable ? 1 : 0), "the TSC's write dropped the offset held; without it, none was written")
     }
 
     /// `sregs2` bytes with `change` made to their struct.

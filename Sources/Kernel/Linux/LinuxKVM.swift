@@ -60,6 +60,8 @@ public final class LinuxKVM: KernelBackend {
         var runs: UInt64 = 0
         /// Whether this kernel has the vcpu's TSC-offset attribute (KVM_HAS_DEVICE_ATTR, asked once).
         var tscOffsetAttribute: Bool?
+        /// Whether the host's clock source was the TSC, and when that was read (`hostTSCIsStable`).
+        var tscStable: (at: UInt64, stable: Bool)?
     }
 
     /// The vcpu state this host's KVM saves and restores, probed once.
@@ -596,15 +598,19 @@ public final class LinuxKVM: KernelBackend {
             bytes.appendLE(try tscKhz(fd))
             sections.append(.init(name: "tsc-khz", bytes: bytes))
         }
-        if support.vcpuAttributes, let offset = tscOffset(vcpu) {
-            var bytes: [UInt8] = []
-            bytes.appendLE(offset)
-            sections.append(.init(name: "tsc-offset", bytes: bytes))
+        if support.vcpuAttributes {
+            if mpStateUntouched, let held = spareTSCOffset(fd) {
+                sections.append(.init(name: "tsc-offset", bytes: held))
+            } else if let offset = tscOffset(vcpu) {
+                var bytes: [UInt8] = []
+                bytes.appendLE(offset)
+                sections.append(.init(name: "tsc-offset", bytes: bytes))
+            }
         }
         state.withLock { state in
             guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
             state.vcpuHeld[fd] = Dictionary(
-                sections.filter { LinuxKVM.heldSections.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
+                sections.filter { LinuxKVM.heldSections.contains($0.name) || $0.name == "tsc-offset" }.map { ($0.name, $0.bytes) }) { _, last in last }
         }
         return VCPUState(sections: sections)
     }
@@ -656,9 +662,10 @@ public final class LinuxKVM: KernelBackend {
     /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
     /// writes are checked against it; not set again where the vcpu holds it), the TSC frequency
     /// (not set where the vcpu runs at it), sregs2, regs, xsave, xcrs, MSRs but the TSC
-    /// deadline, events, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline
+    /// deadline (and but the TSC where the offset is set), events, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline
     /// (restoring the LAPIC resets the deadline timer), debug registers, and last the TSC offset
-    /// (which decides the guest TSC whatever the TSC MSR wrote). QEMU also sets the events
+    /// (which decides the guest TSC whatever the TSC MSR wrote; not set where the vcpu holds
+    /// it, `spareTSCOffset`). QEMU also sets the events
     /// before the regs, so that the SMM flag precedes nested state; no nested state moves here,
     /// and KVM_SET_REGS drops a pending exception set before it, so the events go once, after.
     /// Where the sync area serves the vcpu (`syncArea`), the MP state goes before the sregs (a
@@ -707,7 +714,7 @@ public final class LinuxKVM: KernelBackend {
             // Unknown (KVM_GET_TSC_KHZ failed): set it, as when it differs.
             let current = (try? tscKhz(fd)) ?? 0
             if current != khz {
-                defer { state.withLock { $0.vcpuTSCKhz[fd] = nil } }  // asked again next time, whatever happened
+                defer { state.withLock { $0.vcpuTSCKhz[fd] = nil; $0.vcpuHeld[fd]?["tsc-offset"] = nil } }  // asked again next time, whatever happened
                 guard stateSupport().tscControl, Syscalls.ioctl(fd, CKVM_SET_TSC_KHZ, value: UInt(khz)) == 0 else {
                     throw .unsupported(
                         operation: .setVCPUState,
@@ -773,10 +780,17 @@ public final class LinuxKVM: KernelBackend {
             // set before, so one that ran might not), and the read-back compares it. One vcpu
             // ioctl less inside the blackout.
             let neverRan = !state.withLock { $0.ranVCPUs.contains(fd) }
-            for (index, batch) in [all.filter { $0.index != deadline }, all.filter { $0.index == deadline && !($0.value == 0 && neverRan) }].enumerated() {
+            // The TSC is not written where the TSC offset is set after it: the offset decides the
+            // guest's TSC whatever the TSC's write made of it (both go through
+            // `__kvm_synchronize_tsc`), and the write would move the offset the vcpu holds.
+            let tsc: UInt32 = 0x10
+            let offsetSet = newState["tsc-offset"] != nil
+            let first = all.filter { $0.index != deadline && !($0.index == tsc && offsetSet) }
+            for (index, batch) in [first, all.filter { $0.index == deadline && !($0.value == 0 && neverRan) }].enumerated() {
                 // Between the two batches: the events, MP state and LAPIC.
                 if index == 1 { try setEventsMPStateAndLAPIC() }
                 guard !batch.isEmpty else { continue }
+                if batch.contains(where: { $0.index == tsc }) { state.withLock { $0.vcpuHeld[fd]?["tsc-offset"] = nil } }
                 var records = MSRList(entries: batch).bytes
                 let written = msrIoctl(vcpu, CKVM_SET_MSRS, &records)
                 guard written == Int32(batch.count) else {
@@ -793,7 +807,9 @@ public final class LinuxKVM: KernelBackend {
             try setEventsMPStateAndLAPIC()
         }
         if let bytes = newState["debugregs"] { try setUnlessHeld("debugregs", CKVM_SET_DEBUGREGS, bytes) }
-        if let bytes = newState["tsc-offset"] {
+        // An offset the vcpu holds (a read answered it and nothing since moved it) is not set again.
+        if let bytes = newState["tsc-offset"], spareTSCOffset(fd, if: { $0 == bytes }) == nil {
+            state.withLock { $0.vcpuHeld[fd]?["tsc-offset"] = nil }
             var value = bytes.loadLE(UInt64.self, at: 0)
             let result = withUnsafeMutablePointer(to: &value) { pointer -> Int32 in
                 var attribute = kvm_device_attr()
@@ -811,7 +827,8 @@ public final class LinuxKVM: KernelBackend {
     public var heldCallsSkipped: Int { state.withLock { $0.heldCallsSkipped } }
 
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`); the
-    /// regs and sregs too, which a read answers only with the MP state held as well.
+    /// regs and sregs too, which a read answers only with the MP state held as well. The TSC
+    /// offset is held too, but answered only on a stable TSC (`spareTSCOffset`).
     static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs", "xcrs"]).union(registerSections)
 
     /// Whether `bytes` are a `struct kvm_xcrs` as KVM_GET_XCRS answers it: one XCR, XCR0, and
@@ -945,6 +962,40 @@ public final class LinuxKVM: KernelBackend {
             state.heldCallsSkipped += 1
             return bytes
         }
+    }
+
+    /// The TSC offset vcpu `fd` holds, where `matches` accepts it and the host's TSC is
+    /// stable, counting the call it spares. A read holds the offset KVM answered
+    /// (KVM_GET_DEVICE_ATTR): KVM moves it at a write of the TSC (dropped then), a set of the
+    /// offset or the TSC frequency (dropped), a run (drops all), and, on a host whose TSC is
+    /// unstable, whenever it loads the vcpu on another CPU (`kvm_arch_vcpu_load`), which any
+    /// vcpu ioctl does: held on a stable TSC only. Not held as a set gave it: on this host (PVM)
+    /// the offset reads back 0 whatever was set.
+    private func spareTSCOffset(_ fd: Int32, if matches: ([UInt8]) -> Bool = { _ in true }) -> [UInt8]? {
+        guard state.withLock({ $0.vcpuHeld[fd]?["tsc-offset"] }).map(matches) ?? false, hostTSCIsStable() else { return nil }
+        return spare(fd, "tsc-offset", if: matches)
+    }
+
+    /// Whether the host's clock source is the TSC: Linux leaves it once it finds the TSC
+    /// unstable (`mark_tsc_unstable`), the case where KVM rewrites a vcpu's TSC offset whenever
+    /// it loads the vcpu on another CPU. Read from sysfs at most once a second (a read costs
+    /// 7 µs here, a vcpu call 10-20).
+    private func hostTSCIsStable() -> Bool {
+        let now = MonotonicClock.nanoseconds
+        if let known = state.withLock({ $0.tscStable }), now &- known.at < 1_000_000_000 { return known.stable }
+        let stable = LinuxKVM.clockSourceIsTSC()
+        state.withLock { $0.tscStable = (now, stable) }
+        return stable
+    }
+
+    /// Whether `/sys/devices/system/clocksource/clocksource0/current_clocksource` says `tsc`.
+    public static func clockSourceIsTSC() -> Bool {
+        let fd = Syscalls.open("/sys/devices/system/clocksource/clocksource0/current_clocksource", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { Syscalls.close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 16)
+        let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        return count == 4 && buffer[0..<4].elementsEqual("tsc\n".utf8)
     }
 
     /// The VM's own state: the PIC pair and the IOAPIC, the PIT, the kvmclock.
