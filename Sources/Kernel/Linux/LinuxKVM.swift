@@ -512,9 +512,6 @@ public final class LinuxKVM: KernelBackend {
         var mpState: [UInt8]?
         var regs: [UInt8]
         var sregs: [UInt8]
-        // Whether no KVM_GET_MP_STATE of this read acted on a pending INIT (which resets the
-        // registers, XCR0 among them): what the vcpu holds of those is answered only then.
-        var mpStateUntouched: Bool
         if let run = syncArea(fd) {
             // MP state first: reading it may act on a pending INIT or SIPI, which changes the
             // registers and drops the events (QEMU reads it before the registers for this). Then
@@ -525,7 +522,7 @@ public final class LinuxKVM: KernelBackend {
             if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
             // Held events and registers only where the MP state was held as well (no read of it
             // acted on a pending INIT, which resets both).
-            mpStateUntouched = heldMPState != nil || !support.mpState
+            let mpStateUntouched = heldMPState != nil || !support.mpState
             events = support.events && mpStateUntouched ? spare(fd, "events") : nil
             if mpStateUntouched, let held = spareRegisters(fd, sregsName) {
                 (regs, sregs) = held
@@ -545,9 +542,7 @@ public final class LinuxKVM: KernelBackend {
             }
         } else {
             if support.events { events = try heldOrGet("events", CKVM_GET_VCPU_EVENTS, size: Int(CKVM_SIZEOF_VCPU_EVENTS)) }
-            let heldMPState = support.mpState ? spare(fd, "mp-state") : nil
-            if let heldMPState { mpState = heldMPState } else if support.mpState { mpState = try get(fd, CKVM_GET_MP_STATE, size: 4) }
-            mpStateUntouched = heldMPState != nil || !support.mpState
+            if support.mpState { mpState = try heldOrGet("mp-state", CKVM_GET_MP_STATE, size: 4) }
             regs = try getRegs()
             sregs = try getSregs()
         }
@@ -560,11 +555,9 @@ public final class LinuxKVM: KernelBackend {
         } else {
             sections.append(.init(name: "fpu", bytes: try get(fd, CKVM_GET_FPU, size: Int(CKVM_SIZEOF_FPU))))
         }
-        if support.xcrs {
-            let bytes: [UInt8]
-            if mpStateUntouched, let held = spare(fd, "xcrs") { bytes = held } else { bytes = try get(fd, CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)) }
-            sections.append(.init(name: "xcrs", bytes: bytes))
-        }
+        // XCR0 held (a set or a read gave it; an INIT leaves it as it is: `kvm_vcpu_reset`
+        // resets it only at creation) is answered without a call.
+        if support.xcrs { sections.append(.init(name: "xcrs", bytes: try heldOrGet("xcrs", CKVM_GET_XCRS, size: Int(CKVM_SIZEOF_XCRS)))) }
         sections.append(.init(name: sregsName, bytes: sregs))
         // CPUID as KVM holds it, without the runtime bits (none before KVM_SET_CPUID2: then there
         // is nothing to carry). Where this process set it, what KVM took then: KVM refuses a
@@ -599,7 +592,7 @@ public final class LinuxKVM: KernelBackend {
             sections.append(.init(name: "tsc-khz", bytes: bytes))
         }
         if support.vcpuAttributes {
-            if mpStateUntouched, let held = spareTSCOffset(fd) {
+            if let held = spareTSCOffset(fd) {
                 sections.append(.init(name: "tsc-offset", bytes: held))
             } else if let offset = tscOffset(vcpu) {
                 var bytes: [UInt8] = []
@@ -662,10 +655,11 @@ public final class LinuxKVM: KernelBackend {
     /// Restores every section present, in QEMU's put order (docs/vmstate.md): CPUID first (MSR
     /// writes are checked against it; not set again where the vcpu holds it), the TSC frequency
     /// (not set where the vcpu runs at it), sregs2, regs, xsave, xcrs, MSRs but the TSC
-    /// deadline (and but the TSC where the offset is set), events, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline
-    /// (restoring the LAPIC resets the deadline timer), debug registers, and last the TSC offset
-    /// (which decides the guest TSC whatever the TSC MSR wrote; not set where the vcpu holds
-    /// it, `spareTSCOffset`). QEMU also sets the events
+    /// deadline (and but the TSC where the offset is set), the TSC offset (which decides the
+    /// guest TSC whatever the TSC MSR wrote; not set where the vcpu holds it, `spareTSCOffset`),
+    /// events, MP state, LAPIC (after the APIC base in sregs), then the TSC deadline (restoring
+    /// the LAPIC resets the deadline timer, and KVM arms it against the guest TSC as it stands),
+    /// and the debug registers. QEMU also sets the events
     /// before the regs, so that the SMM flag precedes nested state; no nested state moves here,
     /// and KVM_SET_REGS drops a pending exception set before it, so the events go once, after.
     /// Where the sync area serves the vcpu (`syncArea`), the MP state goes before the sregs (a
@@ -714,7 +708,7 @@ public final class LinuxKVM: KernelBackend {
             // Unknown (KVM_GET_TSC_KHZ failed): set it, as when it differs.
             let current = (try? tscKhz(fd)) ?? 0
             if current != khz {
-                defer { state.withLock { $0.vcpuTSCKhz[fd] = nil; $0.vcpuHeld[fd]?["tsc-offset"] = nil } }  // asked again next time, whatever happened
+                defer { state.withLock { $0.vcpuTSCKhz[fd] = nil } }  // asked again next time, whatever happened
                 guard stateSupport().tscControl, Syscalls.ioctl(fd, CKVM_SET_TSC_KHZ, value: UInt(khz)) == 0 else {
                     throw .unsupported(
                         operation: .setVCPUState,
@@ -764,10 +758,27 @@ public final class LinuxKVM: KernelBackend {
             try setUnlessHeld("xcrs", CKVM_SET_XCRS, bytes)
             // KVM_SET_XCRS takes XCR0 exactly or refuses it (`__kvm_set_xcr`), and
             // KVM_GET_XCRS answers a zeroed struct with XCR0 alone: bytes of that form are what
-            // a read answers until a run or an INIT resets XCR0.
+            // a read answers until a run or another set changes XCR0.
             if LinuxKVM.isXCR0Alone(bytes) { hold("xcrs", bytes) }
         }
         let deadline: UInt32 = 0x6e0
+        // The TSC offset where QEMU writes the TSC (with the MSRs, before the LAPIC and the
+        // deadline): KVM arms a TSC deadline at its write against the guest's TSC as it then
+        // stands, and does not re-arm it when the offset moves. An offset the vcpu holds (a read
+        // answered it and nothing since moved it) is not set again.
+        func setTSCOffset() throws(KernelError) {
+            guard let bytes = newState["tsc-offset"], spareTSCOffset(fd, if: { $0 == bytes }) == nil else { return }
+            state.withLock { $0.vcpuHeld[fd]?["tsc-offset"] = nil }
+            var value = bytes.loadLE(UInt64.self, at: 0)
+            let result = withUnsafeMutablePointer(to: &value) { pointer -> Int32 in
+                var attribute = kvm_device_attr()
+                attribute.group = CKVM_VCPU_TSC_CTRL
+                attribute.attr = CKVM_VCPU_TSC_OFFSET
+                attribute.addr = UInt64(UInt(bitPattern: pointer))
+                return Syscalls.ioctl(fd, CKVM_SET_DEVICE_ATTR, &attribute)
+            }
+            guard result == 0 else { throw .failed(operation: .setVCPUState, errno: .current) }
+        }
         func setEventsMPStateAndLAPIC() throws(KernelError) {
             if let events = newState["events"] { try setUnlessHeld("events", CKVM_SET_VCPU_EVENTS, events) }
             if let mp = newState["mp-state"], !mpStateSet { try setMPState(mp) }
@@ -782,13 +793,17 @@ public final class LinuxKVM: KernelBackend {
             let neverRan = !state.withLock { $0.ranVCPUs.contains(fd) }
             // The TSC is not written where the TSC offset is set after it: the offset decides the
             // guest's TSC whatever the TSC's write made of it (both go through
-            // `__kvm_synchronize_tsc`), and the write would move the offset the vcpu holds.
+            // `__kvm_synchronize_tsc`, which also matches the vcpus' TSCs for the master clock),
+            // and the write would move the offset the vcpu holds.
             let tsc: UInt32 = 0x10
             let offsetSet = newState["tsc-offset"] != nil
             let first = all.filter { $0.index != deadline && !($0.index == tsc && offsetSet) }
             for (index, batch) in [first, all.filter { $0.index == deadline && !($0.value == 0 && neverRan) }].enumerated() {
-                // Between the two batches: the events, MP state and LAPIC.
-                if index == 1 { try setEventsMPStateAndLAPIC() }
+                // Between the two batches: the TSC offset, the events, MP state and LAPIC.
+                if index == 1 {
+                    try setTSCOffset()
+                    try setEventsMPStateAndLAPIC()
+                }
                 guard !batch.isEmpty else { continue }
                 if batch.contains(where: { $0.index == tsc }) { state.withLock { $0.vcpuHeld[fd]?["tsc-offset"] = nil } }
                 var records = MSRList(entries: batch).bytes
@@ -804,22 +819,10 @@ public final class LinuxKVM: KernelBackend {
                 }
             }
         } else {
+            try setTSCOffset()
             try setEventsMPStateAndLAPIC()
         }
         if let bytes = newState["debugregs"] { try setUnlessHeld("debugregs", CKVM_SET_DEBUGREGS, bytes) }
-        // An offset the vcpu holds (a read answered it and nothing since moved it) is not set again.
-        if let bytes = newState["tsc-offset"], spareTSCOffset(fd, if: { $0 == bytes }) == nil {
-            state.withLock { $0.vcpuHeld[fd]?["tsc-offset"] = nil }
-            var value = bytes.loadLE(UInt64.self, at: 0)
-            let result = withUnsafeMutablePointer(to: &value) { pointer -> Int32 in
-                var attribute = kvm_device_attr()
-                attribute.group = CKVM_VCPU_TSC_CTRL
-                attribute.attr = CKVM_VCPU_TSC_OFFSET
-                attribute.addr = UInt64(UInt(bitPattern: pointer))
-                return Syscalls.ioctl(fd, CKVM_SET_DEVICE_ATTR, &attribute)
-            }
-            guard result == 0 else { throw .failed(operation: .setVCPUState, errno: .current) }
-        }
     }
 
     /// How many vcpu calls of a save, a set or a read-back were spared because the vcpu held
@@ -966,11 +969,14 @@ public final class LinuxKVM: KernelBackend {
 
     /// The TSC offset vcpu `fd` holds, where `matches` accepts it and the host's TSC is
     /// stable, counting the call it spares. A read holds the offset KVM answered
-    /// (KVM_GET_DEVICE_ATTR): KVM moves it at a write of the TSC (dropped then), a set of the
-    /// offset or the TSC frequency (dropped), a run (drops all), and, on a host whose TSC is
-    /// unstable, whenever it loads the vcpu on another CPU (`kvm_arch_vcpu_load`), which any
-    /// vcpu ioctl does: held on a stable TSC only. Not held as a set gave it: on this host (PVM)
-    /// the offset reads back 0 whatever was set.
+    /// (KVM_GET_DEVICE_ATTR): KVM moves it at a write of the TSC or of the offset (dropped
+    /// then), a run (drops all), and, on a host whose TSC is unstable, at every load of the vcpu
+    /// (`kvm_arch_vcpu_load`), which any vcpu ioctl does: held on a stable TSC only. Left aside:
+    /// KVM's own corrections at a vcpu load after a host suspend (`tsc_offset_adjustment`) or
+    /// when it sees the TSC go backwards (then marked unstable, but sysfs says so only once the
+    /// watchdog switched clock sources); what a read would see then is KVM's correction, not a
+    /// state this restore got wrong. Not held as a set gave it: on this host (PVM) the offset
+    /// reads back 0 whatever was set.
     private func spareTSCOffset(_ fd: Int32, if matches: ([UInt8]) -> Bool = { _ in true }) -> [UInt8]? {
         guard state.withLock({ $0.vcpuHeld[fd]?["tsc-offset"] }).map(matches) ?? false, hostTSCIsStable() else { return nil }
         return spare(fd, "tsc-offset", if: matches)
@@ -978,7 +984,7 @@ public final class LinuxKVM: KernelBackend {
 
     /// Whether the host's clock source is the TSC: Linux leaves it once it finds the TSC
     /// unstable (`mark_tsc_unstable`), the case where KVM rewrites a vcpu's TSC offset whenever
-    /// it loads the vcpu on another CPU. Read from sysfs at most once a second (a read costs
+    /// it loads the vcpu. Read from sysfs at most once a second (a read costs
     /// 7 µs here, a vcpu call 10-20).
     private func hostTSCIsStable() -> Bool {
         let now = MonotonicClock.nanoseconds
