@@ -20,6 +20,25 @@ struct VMStateTests {
         return (vm, vcpus)
     }
 
+    /// A VM (`makeVM`) of one vcpu, given the host's supported CPUID.
+    static func makeOneVCPU(_ kernel: LinuxKVM) throws -> (vm: KernelHandle, vcpu: KernelHandle) {
+        let (vm, vcpus) = try makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
+        guard let vcpu = vcpus.first else { throw KernelError.unsupported(operation: .createVCPU, reason: "no vcpu made") }
+        return (vm, vcpu)
+    }
+
+    /// What KVM's own GET ioctls report of `vcpu`, read through a new instance (one that holds
+    /// nothing and asks KVM for every section).
+    static func reportedByKVM(_ vcpu: KernelHandle) throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
+
+    /// One KVM_RUN of `vcpu` that enters no guest (immediate_exit): a run, for what the
+    /// instance holds.
+    static func runWithoutGuest(_ kernel: LinuxKVM, _ vcpu: KernelHandle) throws {
+        kernel.requestImmediateExit(vcpu, true)
+        defer { kernel.requestImmediateExit(vcpu, false) }
+        _ = try kernel.run(vcpu)
+    }
+
     @Test("a cpuid section compared in place answers what comparing its stripped entries answers")
     func cpuidComparedInPlace() {
         let model: [CPUIDEntry] = [
@@ -186,9 +205,8 @@ struct VMStateTests {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
         let registers = kernel.movesRegistersThroughSyncArea ? 2 : 0
         let compared = ["events", "mp-state", "debugregs", "xcrs", "tsc-offset", "regs", "sregs2", "sregs"]
-        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
-        let vcpu = try #require(vcpus.first)
-        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        let (vm, vcpu) = try Self.makeOneVCPU(kernel)
+        defer { for handle in [vcpu, vm] { kernel.close(handle) } }
         let saved = try kernel.vcpuState(vcpu)
         // The TSC offset is held on a host whose clock source is the TSC (`clockSourceIsTSC`).
         let heldNames = ["events", "mp-state", "debugregs", "xcrs"] + (LinuxKVM.clockSourceIsTSC() ? ["tsc-offset"] : [])
@@ -198,10 +216,7 @@ struct VMStateTests {
         var before = kernel.heldCallsSkipped
         let again = try kernel.vcpuState(vcpu)
         #expect(VCPUState.difference(restored: again, saved: saved) == nil, "a second read answers the same")
-        // What KVM itself reports, read through a new instance each time (one that holds nothing
-        // and asks KVM's own GET ioctls).
-        func reportedByKVM() throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
-        let fromKVM = try reportedByKVM()
+        let fromKVM = try Self.reportedByKVM(vcpu)
         for name in compared { #expect(again[name] == fromKVM[name], "\(name) is what KVM reports") }
         #expect(kernel.heldCallsSkipped - before == held + registers, "each held section was answered without KVM")
         before = kernel.heldCallsSkipped
@@ -220,16 +235,14 @@ struct VMStateTests {
         before = kernel.heldCallsSkipped
         let back = try kernel.vcpuState(vcpu)
         #expect(kernel.heldCallsSkipped - before == held - 1 + registers, "the debug registers were read from KVM")
-        for name in compared { #expect(back[name] == (try reportedByKVM())[name], "\(name) is what KVM reports") }
+        for name in compared { #expect(back[name] == (try Self.reportedByKVM(vcpu))[name], "\(name) is what KVM reports") }
         #expect(back["debugregs"]?[40] == debugregs[40], "DR7 read back as set")
         #expect(VCPUState.difference(restored: back, saved: changed) == nil)
         // Nothing held once the vcpu's descriptor is read through an instance that asks KVM.
-        for name in ["regs", "sregs2", "sregs", "xsave", "xcrs"] { #expect(back[name] == (try reportedByKVM())[name], "\(name) is what KVM reports") }
+        for name in ["regs", "sregs2", "sregs", "xsave", "xcrs"] { #expect(back[name] == (try Self.reportedByKVM(vcpu))[name], "\(name) is what KVM reports") }
 
         // A run (one that enters no guest: immediate_exit) forgets what the vcpus held.
-        kernel.requestImmediateExit(vcpu, true)
-        _ = try kernel.run(vcpu)
-        kernel.requestImmediateExit(vcpu, false)
+        try Self.runWithoutGuest(kernel, vcpu)
         before = kernel.heldCallsSkipped
         try kernel.setVCPUState(vcpu, changed)
         #expect(VCPUState.difference(restored: try kernel.vcpuState(vcpu), saved: changed) == nil)
@@ -244,10 +257,8 @@ struct VMStateTests {
     @Test("the XCR0 a set gave is what KVM reports, and a read answers it without a call")
     func xcr0HeldAfterItsSet() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
-        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
-        let vcpu = try #require(vcpus.first)
-        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
-        func reportedByKVM() throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
+        let (vm, vcpu) = try Self.makeOneVCPU(kernel)
+        defer { for handle in [vcpu, vm] { kernel.close(handle) } }
         func xcrs(_ xcr0: UInt64, reserved: UInt32 = 0) -> [UInt8] {
             var bytes = [UInt8](repeating: 0, count: Int(CKVM_SIZEOF_XCRS))
             bytes.replaceSubrange(0..<4, with: withUnsafeBytes(of: UInt32(1).littleEndian, Array.init))
@@ -260,14 +271,14 @@ struct VMStateTests {
         #expect(state["xcrs"] == xcrs(1), "a new vcpu's XCR0 is x87 alone, as KVM answers it")
         state["xcrs"] = xcrs(0x3)  // x87 and SSE
         try kernel.setVCPUState(vcpu, state)
-        #expect(try reportedByKVM()["xcrs"] == xcrs(0x3), "KVM took XCR0 as set")
+        #expect(try Self.reportedByKVM(vcpu)["xcrs"] == xcrs(0x3), "KVM took XCR0 as set")
         #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "the read answers what KVM reports")
 
         // Behind the instance's back: XCR0 x87 alone again. This instance answers what it set.
         var behind = state
         behind["xcrs"] = xcrs(1)
         try LinuxKVM(syncArea: false).setVCPUState(vcpu, behind)
-        #expect(try reportedByKVM()["xcrs"] == xcrs(1))
+        #expect(try Self.reportedByKVM(vcpu)["xcrs"] == xcrs(1))
         #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "XCR0 answered as this instance set it, without asking KVM")
 
         // A reserved field KVM ignores: KVM takes XCR0, the bytes are not held, a read asks KVM.
@@ -278,9 +289,7 @@ struct VMStateTests {
         // A run (one that enters no guest) drops what the vcpu held: KVM is asked again.
         try kernel.setVCPUState(vcpu, behind)
         try LinuxKVM(syncArea: false).setVCPUState(vcpu, state)
-        kernel.requestImmediateExit(vcpu, true)
-        _ = try kernel.run(vcpu)
-        kernel.requestImmediateExit(vcpu, false)
+        try Self.runWithoutGuest(kernel, vcpu)
         #expect(try kernel.vcpuState(vcpu)["xcrs"] == xcrs(0x3), "after a run XCR0 is what KVM reports")
     }
 
@@ -292,16 +301,15 @@ struct VMStateTests {
     @Test("a TSC write drops the TSC offset a vcpu holds; a set with the offset does not write the TSC")
     func tscWriteDropsTheHeldOffset() throws {
         let kernel = try #require(try Backend.linux.make() as? LinuxKVM)
-        let (vm, vcpus) = try Self.makeVM(kernel, cpuid: try kernel.supportedCPUID(), vcpus: 1)
-        let vcpu = try #require(vcpus.first)
-        defer { for handle in vcpus + [vm] { kernel.close(handle) } }
+        let (vm, vcpu) = try Self.makeOneVCPU(kernel)
+        defer { for handle in [vcpu, vm] { kernel.close(handle) } }
         let saved = try kernel.vcpuState(vcpu)
         guard saved["tsc-offset"] != nil else { try Gate.missing("needs the vcpu's TSC-offset attribute") }
         let stable = LinuxKVM.clockSourceIsTSC()
         func sparedByRead() throws -> Int {
             let before = kernel.heldCallsSkipped
             let read = try kernel.vcpuState(vcpu)
-            #expect(read["tsc-offset"] == (try LinuxKVM(syncArea: false).vcpuState(vcpu))["tsc-offset"], "the offset is what KVM reports")
+            #expect(read["tsc-offset"] == (try Self.reportedByKVM(vcpu))["tsc-offset"], "the offset is what KVM reports")
             return kernel.heldCallsSkipped - before
         }
         var before = kernel.heldCallsSkipped
@@ -348,11 +356,9 @@ struct VMStateTests {
         guard kernel.movesRegistersThroughSyncArea else {
             try Gate.missing("needs KVM_CAP_SYNC_REGS (regs, sregs, events) on a kernel 6.13 or later")
         }
-        // What KVM's own GET ioctls report, read through a new instance each time (one that
-        // holds nothing). Not compared: the LAPIC (that instance does not know the VM has one)
-        // and the MSRs (the TSC's advances between two reads).
+        // Compared with what KVM reports (`reportedByKVM`), but the LAPIC (that instance does not
+        // know the VM has one) and the MSRs (the TSC's advances between two reads).
         let names = ["events", "mp-state", "regs", "sregs2", "xsave", "xcrs", "debugregs"]
-        func reportedByKVM(_ vcpu: KernelHandle) throws -> VCPUState { try LinuxKVM(syncArea: false).vcpuState(vcpu) }
         func expectSame(_ a: VCPUState, _ b: VCPUState, _ what: String) {
             for name in names { #expect(a[name] == b[name], "\(what): section \(name)") }
         }
@@ -378,13 +384,13 @@ struct VMStateTests {
         state["sregs2"] = sregs2
         state["mp-state"] = [0, 0, 0, 0]
         // The boot vcpu and an AP (uninitialized in a new VM until its MP state is set).
-        #expect(try reportedByKVM(targets[1])["mp-state"] == [1, 0, 0, 0], "a new VM's AP is uninitialized")
+        #expect(try Self.reportedByKVM(targets[1])["mp-state"] == [1, 0, 0, 0], "a new VM's AP is uninitialized")
         for target in targets {
-            #expect(try reportedByKVM(target)["regs"] != regs, "a new vcpu does not hold these registers")
+            #expect(try Self.reportedByKVM(target)["regs"] != regs, "a new vcpu does not hold these registers")
             let runs = kernel.syncRunsTaken
             try kernel.setVCPUState(target, state)
             #expect(kernel.syncRunsTaken == runs + 1, "the registers were set through the sync area")
-            let asKVM = try reportedByKVM(target)
+            let asKVM = try Self.reportedByKVM(target)
             expectSame(asKVM, state, "set")
             let spared = kernel.heldCallsSkipped
             let answered = try kernel.vcpuState(target)
@@ -395,10 +401,8 @@ struct VMStateTests {
             #expect(VCPUState.difference(restored: answered, saved: state) == nil, "\(VCPUState.difference(restored: answered, saved: state) ?? "")")
         }
         // A vcpu that ran: read through the sync area, the same as through the ioctls.
-        kernel.requestImmediateExit(targets[0], true)
-        _ = try kernel.run(targets[0])
-        kernel.requestImmediateExit(targets[0], false)
-        expectSame(try kernel.vcpuState(targets[0]), try reportedByKVM(targets[0]), "after a run")
+        try Self.runWithoutGuest(kernel, targets[0])
+        expectSame(try kernel.vcpuState(targets[0]), try Self.reportedByKVM(targets[0]), "after a run")
         // An AP that never started (uninitialized): KVM takes no synced registers (it returns
         // before it syncs them), so the ioctls set them.
         let never = try kernel.vcpuState(sources[1])
@@ -408,7 +412,7 @@ struct VMStateTests {
         let runs = kernel.syncRunsTaken
         try kernel.setVCPUState(targets[1], apState)
         #expect(kernel.syncRunsTaken == runs, "an uninitialized AP took no synced registers")
-        let ap = try reportedByKVM(targets[1])
+        let ap = try Self.reportedByKVM(targets[1])
         expectSame(ap, apState, "an uninitialized AP")
         expectSame(try kernel.vcpuState(targets[1]), ap, "an uninitialized AP, answered")
 
@@ -422,7 +426,7 @@ struct VMStateTests {
         initState["events"] = latched
         try kernel.setVCPUState(targets[1], initState)
         let afterINIT = try kernel.vcpuState(targets[1])
-        expectSame(afterINIT, try reportedByKVM(targets[1]), "after an INIT")
+        expectSame(afterINIT, try Self.reportedByKVM(targets[1]), "after an INIT")
         #expect(afterINIT["regs"].map { $0.loadLE(UInt64.self, at: 128) } == 0xfff0, "the INIT reset the registers set (RIP 0xfff0)")
 
         // PAE paging outside long mode: the sregs2 carry PDPTRs, which struct kvm_sregs has not,
@@ -444,7 +448,7 @@ struct VMStateTests {
         #expect(kernel.syncRunsTaken == runsBeforePAE, "sregs2 with PDPTRs were not set through the sync area")
         // What KVM made of it is what a read answers. (This host's KVM keeps CR0.PG off outside
         // long mode, PVM running 64-bit guests only, so no read here finds PAE paging.)
-        #expect(try kernel.vcpuState(targets[0])["sregs2"] == (try reportedByKVM(targets[0]))["sregs2"], "a read answers what KVM holds")
+        #expect(try kernel.vcpuState(targets[0])["sregs2"] == (try Self.reportedByKVM(targets[0]))["sregs2"], "a read answers what KVM holds")
     }
 
     /// A section of another length than KVM's struct for it is refused before anything is set

@@ -603,7 +603,7 @@ public final class LinuxKVM: KernelBackend {
         state.withLock { state in
             guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
             state.vcpuHeld[fd] = Dictionary(
-                sections.filter { LinuxKVM.heldSections.contains($0.name) || $0.name == "tsc-offset" }.map { ($0.name, $0.bytes) }) { _, last in last }
+                sections.filter { LinuxKVM.heldSections.contains($0.name) }.map { ($0.name, $0.bytes) }) { _, last in last }
         }
         return VCPUState(sections: sections)
     }
@@ -669,6 +669,19 @@ public final class LinuxKVM: KernelBackend {
     public func setVCPUState(_ vcpu: KernelHandle, _ newState: VCPUState) throws(KernelError) {
         let fd = vcpu.raw
         try checkSizes(newState.sections, operation: .setVCPUState)
+        // The registers held are dropped first: a set that fails part-way (KVM takes the regs
+        // before the sregs) leaves nothing held.
+        let runsBefore = state.withLock { state in
+            for name in LinuxKVM.registerSections { state.vcpuHeld[fd]?[name] = nil }
+            return state.runs
+        }
+        /// Holds these sections' bytes as the vcpu's unless a run began since this set did.
+        func hold(_ sections: [String: [UInt8]]) {
+            state.withLock { state in
+                guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
+                state.vcpuHeld[fd, default: [:]].merge(sections) { _, new in new }
+            }
+        }
         // A section the vcpu holds already, byte for byte (`vcpuHeld`), is not set again:
         // a vcpu ioctl less inside the blackout for each (10-20 µs on this nested host). A
         // target's vcpus, read by its rehearsal and never run, hold the debug registers and
@@ -686,14 +699,9 @@ public final class LinuxKVM: KernelBackend {
         // holds it, and a read-back answers it, and the registers it holds, without a call.
         let latchesNoINIT = newState["events"].map { $0.count > 27 && $0.loadLE(UInt32.self, at: 20) & 0x8 != 0 && $0[27] == 0 } ?? false
         func setMPState(_ bytes: [UInt8]) throws(KernelError) {
-            let runsBefore = state.withLock { $0.runs }
             try setUnlessHeld("mp-state", CKVM_SET_MP_STATE, bytes)
             let value = bytes.loadLE(UInt32.self, at: 0)
-            guard latchesNoINIT, value == 0 || value == 3 else { return }  // RUNNABLE, HALTED
-            state.withLock { state in
-                guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
-                state.vcpuHeld[fd, default: [:]]["mp-state"] = bytes
-            }
+            if latchesNoINIT, value == 0 || value == 3 { hold(["mp-state": bytes]) }  // RUNNABLE, HALTED
         }
         if let cpuid = newState["cpuid"] {
             // KVM_SET_CPUID2 is the costliest call of a restore here (0.07-0.15 ms a vcpu: KVM
@@ -720,19 +728,6 @@ public final class LinuxKVM: KernelBackend {
         let sregsName = v2 ? "sregs2" : "sregs"
         var mpStateSet = false
         var registersSynced = false
-        // The registers held are dropped first: a set that fails part-way (KVM takes the regs
-        // before the sregs) leaves nothing held.
-        let runsBefore = state.withLock { state in
-            for name in LinuxKVM.registerSections { state.vcpuHeld[fd]?[name] = nil }
-            return state.runs
-        }
-        /// Holds `bytes` as the vcpu's section `name` unless a run began since this set did.
-        func hold(_ name: String, _ bytes: [UInt8]) {
-            state.withLock { state in
-                guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
-                state.vcpuHeld[fd, default: [:]][name] = bytes
-            }
-        }
         if let run = syncArea(fd), let regs = newState["regs"], let sregs = newState[sregsName], newState["sregs2"] == nil || newState["sregs"] == nil {
             if let mp = newState["mp-state"] {
                 try setMPState(mp)
@@ -740,11 +735,9 @@ public final class LinuxKVM: KernelBackend {
             }
             if let synced = try syncRun(fd, run, setting: (regs, sregs), v2: v2, events: false) {
                 registersSynced = true
-                state.withLock { state in
-                    guard !state.ranVCPUs.contains(fd), state.runs == runsBefore else { return }
-                    state.vcpuHeld[fd, default: [:]]["regs"] = synced.regs
-                    state.vcpuHeld[fd, default: [:]][sregsName] = synced.sregs
-                }
+                var held = ["regs": synced.regs]
+                held[sregsName] = synced.sregs
+                hold(held)
             }
         }
         if !registersSynced {
@@ -759,7 +752,7 @@ public final class LinuxKVM: KernelBackend {
             // KVM_SET_XCRS takes XCR0 exactly or refuses it (`__kvm_set_xcr`), and
             // KVM_GET_XCRS answers a zeroed struct with XCR0 alone: bytes of that form are what
             // a read answers until a run or another set changes XCR0.
-            if LinuxKVM.isXCR0Alone(bytes) { hold("xcrs", bytes) }
+            if LinuxKVM.isXCR0Alone(bytes) { hold(["xcrs": bytes]) }
         }
         let deadline: UInt32 = 0x6e0
         // The TSC offset where QEMU writes the TSC (with the MSRs, before the LAPIC and the
@@ -830,9 +823,9 @@ public final class LinuxKVM: KernelBackend {
     public var heldCallsSkipped: Int { state.withLock { $0.heldCallsSkipped } }
 
     /// The sections a vcpu that never ran holds as KVM last answered them (`vcpuHeld`); the
-    /// regs and sregs too, which a read answers only with the MP state held as well. The TSC
-    /// offset is held too, but answered only on a stable TSC (`spareTSCOffset`).
-    static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs", "xcrs"]).union(registerSections)
+    /// regs and sregs too, which a read answers only with the MP state held as well, and the TSC
+    /// offset, answered only on a stable TSC (`spareTSCOffset`).
+    static let heldSections: Set<String> = Set(["events", "mp-state", "debugregs", "xcrs", "tsc-offset"]).union(registerSections)
 
     /// Whether `bytes` are a `struct kvm_xcrs` as KVM_GET_XCRS answers it: one XCR, XCR0, and
     /// zeros but for its value.
